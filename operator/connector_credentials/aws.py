@@ -1,0 +1,319 @@
+"""The AWS port: read a secret and tell who we are, through the IRSA credential chain.
+
+:class:`SecretsPort` is what the engine needs; :class:`Boto3SecretsPort` implements it
+with boto3 (synchronous: the engine calls it from a bounded thread pool).
+:func:`classify` turns SDK errors into condition reasons with actionable messages.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import boto3
+import botocore.config
+import botocore.exceptions
+
+from connector_credentials.conditions import Reason
+from connector_credentials.models import SecretArn
+
+if TYPE_CHECKING:
+    from connector_credentials.settings import OperatorSettings
+
+IRSA_METHOD = "assume-role-with-web-identity"
+ROLE_ENV = "AWS_ROLE_ARN"
+TOKEN_ENV = "AWS_WEB_IDENTITY_TOKEN_FILE"
+MAX_AWS_MESSAGE = 300
+
+_THROTTLE_CODES = frozenset({
+    "ThrottlingException", "Throttling", "TooManyRequestsException", "RequestLimitExceeded",
+    "RequestThrottled", "RequestThrottledException", "SlowDown", "PriorRequestNotComplete",
+})
+_UNAVAILABLE_CODES = frozenset({
+    "InternalServiceError", "InternalServiceErrorException", "InternalFailure", "InternalError",
+    "ServiceUnavailable", "ServiceUnavailableException", "RequestTimeout", "RequestTimeoutException",
+    "IDPCommunicationError",
+})
+_STS_OPERATIONS = frozenset({"AssumeRoleWithWebIdentity", "GetCallerIdentity"})
+_STS_REFUSALS = frozenset({
+    "AccessDenied", "InvalidIdentityToken", "ExpiredTokenException", "ExpiredToken",
+    "IDPRejectedClaim", "InvalidClientTokenId", "MalformedPolicyDocument", "RegionDisabledException",
+})
+_SCRUB = (
+    (re.compile(r"\s*\(?Request ?ID:? ?[A-Za-z0-9-]+\)?", re.IGNORECASE), ""),
+    (re.compile(r"Credential=[^\s,]+"), "Credential=<redacted>"),
+    (re.compile(r"Signature=[^\s,]+"), "Signature=<redacted>"),
+    (re.compile(r"(X-Amz-Security-Token|SessionToken)[=:]\s*[^\s,]+", re.IGNORECASE), r"\1=<redacted>"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class FetchedSecret:
+    """What GetSecretValue returned. ``raw`` is the secret itself: keep it in memory only."""
+
+    version_id: str
+    raw: str | bytes
+    stages: tuple[str, ...]
+
+    def __repr__(self) -> str:
+        return f"FetchedSecret(version_id={self.version_id!r}, raw=***, stages={self.stages!r})"
+
+
+class AwsFailure(Exception):
+    """A check failed; ``reason`` is the condition reason, ``message`` says what to fix."""
+
+    def __init__(self, reason: Reason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+    @property
+    def transient(self) -> bool:
+        return self.reason.transient
+
+
+class SecretsPort(Protocol):
+    """What the engine needs from AWS. Blocking: call from a worker thread."""
+
+    def caller_identity(self, region: str) -> str:
+        """The ARN STS reports for the credentials in use (raises :class:`AwsFailure`)."""
+        ...
+
+    def get_secret(self, arn: SecretArn, *, version_id: str | None, version_stage: str | None) -> FetchedSecret:
+        """Read one secret version (raises :class:`AwsFailure`)."""
+        ...
+
+
+def scrub(text: str) -> str:
+    """Strip request IDs and anything credential-like from an AWS message; bound its length."""
+    for pattern, replacement in _SCRUB:
+        text = pattern.sub(replacement, text)
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_AWS_MESSAGE else text[: MAX_AWS_MESSAGE - 3] + "..."
+
+
+def irsa_problem(environ: dict[str, str] | os._Environ[str]) -> str | None:
+    """Why the pod has no usable web-identity setup, or ``None`` when it has one."""
+    missing = [name for name in (ROLE_ENV, TOKEN_ENV) if not environ.get(name)]
+    if missing:
+        return f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set in the operator's container"
+    token_file = environ[TOKEN_ENV]
+    try:
+        with open(token_file, "rb") as handle:
+            if not handle.read(1):
+                return f"the web-identity token file {token_file} is empty"
+    except OSError as exc:
+        return f"the web-identity token file {token_file} cannot be read ({exc.strerror or type(exc).__name__})"
+    return None
+
+
+IRSA_CHECKS = (
+    "Check that the pod's service account is annotated eks.amazonaws.com/role-arn with the full role ARN "
+    "(arn:aws:iam::<account-id>:role/<name>), that the pod was restarted after the annotation was added "
+    "(IRSA is injected only at pod creation), and that the EKS cluster has an IAM OIDC provider "
+    "(aws eks describe-cluster --query cluster.identity.oidc.issuer)."
+)
+
+
+def classify(exc: BaseException, *, arn: SecretArn, role: str | None, version: str) -> AwsFailure:
+    """Map an SDK exception to a reason and a message that says what to check next."""
+    role_text = role or "(no role: AWS_ROLE_ARN is unset)"
+    if isinstance(exc, AwsFailure):
+        return exc
+    if isinstance(exc, botocore.exceptions.ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", "Unknown"))
+        aws_said = scrub(str(error.get("Message", "")))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        said = f" AWS said: {code}: {aws_said}" if aws_said else f" AWS said: {code}"
+        if exc.operation_name in _STS_OPERATIONS and code not in _THROTTLE_CODES | _UNAVAILABLE_CODES:
+            return AwsFailure(
+                Reason.ASSUME_ROLE_FAILED,
+                f"STS refused {exc.operation_name} for role {role_text}.{said} Check the role's trust policy: "
+                "it must trust the cluster's OIDC provider (a Federated principal) with the conditions "
+                "<issuer>:sub = system:serviceaccount:<namespace>:<service-account> and "
+                "<issuer>:aud = sts.amazonaws.com; that this OIDC provider exists in IAM in the role's "
+                "account; and that the projected token is current.",
+            )
+        if code in _THROTTLE_CODES or status == 429:
+            return AwsFailure(
+                Reason.THROTTLED,
+                f"AWS throttled the request for {arn.arn} in {arn.region} and retries did not get through.{said} "
+                "The operator backs off and retries; raise refreshInterval or the account's quota if it persists.",
+            )
+        if code in _UNAVAILABLE_CODES or status >= 500:
+            return AwsFailure(
+                Reason.AWS_UNAVAILABLE,
+                f"Secrets Manager in {arn.region} failed to answer for {arn.arn}.{said} "
+                "The operator backs off and retries.",
+            )
+        if code == "AccessDeniedException" or code == "AccessDenied":
+            kms = "kms" in aws_said.lower()
+            what = (
+                "KMS denied the decryption of" if kms else "Secrets Manager denied secretsmanager:GetSecretValue on"
+            )
+            fix = (
+                f"Check that role {role_text} may kms:Decrypt with the secret's KMS key (in the key policy and "
+                "the role's policy) and that the key is enabled."
+                if kms
+                else "Check that the role's IAM policy allows secretsmanager:GetSecretValue on this exact ARN "
+                "(or a pattern that matches its 6-character suffix, e.g. ...:secret:<name>-??????), and that "
+                "no resource policy on the secret or SCP denies it."
+            )
+            return AwsFailure(Reason.ACCESS_DENIED, f"{what} {arn.arn} for role {role_text}.{said} {fix}")
+        if code == "ResourceNotFoundException":
+            if "version" in aws_said.lower() or "stage" in aws_said.lower():
+                detail = f"Secret {arn.name!r} exists in {arn.region} but has no version {version}."
+                fix = "Check spec.versionId / spec.versionStage against `aws secretsmanager list-secret-version-ids`."
+            else:
+                detail = f"No secret named {arn.name!r} in account {arn.account}, region {arn.region}."
+                fix = (
+                    "Check that the secret exists in that region (the region is taken from the ARN, not "
+                    "from the cluster), that its name matches exactly (names are case-sensitive), and that the "
+                    "ARN includes the 6-character suffix AWS appends to the name."
+                )
+            return AwsFailure(Reason.SECRET_NOT_FOUND, f"{detail}{said} {fix}")
+        if code == "InvalidRequestException" and "delet" in aws_said.lower():
+            return AwsFailure(
+                Reason.SECRET_SCHEDULED_FOR_DELETION,
+                f"Secret {arn.arn} is scheduled for deletion.{said} Restore it with "
+                f"`aws secretsmanager restore-secret --region {arn.region} --secret-id {arn.arn}`, "
+                "or point spec.secretArn at another secret.",
+            )
+        if code in ("DecryptionFailure", "DecryptionFailureException"):
+            return AwsFailure(
+                Reason.DECRYPTION_FAILED,
+                f"KMS could not decrypt {arn.arn}.{said} Check that the secret's KMS key is enabled and not "
+                f"pending deletion, and that role {role_text} may kms:Decrypt with it.",
+            )
+        if code in ("InvalidParameterException", "ValidationException", "InvalidRequestException"):
+            return AwsFailure(
+                Reason.INVALID_SPEC,
+                f"Secrets Manager rejected the request for {arn.arn} ({version}).{said} Check the spec's fields.",
+            )
+        return AwsFailure(Reason.AWS_UNAVAILABLE, f"Unexpected AWS error for {arn.arn}.{said}")
+    if isinstance(exc, botocore.exceptions.NoCredentialsError):
+        return AwsFailure(Reason.IRSA_NOT_CONFIGURED, f"No AWS credentials were found. {IRSA_CHECKS}")
+    if isinstance(exc, botocore.exceptions.CredentialRetrievalError | botocore.exceptions.InvalidConfigError):
+        return AwsFailure(
+            Reason.ASSUME_ROLE_FAILED,
+            f"Could not obtain credentials for role {role_text}: {scrub(str(exc))}",
+        )
+    if isinstance(exc, botocore.exceptions.BotoCoreError | OSError):
+        # Connection failures, timeouts, endpoint resolution: all transient.
+        return AwsFailure(
+            Reason.AWS_UNAVAILABLE,
+            f"Could not reach AWS for {arn.arn} in {arn.region}: {type(exc).__name__}: {scrub(str(exc))}. "
+            "The operator backs off and retries.",
+        )
+    return AwsFailure(
+        Reason.AWS_UNAVAILABLE, f"Unexpected error reading {arn.arn}: {type(exc).__name__}; see the operator's log"
+    )
+
+
+class Boto3SecretsPort:
+    """The port over boto3's default credential chain, insisting on IRSA unless allowed otherwise."""
+
+    def __init__(self, settings: OperatorSettings, environ: dict[str, str] | None = None) -> None:
+        self._settings = settings
+        self._environ = environ if environ is not None else dict(os.environ)
+        self._lock = threading.Lock()
+        self._session: boto3.Session | None = None
+        self._clients: dict[tuple[str, str], Any] = {}
+        self._identity: tuple[float, str] | None = None
+        self._config = botocore.config.Config(
+            connect_timeout=settings.aws_connect_timeout,
+            read_timeout=settings.aws_read_timeout,
+            retries={"mode": "standard", "total_max_attempts": settings.aws_max_attempts},
+            max_pool_connections=settings.aws_max_workers,
+            user_agent_extra="connector-credential-operator",
+        )
+
+    @property
+    def role(self) -> str | None:
+        return self._environ.get(ROLE_ENV) or None
+
+    def _require_credentials(self) -> None:
+        problem = irsa_problem(self._environ)
+        if problem is not None and not self._settings.allow_non_irsa_credentials:
+            # Refuse before resolving the chain: resolving it would fall back to the node's role.
+            raise AwsFailure(
+                Reason.IRSA_NOT_CONFIGURED,
+                f"No IRSA web-identity credentials: {problem}. {IRSA_CHECKS} Other credential sources (node "
+                "instance role, static keys) are refused unless CCRED_ALLOW_NON_IRSA_CREDENTIALS=true.",
+            )
+        session = self._get_session()
+        credentials = session.get_credentials()
+        if credentials is None:
+            raise AwsFailure(Reason.IRSA_NOT_CONFIGURED, f"No AWS credentials were found. {IRSA_CHECKS}")
+        method = getattr(credentials, "method", "unknown")
+        if method != IRSA_METHOD and not self._settings.allow_non_irsa_credentials:
+            raise AwsFailure(
+                Reason.IRSA_NOT_CONFIGURED,
+                f"The AWS SDK picked credentials from {method!r}, not IRSA web identity: another source "
+                "(e.g. AWS_ACCESS_KEY_ID in the container's environment, or a shared credentials file) "
+                "takes precedence over AWS_ROLE_ARN/AWS_WEB_IDENTITY_TOKEN_FILE. Remove it, or set "
+                "CCRED_ALLOW_NON_IRSA_CREDENTIALS=true to accept it.",
+            )
+
+    def _get_session(self) -> boto3.Session:
+        with self._lock:
+            if self._session is None:
+                self._session = boto3.Session()
+            return self._session
+
+    def _client(self, service: str, region: str) -> Any:
+        key = (service, region)
+        client = self._clients.get(key)
+        if client is None:
+            # Client creation is slow and not thread-safe: once per service and region.
+            session = self._get_session()
+            with self._lock:
+                client = self._clients.get(key)
+                if client is None:
+                    client = session.client(service, region_name=region, config=self._config)  # type: ignore[call-overload]
+                    self._clients[key] = client
+        return client
+
+    def caller_identity(self, region: str) -> str:
+        self._require_credentials()
+        cached = self._identity
+        if cached is not None and time.monotonic() - cached[0] < self._settings.identity_cache_seconds:
+            return cached[1]
+        placeholder = SecretArn(arn="(identity)", partition="aws", region=region, account="", name="")
+        try:
+            answer = self._client("sts", region).get_caller_identity()
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a reason
+            raise classify(exc, arn=placeholder, role=self.role, version="") from None
+        identity = str(answer["Arn"])
+        self._identity = (time.monotonic(), identity)
+        return identity
+
+    def get_secret(self, arn: SecretArn, *, version_id: str | None, version_stage: str | None) -> FetchedSecret:
+        self._require_credentials()
+        request: dict[str, str] = {"SecretId": arn.arn}
+        if version_id:
+            request["VersionId"] = version_id
+        if version_stage:
+            request["VersionStage"] = version_stage
+        version = f"versionId {version_id}" if version_id else f"stage {version_stage}"
+        try:
+            answer = self._client("secretsmanager", arn.region).get_secret_value(**request)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a reason
+            raise classify(exc, arn=arn, role=self.role, version=version) from None
+        raw: str | bytes
+        if answer.get("SecretString") is not None:
+            raw = answer["SecretString"]
+        elif answer.get("SecretBinary") is not None:
+            raw = bytes(answer["SecretBinary"])
+        else:
+            raise AwsFailure(Reason.SECRET_NOT_FOUND, f"Secret {arn.arn} has no value in {version}.")
+        return FetchedSecret(
+            version_id=str(answer.get("VersionId", "")),
+            raw=raw,
+            stages=tuple(answer.get("VersionStages", ())),
+        )

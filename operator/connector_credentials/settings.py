@@ -1,0 +1,91 @@
+"""Operator settings: ``CCRED_*`` environment variables, overridden by command-line flags."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from connector_credentials.models import MIN_REFRESH_SECONDS, parse_duration
+
+DEFAULT_SOCKET_PATH = "/var/run/connector-credentials/credentials.sock"
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class OperatorSettings(BaseSettings):
+    """Everything the operator can be told, apart from AWS (standard AWS_* variables)."""
+
+    model_config = SettingsConfigDict(env_prefix="CCRED_", extra="ignore", frozen=True)
+
+    namespace: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    all_namespaces: bool = False
+    standalone: bool = True
+    verbose: bool = False
+    debug: bool = False
+
+    socket_path: str = DEFAULT_SOCKET_PATH
+    socket_mode: Annotated[int, NoDecode] = 0o660
+    allowed_uids: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [os.getuid()])
+
+    default_refresh_interval: float = 300.0
+    max_staleness: float = 900.0
+    #: Accept credentials that are not IRSA web-identity ones (node role, static keys).
+    allow_non_irsa_credentials: bool = False
+
+    aws_max_workers: int = Field(default=8, ge=1, le=128)
+    aws_connect_timeout: float = Field(default=3.0, gt=0)
+    aws_read_timeout: float = Field(default=5.0, gt=0)
+    aws_max_attempts: int = Field(default=2, ge=1, le=10)
+    #: How long the caller identity (for status.identityArn) is cached.
+    identity_cache_seconds: float = 600.0
+
+    #: First retry delay after a transient failure; doubles up to the cap.
+    backoff_base: float = 1.0
+    backoff_cap: float = 300.0
+    #: Fraction of each interval drawn at random so that refreshes do not synchronise.
+    jitter: float = Field(default=0.1, ge=0, le=0.5)
+
+    liveness_endpoint: str | None = None
+
+    @field_validator("namespace", mode="before")
+    @classmethod
+    def _namespaces(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("allowed_uids", mode="before")
+    @classmethod
+    def _uids(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("socket_mode", mode="before")
+    @classmethod
+    def _mode(cls, value: Any) -> int:
+        mode = int(value, 8) if isinstance(value, str) else int(value)
+        if mode & 0o007:
+            raise ValueError(f"socket mode {mode:04o} would let any local user read credentials; drop 'other' bits")
+        if mode & ~0o770:
+            raise ValueError(f"socket mode {mode:04o} is not a plain permission mode")
+        return mode
+
+    @field_validator("default_refresh_interval", "max_staleness", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        seconds = parse_duration(value) if isinstance(value, str) and not _is_number(value) else float(value)
+        if seconds < MIN_REFRESH_SECONDS:
+            raise ValueError(f"must be at least {MIN_REFRESH_SECONDS:g}s")
+        return seconds
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
