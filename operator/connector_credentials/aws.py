@@ -29,20 +29,44 @@ ROLE_ENV = "AWS_ROLE_ARN"
 TOKEN_ENV = "AWS_WEB_IDENTITY_TOKEN_FILE"
 MAX_AWS_MESSAGE = 300
 
-_THROTTLE_CODES = frozenset({
-    "ThrottlingException", "Throttling", "TooManyRequestsException", "RequestLimitExceeded",
-    "RequestThrottled", "RequestThrottledException", "SlowDown", "PriorRequestNotComplete",
-})
-_UNAVAILABLE_CODES = frozenset({
-    "InternalServiceError", "InternalServiceErrorException", "InternalFailure", "InternalError",
-    "ServiceUnavailable", "ServiceUnavailableException", "RequestTimeout", "RequestTimeoutException",
-    "IDPCommunicationError",
-})
+_THROTTLE_CODES = frozenset(
+    {
+        "ThrottlingException",
+        "Throttling",
+        "TooManyRequestsException",
+        "RequestLimitExceeded",
+        "RequestThrottled",
+        "RequestThrottledException",
+        "SlowDown",
+        "PriorRequestNotComplete",
+    }
+)
+_UNAVAILABLE_CODES = frozenset(
+    {
+        "InternalServiceError",
+        "InternalServiceErrorException",
+        "InternalFailure",
+        "InternalError",
+        "ServiceUnavailable",
+        "ServiceUnavailableException",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "IDPCommunicationError",
+    }
+)
 _STS_OPERATIONS = frozenset({"AssumeRoleWithWebIdentity", "GetCallerIdentity"})
-_STS_REFUSALS = frozenset({
-    "AccessDenied", "InvalidIdentityToken", "ExpiredTokenException", "ExpiredToken",
-    "IDPRejectedClaim", "InvalidClientTokenId", "MalformedPolicyDocument", "RegionDisabledException",
-})
+_STS_REFUSALS = frozenset(
+    {
+        "AccessDenied",
+        "InvalidIdentityToken",
+        "ExpiredTokenException",
+        "ExpiredToken",
+        "IDPRejectedClaim",
+        "InvalidClientTokenId",
+        "MalformedPolicyDocument",
+        "RegionDisabledException",
+    }
+)
 _SCRUB = (
     (re.compile(r"\s*\(?Request ?ID:? ?[A-Za-z0-9-]+\)?", re.IGNORECASE), ""),
     (re.compile(r"Credential=[^\s,]+"), "Credential=<redacted>"),
@@ -151,11 +175,9 @@ def classify(exc: BaseException, *, arn: SecretArn, role: str | None, version: s
                 f"Secrets Manager in {arn.region} failed to answer for {arn.arn}.{said} "
                 "The operator backs off and retries.",
             )
-        if code == "AccessDeniedException" or code == "AccessDenied":
+        if code in ("AccessDeniedException", "AccessDenied"):
             kms = "kms" in aws_said.lower()
-            what = (
-                "KMS denied the decryption of" if kms else "Secrets Manager denied secretsmanager:GetSecretValue on"
-            )
+            what = "KMS denied the decryption of" if kms else "Secrets Manager denied secretsmanager:GetSecretValue on"
             fix = (
                 f"Check that role {role_text} may kms:Decrypt with the secret's KMS key (in the key policy and "
                 "the role's policy) and that the key is enabled."

@@ -90,7 +90,9 @@ def extract(raw: str | bytes, json_key: str | None) -> SecretValue:
         document = json.loads(text)
     except ValueError:
         # Never chain: the decoder's exception keeps the document (the secret) around.
-        raise JsonKeyError("the secret is not JSON, so jsonKey cannot apply; remove jsonKey or store a JSON object") from None
+        raise JsonKeyError(
+            "the secret is not JSON, so jsonKey cannot apply; remove jsonKey or store a JSON object"
+        ) from None
     if not isinstance(document, dict):
         raise JsonKeyError(f"the secret is JSON but not an object (it is a {_json_type(document)})")
     if json_key not in document:

@@ -1,0 +1,181 @@
+"""``connector-credentials``: run the operator, or read credentials through its socket."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from typing import Any
+
+import click
+import kopf
+from pydantic import ValidationError
+
+from connector_credentials.settings import DEFAULT_SOCKET_PATH, OperatorSettings
+
+logger = logging.getLogger("connector_credentials")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="connector-credential-operator")
+def main() -> None:
+    """Serve AWS Secrets Manager credentials to a controller, verified through IRSA."""
+
+
+@main.command()
+@click.option(
+    "-A",
+    "--all-namespaces",
+    "all_namespaces",
+    is_flag=True,
+    default=None,
+    help="Watch ConnectorCredentials in every namespace.",
+)
+@click.option("-n", "--namespace", "namespaces", multiple=True, metavar="NS", help="Watch this namespace (repeatable).")
+@click.option(
+    "--standalone",
+    is_flag=True,
+    default=None,
+    help="Accepted for kopf compatibility; the operator never pauses for peers (see docs).",
+)
+@click.option(
+    "-v", "--verbose", is_flag=True, default=None, help="Log at DEBUG (libraries' AWS/HTTP loggers stay quiet)."
+)
+@click.option("-d", "--debug", is_flag=True, default=None, help="Like --verbose, plus asyncio's own debug output.")
+@click.option("--socket-path", default=None, help=f"Unix socket to serve on (default {DEFAULT_SOCKET_PATH}).")
+@click.option(
+    "--liveness",
+    "liveness_endpoint",
+    default=None,
+    metavar="URL",
+    help="kopf's liveness endpoint, e.g. http://0.0.0.0:8080/healthz.",
+)
+def run(**options: Any) -> None:
+    """Run the operator and the credential server."""
+    overrides: dict[str, Any] = {k: v for k, v in options.items() if v not in (None, ())}
+    if "namespaces" in overrides:
+        overrides["namespace"] = list(overrides.pop("namespaces"))
+    try:
+        settings = OperatorSettings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise click.UsageError(f"invalid settings: {problems}") from None
+    if settings.all_namespaces and settings.namespace:
+        raise click.UsageError("use either --all-namespaces or --namespace, not both")
+    try:
+        asyncio.run(_run(settings))
+    except KeyboardInterrupt:
+        pass
+
+
+async def _run(settings: OperatorSettings) -> None:
+    from connector_credentials import handlers, logs
+    from connector_credentials.aws import Boto3SecretsPort
+    from connector_credentials.engine import Engine
+    from connector_credentials.kube import KubeStatusSink
+    from connector_credentials.server import CredentialServer
+
+    engine_ref: list[Engine] = []
+    logs.configure(
+        verbose=settings.verbose,
+        debug=settings.debug,
+        values=lambda: engine_ref[0].values() if engine_ref else iter(()),
+    )
+    sink = KubeStatusSink()
+    engine = Engine(settings, Boto3SecretsPort(settings), sink)
+    engine_ref.append(engine)
+    registry = kopf.OperatorRegistry()
+    handlers.register(registry, engine)
+
+    ready = asyncio.Event()
+    operator_task: asyncio.Task[None] | None = None
+
+    def healthy() -> bool:
+        return ready.is_set() and operator_task is not None and not operator_task.done()
+
+    server = CredentialServer(settings, engine, healthy)
+    await server.start()
+    clusterwide = settings.all_namespaces or not settings.namespace
+    if clusterwide and not settings.all_namespaces:
+        logger.warning("No --namespace given: watching all namespaces (pass -n NS to limit it).")
+    try:
+        operator_task = asyncio.create_task(
+            kopf.operator(
+                registry=registry,
+                standalone=True,
+                clusterwide=clusterwide,
+                namespaces=[] if clusterwide else settings.namespace,
+                ready_flag=ready,
+                liveness_endpoint=settings.liveness_endpoint,
+            )
+        )
+        await operator_task
+    finally:
+        await engine.close()
+        await server.close()
+        sink.close()
+
+
+def _client(socket_path: str | None) -> Any:
+    from connector_credentials.client import CredentialClient
+
+    return CredentialClient(socket_path)
+
+
+@main.command("get")
+@click.argument("ref", metavar="NAMESPACE/NAME")
+@click.option("--socket-path", default=None, envvar="CCRED_SOCKET_PATH", help="The operator's socket.")
+@click.option("--refresh", is_flag=True, help="Read from Secrets Manager now instead of the cached value.")
+@click.option("--show", is_flag=True, help="Print the value itself (debugging only).")
+def get(ref: str, socket_path: str | None, refresh: bool, show: bool) -> None:
+    """Print a credential's metadata and its masked value."""
+    from connector_credentials.client import CredentialError
+
+    namespace, _, name = ref.partition("/")
+    if not namespace or not name:
+        raise click.UsageError("give the credential as NAMESPACE/NAME")
+    try:
+        with _client(socket_path) as client:
+            credential = client.get(namespace, name, refresh=refresh)
+    except CredentialError as exc:
+        click.echo(f"error: {exc.reason}: {exc.message}", err=True)
+        sys.exit(2 if exc.status in (404, 403) else 1)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    shown = credential.value if show else _mask(credential.value)
+    click.echo(f"name:       {namespace}/{name}")
+    click.echo(f"arn:        {credential.arn}")
+    click.echo(f"versionId:  {credential.version_id}")
+    click.echo(f"fetchedAt:  {credential.fetched_at.isoformat() if credential.fetched_at else '-'}")
+    click.echo(f"encoding:   {credential.encoding}")
+    click.echo(f"value:      {shown}")
+
+
+@main.command("list")
+@click.option("--socket-path", default=None, envvar="CCRED_SOCKET_PATH", help="The operator's socket.")
+def list_(socket_path: str | None) -> None:
+    """List declared credentials and their readiness (never values)."""
+    from connector_credentials.client import CredentialError
+
+    try:
+        with _client(socket_path) as client:
+            infos = client.list()
+    except CredentialError as exc:
+        click.echo(f"error: {exc.reason}: {exc.message}", err=True)
+        sys.exit(1)
+    rows = [("NAMESPACE", "NAME", "READY", "REASON", "VERSION")]
+    for info in infos:
+        rows.append((info.namespace, info.name, str(info.ready), info.reason or "", info.version_id or "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("   ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def _mask(value: str) -> str:
+    if len(value) <= 8:
+        return "*" * len(value) + f" ({len(value)} chars)"
+    return f"{value[:2]}{'*' * 6}{value[-2:]} ({len(value)} chars)"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,556 @@
+"""The credential engine: the one owner of resolved values.
+
+It learns which credentials exist from watch events (:meth:`Engine.upsert` /
+:meth:`Engine.remove`), checks each one against AWS on its own schedule, keeps the value
+in memory, writes the status through a :class:`StatusSink`, and answers the socket
+server. The refresh path lives in :meth:`Engine._check_once` only.
+
+Nothing here depends on kopf: a paused or slow handler cannot stop a sidecar from
+serving what it already knows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import json
+import logging
+import random
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from connector_credentials.aws import AwsFailure, FetchedSecret, SecretsPort
+from connector_credentials.conditions import (
+    EVENT_ROTATED,
+    PENDING_REASON,
+    Reason,
+    find_condition,
+    now_rfc3339,
+    same_condition,
+    set_condition,
+)
+from connector_credentials.models import (
+    ConnectorCredentialSpec,
+    InvalidSpecError,
+    SecretArn,
+    format_duration,
+    parse_spec,
+)
+from connector_credentials.settings import OperatorSettings
+from connector_credentials.values import JsonKeyError, SecretValue, extract
+
+logger = logging.getLogger(__name__)
+
+Key = tuple[str, str]
+
+
+class StatusSink(Protocol):
+    """Where status and events go (the Kubernetes API in production)."""
+
+    async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any] | None:
+        """Merge-patch the status subresource; return the new object, ``None`` if it is gone."""
+        ...
+
+    async def post_event(
+        self, namespace: str, name: str, uid: str | None, *, warning: bool, reason: str, message: str
+    ) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The verdict of one check."""
+
+    ready: bool
+    reason: str
+    message: str
+    transient: bool = False
+
+
+@dataclass
+class Entry:
+    """One declared credential: what the API says and what this replica resolved."""
+
+    namespace: str
+    name: str
+    uid: str | None = None
+    generation: int | None = None
+    raw_spec: Any = None
+    spec: ConnectorCredentialSpec | None = None
+    spec_error: str | None = None
+    live_status: dict[str, Any] = field(default_factory=dict)
+
+    value: SecretValue | None = None
+    version_id: str | None = None
+    fetched_at: datetime.datetime | None = None
+    fetched_mono: float | None = None
+    verified_mono: float | None = None
+    identity: str | None = None
+
+    outcome: Outcome | None = None
+    failures: int = 0
+    served: bool = False
+    checks: int = 0
+
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    due: float = 0.0
+    worker: asyncio.Task[None] | None = None
+    inflight: asyncio.Future[None] | None = None
+    status_task: asyncio.Task[None] | None = None
+    pending_status: dict[str, Any] | None = None
+    pending_event: tuple[bool, str, str] | None = None
+    reported: tuple[str, bool] | None = None
+
+    @property
+    def key(self) -> Key:
+        return (self.namespace, self.name)
+
+    def drop_value(self) -> None:
+        self.value = None
+        self.version_id = None
+        self.fetched_at = None
+        self.fetched_mono = None
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    """The engine's answer to a socket request."""
+
+    status: int
+    value: SecretValue | None = None
+    version_id: str | None = None
+    arn: str | None = None
+    fetched_at: datetime.datetime | None = None
+    reason: str | None = None
+    message: str | None = None
+    retry_after: int | None = None
+
+
+class Engine:
+    """Owns every resolved value; checks, serves and reports."""
+
+    def __init__(self, settings: OperatorSettings, port: SecretsPort, sink: StatusSink) -> None:
+        self.settings = settings
+        self._port = port
+        self._sink = sink
+        self._entries: dict[Key, Entry] = {}
+        self._executor = ThreadPoolExecutor(max_workers=settings.aws_max_workers, thread_name_prefix="aws")
+        self._random = random.Random()  # noqa: S311 - jitter, not cryptography
+        self._closed = False
+        self.aws_calls = 0
+
+    # --- what exists -------------------------------------------------------------------
+
+    def entries(self) -> list[Entry]:
+        return list(self._entries.values())
+
+    def get_entry(self, namespace: str, name: str) -> Entry | None:
+        return self._entries.get((namespace, name))
+
+    def upsert(self, body: dict[str, Any]) -> None:
+        """A watch event saw this object (added, modified, or listed at start)."""
+        if self._closed:
+            return
+        meta = body.get("metadata") or {}
+        namespace, name = str(meta.get("namespace") or ""), str(meta.get("name") or "")
+        if not namespace or not name:
+            return
+        if meta.get("deletionTimestamp"):
+            self.remove(namespace, name)
+            return
+        entry = self._entries.get((namespace, name))
+        if entry is not None and entry.uid and meta.get("uid") and entry.uid != meta.get("uid"):
+            # Deleted and recreated under the same name while we were not looking.
+            self.remove(namespace, name)
+            entry = None
+        created = entry is None
+        if entry is None:
+            entry = Entry(namespace=namespace, name=name)
+            self._entries[entry.key] = entry
+        entry.uid = meta.get("uid") or entry.uid
+        entry.generation = meta.get("generation") if isinstance(meta.get("generation"), int) else None
+        status = body.get("status")
+        entry.live_status = dict(status) if isinstance(status, dict) else {}
+        raw_spec = body.get("spec")
+        if created or _canonical(raw_spec) != _canonical(entry.raw_spec):
+            if not created:
+                logger.info("Spec of %s/%s changed; re-checking now.", namespace, name)
+            entry.raw_spec = raw_spec
+            try:
+                entry.spec, entry.spec_error = parse_spec(raw_spec), None
+            except InvalidSpecError as exc:
+                entry.spec, entry.spec_error = None, str(exc)
+            entry.drop_value()
+            entry.verified_mono = None
+            entry.outcome = None
+            entry.failures = 0
+            entry.due = 0.0
+            entry.wake.set()
+        if entry.worker is None:
+            entry.worker = asyncio.get_running_loop().create_task(
+                self._worker(entry), name=f"ccred-worker:{namespace}/{name}"
+            )
+
+    def remove(self, namespace: str, name: str) -> None:
+        entry = self._entries.pop((namespace, name), None)
+        if entry is None:
+            return
+        entry.drop_value()
+        for task in (entry.worker, entry.status_task):
+            if task is not None:
+                task.cancel()
+        logger.info("Forgot %s/%s: the resource was deleted.", namespace, name)
+
+    def values(self) -> Iterator[SecretValue]:
+        for entry in list(self._entries.values()):
+            if entry.value is not None:
+                yield entry.value
+
+    # --- the schedule ------------------------------------------------------------------
+
+    def interval(self, entry: Entry) -> float:
+        if entry.spec is None:
+            return self.settings.default_refresh_interval
+        return entry.spec.refresh_seconds(self.settings.default_refresh_interval)
+
+    def _jittered(self, seconds: float) -> float:
+        spread = seconds * self.settings.jitter
+        return max(0.0, seconds - spread + self._random.random() * 2 * spread)
+
+    def _backoff(self, failures: int) -> float:
+        ceiling = min(self.settings.backoff_cap, self.settings.backoff_base * 2.0 ** max(0, failures - 1))
+        # "Equal jitter": never below half the step, so retries cannot pile up at zero.
+        return ceiling / 2 + self._random.random() * ceiling / 2
+
+    async def _worker(self, entry: Entry) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            delay = entry.due - loop.time()
+            if delay > 0:
+                entry.wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    # An invalid spec waits (due = inf) until a spec change wakes it.
+                    await asyncio.wait_for(entry.wake.wait(), timeout=None if delay == float("inf") else delay)
+                if loop.time() < entry.due:
+                    continue
+            entry.wake.clear()
+            try:
+                await self.check(entry)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("Check of %s/%s failed unexpectedly; retrying later.", *entry.key)
+                entry.due = loop.time() + self._backoff(entry.failures + 1)
+
+    # --- checking ----------------------------------------------------------------------
+
+    async def check(self, entry: Entry) -> None:
+        """Check now, or join the check already under way (one AWS read per credential at a time)."""
+        if entry.inflight is not None:
+            await asyncio.shield(entry.inflight)
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry.inflight = future
+        try:
+            await self._check_once(entry)
+            future.set_result(None)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: joiners re-raise it, nobody else must
+            raise
+        finally:
+            entry.inflight = None
+
+    async def _check_once(self, entry: Entry) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self.interval(entry)
+        previous_version = entry.version_id
+        entry.checks += 1
+        outcome: Outcome
+        if entry.spec is None:
+            outcome = Outcome(False, Reason.INVALID_SPEC, f"Invalid spec: {entry.spec_error}. Fix the resource.")
+            entry.drop_value()
+            entry.due = float("inf")  # nothing to do until the spec changes
+        else:
+            spec = entry.spec
+            arn = spec.arn
+            try:
+                identity, fetched = await loop.run_in_executor(self._executor, self._read, spec, arn)
+                value = extract(fetched.raw, spec.json_key)
+            except AwsFailure as failure:
+                outcome = self._on_failure(entry, failure, interval)
+            except JsonKeyError as exc:
+                outcome = Outcome(
+                    False,
+                    Reason.JSON_KEY_NOT_FOUND,
+                    f"Read {arn.arn} but jsonKey {spec.json_key!r} does not apply: {exc}. "
+                    "Fix spec.jsonKey or the secret's content.",
+                )
+                entry.drop_value()
+                entry.failures = 0
+                entry.due = loop.time() + self._jittered(interval)
+            else:
+                now = datetime.datetime.now(datetime.UTC)
+                entry.value = value
+                entry.version_id = fetched.version_id
+                entry.fetched_at = now
+                entry.fetched_mono = entry.verified_mono = loop.time()
+                entry.identity = identity
+                entry.failures = 0
+                entry.due = loop.time() + self._jittered(interval)
+                selector = f"versionId {spec.version_id}" if spec.version_id else f"stage {spec.effective_stage}"
+                key_text = f", key {spec.json_key!r}" if spec.json_key else ""
+                outcome = Outcome(
+                    True,
+                    Reason.ACCESS_VERIFIED,
+                    f"Read {arn.arn} ({selector}{key_text}) as {identity}; re-checked every "
+                    f"{format_duration(interval)}.",
+                )
+                if previous_version and previous_version != fetched.version_id:
+                    logger.info(
+                        "Secret of %s/%s rotated: version %s -> %s.", *entry.key, previous_version, fetched.version_id
+                    )
+                    self._queue_event(
+                        entry,
+                        warning=False,
+                        reason=EVENT_ROTATED,
+                        message=f"Secret {arn.arn} rotated: version {previous_version} -> {fetched.version_id}.",
+                    )
+        previous_outcome = entry.outcome
+        entry.outcome = outcome
+        if previous_outcome is None or (previous_outcome.reason, previous_outcome.ready) != (
+            outcome.reason,
+            outcome.ready,
+        ):
+            log = logger.info if outcome.ready else logger.warning
+            log("%s/%s: %s: %s", *entry.key, outcome.reason, outcome.message)
+        self._write_status(entry, outcome, interval)
+
+    def _read(self, spec: ConnectorCredentialSpec, arn: SecretArn) -> tuple[str, FetchedSecret]:
+        """Runs in a worker thread: who we are, then the real read (not a proxy of it)."""
+        self.aws_calls += 1
+        identity = self._port.caller_identity(arn.region)
+        fetched = self._port.get_secret(arn, version_id=spec.version_id, version_stage=spec.effective_stage)
+        return identity, fetched
+
+    def _on_failure(self, entry: Entry, failure: AwsFailure, interval: float) -> Outcome:
+        loop = asyncio.get_running_loop()
+        if not failure.transient:
+            # Permanent answers are re-checked at refreshInterval, and the value stops being served.
+            entry.drop_value()
+            entry.verified_mono = None
+            entry.failures = 0
+            entry.due = loop.time() + self._jittered(interval)
+            return Outcome(False, failure.reason, failure.message)
+        entry.failures += 1
+        retry_in = self._backoff(entry.failures)
+        staleness = self.settings.max_staleness
+        verified = entry.verified_mono
+        if verified is not None and loop.time() - verified < staleness:
+            # Keep serving the verified value and stay Ready; re-check before it grows too old.
+            stale_at = verified + staleness
+            entry.due = min(loop.time() + retry_in, stale_at + 0.01)
+            return Outcome(
+                True,
+                Reason.ACCESS_VERIFIED,
+                f"The last check failed transiently ({failure.reason}): {failure.message} The value verified "
+                f"before is still served, for at most {format_duration(staleness)} after its last successful "
+                "check.",
+                transient=True,
+            )
+        entry.drop_value()
+        entry.verified_mono = None
+        entry.due = loop.time() + retry_in
+        return Outcome(False, failure.reason, failure.message, transient=True)
+
+    # --- status ------------------------------------------------------------------------
+
+    def desired_status(self, entry: Entry, outcome: Outcome, interval: float) -> dict[str, Any] | None:
+        """The status patch to write, or ``None`` when the live status already says it."""
+        live = entry.live_status
+        now = now_rfc3339()
+        conditions = set_condition(
+            live.get("conditions"),
+            status=outcome.ready,
+            reason=outcome.reason,
+            message=outcome.message,
+            observed_generation=entry.generation,
+            now=now,
+        )
+        new_ready = find_condition(conditions)
+        patch: dict[str, Any] = {}
+        if not same_condition(find_condition(live.get("conditions")), new_ready):
+            patch["conditions"] = conditions
+        if entry.generation is not None and live.get("observedGeneration") != entry.generation:
+            patch["observedGeneration"] = entry.generation
+        if outcome.ready and entry.version_id and live.get("versionId") != entry.version_id:
+            patch["versionId"] = entry.version_id
+        if entry.identity and live.get("identityArn") != entry.identity:
+            patch["identityArn"] = entry.identity
+        if patch or _older_than(live.get("lastCheckedTime"), interval / 2):
+            # Replicas that reach the same verdict skip the write while the last check is recent.
+            patch["lastCheckedTime"] = now
+        return patch or None
+
+    def _write_status(self, entry: Entry, outcome: Outcome, interval: float) -> None:
+        patch = self.desired_status(entry, outcome, interval)
+        old = find_condition(entry.live_status.get("conditions"))
+        verdict = (str(outcome.reason), outcome.ready)
+        live_verdict = None if old is None else (old.get("reason"), old.get("status") == "True")
+        if verdict not in (live_verdict, entry.reported):
+            # A transition: one Event per change, so `kubectl describe` shows the history.
+            self._queue_event(entry, warning=not outcome.ready, reason=outcome.reason, message=outcome.message)
+        entry.reported = verdict
+        if patch is None and entry.pending_event is None:
+            return
+        entry.pending_status = patch
+        if entry.status_task is None or entry.status_task.done():
+            entry.status_task = asyncio.get_running_loop().create_task(
+                self._flush(entry), name=f"ccred-status:{entry.namespace}/{entry.name}"
+            )
+
+    def _queue_event(self, entry: Entry, *, warning: bool, reason: str, message: str) -> None:
+        entry.pending_event = (warning, reason, message)
+        if entry.status_task is None or entry.status_task.done():
+            entry.status_task = asyncio.get_running_loop().create_task(
+                self._flush(entry), name=f"ccred-status:{entry.namespace}/{entry.name}"
+            )
+
+    async def _flush(self, entry: Entry) -> None:
+        """Write the latest desired status (and event) until the API accepts it."""
+        attempt = 0
+        while entry.pending_status is not None or entry.pending_event is not None:
+            patch, event = entry.pending_status, entry.pending_event
+            try:
+                if patch is not None:
+                    body = await self._sink.patch_status(entry.namespace, entry.name, patch)
+                    if entry.pending_status is patch:
+                        entry.pending_status = None
+                    if body is None:
+                        entry.pending_event = None
+                        return  # the object is gone
+                    status = body.get("status")
+                    if isinstance(status, dict):
+                        entry.live_status = dict(status)
+                if event is not None:
+                    warning, reason, message = event
+                    await self._sink.post_event(
+                        entry.namespace, entry.name, entry.uid, warning=warning, reason=reason, message=message
+                    )
+                    if entry.pending_event is event:
+                        entry.pending_event = None
+                attempt = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any API failure is retried
+                attempt += 1
+                delay = min(30.0, 0.5 * 2 ** (attempt - 1))
+                logger.warning(
+                    "Writing the status of %s/%s failed (%s); retrying in %.1fs.",
+                    *entry.key,
+                    _short_error(exc),
+                    delay,
+                )
+                await asyncio.sleep(delay)
+
+    # --- serving -----------------------------------------------------------------------
+
+    async def serve(self, namespace: str, name: str, *, refresh: bool) -> Served:
+        entry = self._entries.get((namespace, name))
+        if entry is None:
+            return Served(
+                404,
+                reason="NotFound",
+                message=f"No ConnectorCredential {namespace}/{name} is declared (or it is in a namespace this "
+                "operator does not watch).",
+            )
+        loop = asyncio.get_running_loop()
+        fresh = (
+            entry.value is not None
+            and entry.fetched_mono is not None
+            and loop.time() - entry.fetched_mono < self.interval(entry)
+        )
+        if refresh or not entry.served or not fresh:
+            # First read, explicit refresh, or older than refreshInterval: ask AWS now.
+            await self.check(entry)
+        return self._answer(entry)
+
+    def _answer(self, entry: Entry) -> Served:
+        outcome = entry.outcome
+        if entry.value is not None and entry.spec is not None:
+            entry.served = True
+            return Served(
+                200,
+                value=entry.value,
+                version_id=entry.version_id,
+                arn=entry.spec.secret_arn,
+                fetched_at=entry.fetched_at,
+            )
+        if outcome is None:
+            return Served(503, reason=PENDING_REASON, message="Not checked yet; retry shortly.", retry_after=1)
+        if outcome.transient:
+            retry = max(1, int(entry.due - asyncio.get_running_loop().time()) + 1)
+            return Served(503, reason=outcome.reason, message=outcome.message, retry_after=min(retry, 300))
+        return Served(502, reason=outcome.reason, message=outcome.message)
+
+    def describe(self) -> list[dict[str, Any]]:
+        """The declared credentials and their readiness, never values."""
+        result = []
+        for entry in sorted(self._entries.values(), key=lambda e: e.key):
+            outcome = entry.outcome
+            ready = find_condition(entry.live_status.get("conditions")) if outcome is None else None
+            result.append(
+                {
+                    "namespace": entry.namespace,
+                    "name": entry.name,
+                    "arn": entry.spec.secret_arn if entry.spec else None,
+                    "ready": bool(outcome.ready) if outcome else (ready or {}).get("status") == "True",
+                    "reason": outcome.reason if outcome else (ready or {}).get("reason", PENDING_REASON),
+                    "message": outcome.message if outcome else (ready or {}).get("message", ""),
+                    "versionId": entry.version_id,
+                    "fetchedAt": _rfc3339(entry.fetched_at),
+                }
+            )
+        return result
+
+    async def close(self) -> None:
+        self._closed = True
+        tasks = []
+        for entry in self._entries.values():
+            entry.drop_value()
+            for task in (entry.worker, entry.status_task):
+                if task is not None:
+                    task.cancel()
+                    tasks.append(task)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._entries.clear()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _older_than(timestamp: Any, seconds: float) -> bool:
+    if not isinstance(timestamp, str):
+        return True
+    try:
+        moment = datetime.datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+    except ValueError:
+        return True
+    age = (datetime.datetime.now(datetime.UTC) - moment).total_seconds()
+    return age >= seconds
+
+
+def _rfc3339(moment: datetime.datetime | None) -> str | None:
+    return None if moment is None else moment.astimezone(datetime.UTC).isoformat().replace("+00:00", "Z")
+
+
+def _short_error(exc: BaseException) -> str:
+    status = getattr(exc, "status", None)
+    reason = getattr(exc, "reason", None)
+    if status is not None:
+        return f"HTTP {status} {reason or ''}".strip()
+    return type(exc).__name__

@@ -1,0 +1,58 @@
+"""Thin kopf handlers: the watch feeds the engine; kopf stores nothing on our objects."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kopf
+
+from connector_credentials.engine import Engine
+from connector_credentials.models import ANNOTATION_PREFIX, GROUP, PLURAL, VERSION
+
+
+def register(registry: kopf.OperatorRegistry, engine: Engine) -> None:
+    """Add this operator's handlers to ``registry``."""
+
+    @kopf.on.startup(registry=registry)
+    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        # Every sidecar must watch and serve its own controller: never pause for a peer.
+        settings.peering.standalone = True
+        # Our own prefix for anything kopf might store; event handlers store nothing.
+        settings.persistence.finalizer = f"{ANNOTATION_PREFIX}/finalizer"
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix=ANNOTATION_PREFIX, key="last-handled-configuration"
+        )
+        # Events are ours (one per transition); kopf must not turn log lines into events.
+        settings.posting.enabled = False
+        # Watch streams that go silent are re-established instead of freezing.
+        settings.watching.server_timeout = 300
+        settings.watching.client_timeout = 330
+        settings.watching.connect_timeout = 10
+        settings.watching.reconnect_backoff = 1.0
+        settings.networking.request_timeout = 30
+        settings.networking.connect_timeout = 10
+
+    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
+    async def on_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+        if type == "DELETED":
+            meta = body.get("metadata", {})
+            engine.remove(str(meta.get("namespace", "")), str(meta.get("name", "")))
+        else:
+            engine.upsert(_plain(body))
+
+
+def _plain(body: kopf.Body) -> dict[str, Any]:
+    return {
+        "metadata": dict(body.get("metadata", {})),
+        "spec": _thaw(body.get("spec")),
+        "status": _thaw(body.get("status")),
+    }
+
+
+def _thaw(value: Any) -> Any:
+    if hasattr(value, "items"):
+        return {str(k): _thaw(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_thaw(v) for v in value]
+    return value

@@ -1,0 +1,108 @@
+"""Status and Event writes through the Kubernetes API (the official client, off the event loop)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import os
+import secrets
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import kubernetes.client
+import kubernetes.config
+from kubernetes.client.exceptions import ApiException
+
+from connector_credentials.models import API_VERSION, GROUP, KIND, PLURAL, VERSION
+
+logger = logging.getLogger(__name__)
+
+COMPONENT = "connector-credential-operator"
+MAX_EVENT_MESSAGE = 1024
+
+
+def load_api_client() -> kubernetes.client.ApiClient:
+    """In-cluster configuration in a pod, else the current kubeconfig (``KUBECONFIG``)."""
+    configuration = kubernetes.client.Configuration()
+    try:
+        kubernetes.config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    return kubernetes.client.ApiClient(configuration)
+
+
+class KubeStatusSink:
+    """Implements :class:`connector_credentials.engine.StatusSink` with the official client."""
+
+    def __init__(self, api_client: kubernetes.client.ApiClient | None = None) -> None:
+        self._api_client = api_client or load_api_client()
+        self._custom = kubernetes.client.CustomObjectsApi(self._api_client)
+        self._core = kubernetes.client.CoreV1Api(self._api_client)
+        # The client is blocking; a few threads keep status writes off the event loop.
+        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kube")
+        self._instance = os.environ.get("POD_NAME") or os.environ.get("HOSTNAME") or COMPONENT
+
+    async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any] | None:
+        def call() -> dict[str, Any] | None:
+            try:
+                result = self._custom.patch_namespaced_custom_object_status(
+                    GROUP,
+                    VERSION,
+                    namespace,
+                    PLURAL,
+                    name,
+                    {"status": status},
+                    _request_timeout=(5, 15),
+                    _content_type="application/merge-patch+json",
+                )
+            except ApiException as exc:
+                if exc.status == 404:
+                    return None
+                raise
+            return result if isinstance(result, dict) else {}
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    async def post_event(
+        self, namespace: str, name: str, uid: str | None, *, warning: bool, reason: str, message: str
+    ) -> None:
+        now = datetime.datetime.now(datetime.UTC)
+        stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+        micro = now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        if len(message) > MAX_EVENT_MESSAGE:
+            message = message[: MAX_EVENT_MESSAGE - 3] + "..."
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            # Named like client-go's recorder does (<object>.<unique hex>): no generateName needed.
+            "metadata": {"name": f"{name}.{secrets.token_hex(8)}", "namespace": namespace},
+            "involvedObject": {
+                "apiVersion": API_VERSION,
+                "kind": KIND,
+                "name": name,
+                "namespace": namespace,
+                **({"uid": uid} if uid else {}),
+            },
+            "type": "Warning" if warning else "Normal",
+            "reason": reason,
+            "message": message,
+            "firstTimestamp": stamp,
+            "lastTimestamp": stamp,
+            "eventTime": micro,
+            "count": 1,
+            "action": "Check",
+            "source": {"component": COMPONENT},
+            "reportingComponent": f"{GROUP}/operator",
+            "reportingInstance": self._instance[:128],
+        }
+
+        def call() -> None:
+            event = kubernetes.client.CoreV1Event.from_dict(body)
+            self._core.create_namespaced_event(namespace, event, _request_timeout=(5, 15))  # type: ignore[arg-type]
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._api_client.close()  # type: ignore[no-untyped-call]

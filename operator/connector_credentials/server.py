@@ -1,0 +1,228 @@
+"""The credential server: HTTP/1.1 on a Unix socket shared with the controller container.
+
+Values leave the process only here, in a 200 response body. Every request is checked
+against the peer's uid (``SO_PEERCRED``); every response says ``Cache-Control: no-store``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import logging
+import os
+import re
+import socket
+import stat
+import struct
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from connector_credentials.engine import Engine, Served, _rfc3339
+from connector_credentials.settings import OperatorSettings
+
+logger = logging.getLogger(__name__)
+
+_NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+_PEERCRED = struct.Struct("3i")
+_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+_REFUSAL_LOG_INTERVAL = 10.0
+
+
+class SocketInUseError(RuntimeError):
+    """Another live process serves on the socket path."""
+
+
+def _error(status: int, reason: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    body = json.dumps({"error": {"reason": reason, "message": message}})
+    return web.Response(
+        status=status, text=body, content_type="application/json", headers={**_HEADERS, **(headers or {})}
+    )
+
+
+def _json(payload: dict[str, Any], status: int = 200) -> web.Response:
+    return web.Response(status=status, text=json.dumps(payload), content_type="application/json", headers=_HEADERS)
+
+
+def peer_credentials(request: web.Request) -> tuple[int, int] | None:
+    """(pid, uid) of the process on the other end of the Unix socket."""
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return None
+    try:
+        pid, uid, _gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+    except OSError:
+        return None
+    return pid, uid
+
+
+class CredentialServer:
+    """Serves :class:`Engine` over a Unix socket; owns the socket file's life."""
+
+    def __init__(self, settings: OperatorSettings, engine: Engine, healthy: Callable[[], bool]) -> None:
+        self._settings = settings
+        self._engine = engine
+        self._healthy = healthy
+        self._allowed = frozenset(settings.allowed_uids)
+        self._path = Path(settings.socket_path)
+        self._runner: web.AppRunner | None = None
+        self._inode: int | None = None
+        self._last_refusal_log = 0.0
+        self._refusals_unlogged = 0
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    def make_app(self) -> web.Application:
+        app = web.Application(
+            handler_args={"max_line_size": 4096, "max_field_size": 4096, "max_headers": 64},
+            client_max_size=4096,
+        )
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        return app
+
+    async def start(self) -> None:
+        sock = self._bind()
+        self._runner = web.AppRunner(
+            self.make_app(), handle_signals=False, access_log=None, keepalive_timeout=30.0, shutdown_timeout=2.0
+        )
+        await self._runner.setup()
+        site = web.SockSite(self._runner, sock)
+        await site.start()
+        logger.info(
+            "Serving credentials on %s (mode %04o, allowed uids %s).",
+            self._path,
+            self._settings.socket_mode,
+            ",".join(map(str, sorted(self._allowed))),
+        )
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._runner.cleanup())
+            self._runner = None
+        self._unlink_own()
+
+    # --- the socket file ---------------------------------------------------------------
+
+    def _bind(self) -> socket.socket:
+        path = self._path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._remove_stale(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Bind with a strict umask so the file never exists with looser permissions.
+        old_umask = os.umask(0o777 & ~self._settings.socket_mode)
+        try:
+            sock.bind(str(path))
+        except OSError:
+            sock.close()
+            raise
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, self._settings.socket_mode)
+        sock.listen(512)
+        sock.setblocking(False)
+        self._inode = os.stat(path).st_ino
+        return sock
+
+    @staticmethod
+    def _remove_stale(path: Path) -> None:
+        try:
+            info = path.lstat()
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(info.st_mode):
+            raise SocketInUseError(f"{path} exists and is not a socket; refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError as exc:
+            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+                raise
+            logger.info("Removing the stale socket %s left by an earlier run.", path)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            return
+        finally:
+            probe.close()
+        raise SocketInUseError(f"another process is serving on {path}")
+
+    def _unlink_own(self) -> None:
+        if self._inode is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(self._path).st_ino == self._inode:
+                self._path.unlink()
+        self._inode = None
+
+    # --- requests ----------------------------------------------------------------------
+
+    def _refuse(self, peer: tuple[int, int] | None, path: str) -> web.Response:
+        now = time.monotonic()
+        if now - self._last_refusal_log >= _REFUSAL_LOG_INTERVAL:
+            pid, uid = peer if peer else (-1, -1)
+            suppressed = (
+                f" ({self._refusals_unlogged} more refused since the last report)" if (self._refusals_unlogged) else ""
+            )
+            logger.warning(
+                "Refused a request for %s from pid %d uid %d: uid not in CCRED_ALLOWED_UIDS%s.",
+                path[:200],
+                pid,
+                uid,
+                suppressed,
+            )
+            self._last_refusal_log, self._refusals_unlogged = now, 0
+        else:
+            self._refusals_unlogged += 1
+        return _error(403, "PermissionDenied", "This process's uid may not read credentials (CCRED_ALLOWED_UIDS).")
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        peer = peer_credentials(request)
+        if peer is None or peer[1] not in self._allowed:
+            return self._refuse(peer, request.path)
+        if request.method not in ("GET", "HEAD"):
+            return _error(405, "MethodNotAllowed", "Only GET is served.", {"Allow": "GET, HEAD"})
+        path = request.path
+        if path.startswith("/v1/credentials/"):
+            parts = path[len("/v1/credentials/") :].split("/")
+            if len(parts) != 2:
+                return _error(400, "BadRequest", "Use /v1/credentials/{namespace}/{name}.")
+            namespace, name = parts
+            if not _NAMESPACE.match(namespace) or not _NAME.match(name):
+                return _error(400, "BadRequest", "namespace and name must be valid Kubernetes object names.")
+            refresh_arg = request.query.get("refresh", "false").lower()
+            if refresh_arg not in ("true", "false", "1", "0", ""):
+                return _error(400, "BadRequest", "refresh must be true or false.")
+            served = await self._engine.serve(namespace, name, refresh=refresh_arg in ("true", "1"))
+            return self._credential(served)
+        if path in ("/v1/credentials", "/v1/credentials/"):
+            return _json({"credentials": self._engine.describe()})
+        if path == "/healthz":
+            if self._healthy():
+                return _json({"status": "ok"})
+            return _error(
+                503, "NotReady", "The operator is not connected to the Kubernetes API yet.", {"Retry-After": "1"}
+            )
+        return _error(404, "NotFound", "No such endpoint; see /v1/credentials/{namespace}/{name}.")
+
+    @staticmethod
+    def _credential(served: Served) -> web.Response:
+        if served.status == 200 and served.value is not None:
+            payload: dict[str, Any] = {
+                "value": served.value.wire_text(),
+                "encoding": served.value.encoding,
+                "versionId": served.version_id,
+                "arn": served.arn,
+                "fetchedAt": _rfc3339(served.fetched_at),
+            }
+            return _json(payload)
+        headers = {"Retry-After": str(served.retry_after)} if served.retry_after is not None else None
+        return _error(served.status, served.reason or "Unknown", served.message or "", headers)
