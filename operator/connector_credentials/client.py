@@ -34,6 +34,7 @@ import hmac
 import http.client
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -41,7 +42,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from types import TracebackType
 from typing import Any, Final, Literal, NoReturn, Self
 from urllib.parse import quote
@@ -90,6 +91,7 @@ _REQUEST_HEADERS: Final = {
 
 _DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _RFC3339 = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(?:([Zz])|([+-])(\d{2}):(\d{2}))"
 )
@@ -107,15 +109,15 @@ class Credential:
     ``repr``/``str``/``format`` show ``value='***'``.
     """
 
-    __slots__ = ("_bytes", "arn", "encoding", "fetched_at", "name", "namespace", "value", "version_id")
+    __slots__ = ("_arn", "_bytes", "_encoding", "_fetched_at", "_name", "_namespace", "_value", "_version_id")
 
-    namespace: str
-    name: str
-    value: str
-    encoding: Encoding
-    version_id: str
-    arn: str
-    fetched_at: datetime
+    _namespace: str
+    _name: str
+    _value: str
+    _encoding: Encoding
+    _version_id: str
+    _arn: str
+    _fetched_at: datetime
     _bytes: bytes | None
 
     def __init__(
@@ -130,26 +132,56 @@ class Credential:
         fetched_at: datetime,
     ) -> None:
         if encoding == "base64":
-            try:
-                decoded: bytes | None = base64.b64decode(value.encode("ascii"), validate=True)
-            except (UnicodeEncodeError, binascii.Error):
-                # Never chain: the decoder's exception could carry the value.
-                raise ValueError("the value is not valid base64") from None
+            decoded: bytes | None = _b64decode(value)
+            if decoded is None:
+                # Raised outside the decoder's ``except`` so that no exception context keeps the value.
+                raise ValueError("the value is not valid base64")
         elif encoding == "text":
             decoded = None
         else:
             raise ValueError(f"unknown encoding {encoding!r}; expected 'text' or 'base64'")
         for attr, item in (
-            ("namespace", namespace),
-            ("name", name),
-            ("value", value),
-            ("encoding", encoding),
-            ("version_id", version_id),
-            ("arn", arn),
-            ("fetched_at", fetched_at),
+            ("_namespace", namespace),
+            ("_name", name),
+            ("_value", value),
+            ("_encoding", encoding),
+            ("_version_id", version_id),
+            ("_arn", arn),
+            ("_fetched_at", fetched_at),
             ("_bytes", decoded),
         ):
             object.__setattr__(self, attr, item)
+
+    # Read-only properties (rather than plain attributes) so that type checkers see the immutability.
+
+    @property
+    def namespace(self) -> str:
+        return self._namespace
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def value(self) -> str:
+        """The secret as sent: the text itself, or base64 text when :attr:`encoding` is ``"base64"``."""
+        return self._value
+
+    @property
+    def encoding(self) -> Encoding:
+        return self._encoding
+
+    @property
+    def version_id(self) -> str:
+        return self._version_id
+
+    @property
+    def arn(self) -> str:
+        return self._arn
+
+    @property
+    def fetched_at(self) -> datetime:
+        return self._fetched_at
 
     @property
     def bytes_value(self) -> bytes:
@@ -219,6 +251,13 @@ class Credential:
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Self:
         return self
+
+
+def _b64decode(text: str) -> bytes | None:
+    try:
+        return base64.b64decode(text.encode("ascii"), validate=True)
+    except (UnicodeEncodeError, binascii.Error):
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,16 +365,20 @@ def resolve_socket_path(socket_path: str | os.PathLike[str] | None = None) -> st
     return os.environ.get(SOCKET_PATH_ENV) or DEFAULT_SOCKET_PATH
 
 
-def _check_name(kind: str, text: object, pattern: re.Pattern[str], limit: int, rule: str) -> str:
+def _check_name(kind: str, text: object, pattern: re.Pattern[str], limit: int, rule: str) -> None:
     if not isinstance(text, str):
         raise TypeError(f"{kind} must be a str, not {type(text).__name__}")
-    if not text or len(text) > limit or not pattern.fullmatch(text):
+    if len(text) > limit or not pattern.fullmatch(text):
         raise ValueError(
-            f"{kind} {text!r} is not a valid Kubernetes name: it must be a {rule} of at most {limit} "
-            "characters (lowercase letters, digits and '-', starting and ending with a letter or digit"
-            + (", dot-separated)" if pattern is _DNS1123_SUBDOMAIN else ")")
+            f"{kind} {text[:300]!r} is not a valid Kubernetes name: it must be a {rule} "
+            f"(at most {limit} characters: lowercase letters, digits, {_rule_chars(pattern)})"
         )
-    return text
+
+
+def _rule_chars(pattern: re.Pattern[str]) -> str:
+    if pattern is _DNS1123_SUBDOMAIN:
+        return "'-' and '.', each dot-separated part starting and ending with a letter or digit"
+    return "and '-', starting and ending with a letter or digit"
 
 
 def credential_path(namespace: str, name: str, *, refresh: bool = False) -> str:
@@ -372,38 +415,56 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
         except (TypeError, ValueError, IndexError):
             return None
         if when.tzinfo is None:
-            when = when.replace(tzinfo=timezone.utc)
+            when = when.replace(tzinfo=UTC)
         seconds = when.timestamp() - (time.time() if now is None else now)
         return max(0.0, seconds)
-    if seconds != seconds or seconds in (float("inf"), float("-inf")) or seconds < 0:  # NaN, inf, negative
+    if not math.isfinite(seconds) or seconds < 0:
         return None
     return seconds
 
 
 def parse_rfc3339(text: str) -> datetime:
     """Parse an RFC 3339 timestamp into an aware datetime (fractions beyond microseconds dropped)."""
+    parsed = _rfc3339_or_none(text)
+    if parsed is None:
+        raise ValueError(f"{text[:64]!r} is not an RFC 3339 timestamp")
+    return parsed
+
+
+def _rfc3339_or_none(text: str) -> datetime | None:
     match = _RFC3339.fullmatch(text)
     if match is None:
-        raise ValueError(f"{text[:64]!r} is not an RFC 3339 timestamp")
+        return None
     year, month, day, hour, minute, second, fraction, zulu, sign, off_h, off_m = match.groups()
-    if zulu:
-        tz = timezone.utc
-    else:
-        offset = timedelta(hours=int(off_h), minutes=int(off_m))
-        tz = timezone(-offset if sign == "-" else offset)
     micro = int((fraction or "0")[:6].ljust(6, "0"))
-    # A leap second (:60) is clamped: datetime cannot represent it.
-    return datetime(int(year), int(month), int(day), int(hour), int(minute), min(int(second), 59), micro, tzinfo=tz)
+    try:
+        offset = timedelta(hours=int(off_h or 0), minutes=int(off_m or 0))
+        tz = UTC if zulu else timezone(-offset if sign == "-" else offset)
+        # A leap second (:60) is clamped: datetime cannot represent it.
+        return datetime(int(year), int(month), int(day), int(hour), int(minute), min(int(second), 59), micro, tzinfo=tz)
+    except ValueError:  # month 13, offset of 24h or more, ...
+        return None
+
+
+_INVALID: Final = object()
+
+
+def _loads(body: bytes) -> Any:
+    """``json.loads``, or ``_INVALID``; the decoder's exception (which keeps the body) never escapes."""
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return _INVALID
 
 
 def _decode_json(response: _Response, what: str) -> Any:
-    try:
-        return json.loads(response.body)
-    except (ValueError, UnicodeDecodeError):
-        # Never chain or quote: the decoder's exception keeps the whole body (maybe a value).
+    document = _loads(response.body)
+    if document is _INVALID:
+        # Raised outside the ``except``: not even ``__context__`` may keep the body (maybe a value).
         raise ProtocolError(
             f"the server's answer to {what} (HTTP {response.status}) is not valid JSON", status=response.status
-        ) from None
+        )
+    return document
 
 
 def _field(document: Mapping[str, Any], key: str, kind: type, what: str, status: int, *, optional: bool = False) -> Any:
@@ -423,10 +484,13 @@ def _time_field(
     text = _field(document, key, str, what, status, optional=optional)
     if text is None:
         return None
-    try:
-        return parse_rfc3339(text)
-    except ValueError as exc:
-        raise ProtocolError(f"the server's answer to {what}: field {key!r}: {exc}", status=status) from None
+    parsed = _rfc3339_or_none(text)
+    if parsed is None:
+        shown = repr(text[:64])
+        raise ProtocolError(
+            f"the server's answer to {what}: field {key!r} is not an RFC 3339 timestamp ({shown})", status=status
+        )
+    return parsed
 
 
 def raise_for_error(response: _Response, what: str) -> None:
@@ -460,29 +524,31 @@ def parse_credential(response: _Response, namespace: str, name: str) -> Credenti
     document = _decode_json(response, what)
     if not isinstance(document, dict):
         raise ProtocolError(f"the server's answer to {what} is not a JSON object", status=status)
-    encoding = document.get("encoding")
-    if encoding is None:
+    raw_encoding = document.get("encoding")
+    encoding: Encoding
+    if raw_encoding is None or raw_encoding == "text":
         encoding = "text"
-    if encoding not in ("text", "base64"):
-        shown = repr(encoding)[:40] if isinstance(encoding, str) else type(encoding).__name__
+    elif raw_encoding == "base64":
+        encoding = "base64"
+    else:
+        shown = repr(raw_encoding)[:40] if isinstance(raw_encoding, str) else type(raw_encoding).__name__
         raise ProtocolError(f"the server's answer to {what} has unknown encoding {shown}", status=status)
     value = _field(document, "value", str, what, status)
     version_id = _field(document, "versionId", str, what, status)
     arn = _field(document, "arn", str, what, status)
     fetched_at = _time_field(document, "fetchedAt", what, status)
     assert fetched_at is not None
-    try:
-        return Credential(
-            namespace=namespace,
-            name=name,
-            value=value,
-            encoding=encoding,
-            version_id=version_id,
-            arn=arn,
-            fetched_at=fetched_at,
-        )
-    except ValueError as exc:  # bad base64; the message never holds the value
-        raise ProtocolError(f"the server's answer to {what}: {exc}", status=status) from None
+    if encoding == "base64" and _b64decode(value) is None:
+        raise ProtocolError(f"the server's answer to {what}: the value is not valid base64", status=status)
+    return Credential(
+        namespace=namespace,
+        name=name,
+        value=value,
+        encoding=encoding,
+        version_id=version_id,
+        arn=arn,
+        fetched_at=fetched_at,
+    )
 
 
 def parse_credential_list(response: _Response) -> builtins.list[CredentialInfo]:
@@ -520,10 +586,7 @@ def parse_health(response: _Response) -> bool:
     """True only for ``200 {"status": "ok"}``; anything else means not healthy."""
     if response.status != 200:
         return False
-    try:
-        document = json.loads(response.body)
-    except (ValueError, UnicodeDecodeError):
-        return False
+    document = _loads(response.body)
     return isinstance(document, dict) and document.get("status") == "ok"
 
 
@@ -650,11 +713,11 @@ class CredentialClient:
 
     # -- transport
 
-    def _acquire(self) -> tuple[_UnixHTTPConnection, bool]:
+    def _acquire(self, *, fresh: bool) -> tuple[_UnixHTTPConnection, bool]:
         with self._lock:
             if self._closed:
                 raise _closed_client()
-            if self._idle:
+            if self._idle and not fresh:
                 return self._idle.pop(), True
         return _UnixHTTPConnection(self.socket_path, self.timeout), False
 
@@ -668,12 +731,12 @@ class CredentialClient:
 
     def _request(self, target: str) -> _Response:
         for attempt in (1, 2):
-            conn, reused = self._acquire()
+            # A retry always uses a new connection: the other idle ones may be just as stale.
+            conn, reused = self._acquire(fresh=attempt == 2)
             try:
                 conn.request("GET", target, headers=_REQUEST_HEADERS)
                 raw = conn.getresponse()
-                if raw.length is not None and raw.length > MAX_BODY_BYTES:
-                    raise ProtocolError(f"the server's answer is too large ({raw.length} bytes)", status=raw.status)
+                _check_length(raw.length)
                 body = raw.read()
                 response = _Response(
                     status=raw.status,
@@ -695,14 +758,15 @@ class CredentialClient:
                 raise _dropped(self.socket_path) from None
             except (http.client.HTTPException, OSError) as exc:
                 conn.close()
-                raise ProtocolError(
-                    f"malformed HTTP answer from {self.socket_path} ({exc.__class__.__name__})"
-                ) from None
+                failure = exc.__class__.__name__
             except BaseException:
                 conn.close()
                 raise
-            self._release(conn)
-            return response
+            else:
+                self._release(conn)
+                return response
+            # Raised outside the ``except``: an IncompleteRead keeps the partial body (maybe a value).
+            raise ProtocolError(f"malformed HTTP answer from {self.socket_path} ({failure})")
         raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -749,34 +813,38 @@ class _AsyncConnection:
         if not status_line:
             raise _ConnectionDropped
         try:
-            version, status, headers = self._parse_head(status_line, await self._read_headers())
-            if status < 200:
-                raise ProtocolError(f"unexpected informational HTTP {status} answer", status=status)
-            keep_alive = version == "HTTP/1.1" and "close" not in _tokens(headers.get("connection", ""))
-            transfer = _tokens(headers.get("transfer-encoding", ""))
-            if status in (204, 304):
-                body = b""
-            elif transfer:
-                if transfer[-1] != "chunked":
-                    raise ProtocolError(f"unsupported Transfer-Encoding {headers['transfer-encoding']!r}")
-                body = await self._read_chunked()
-            elif "content-length" in headers:
-                length = _content_length(headers["content-length"])
-                body = await self.reader.readexactly(length)
-            else:
-                body = await self.reader.read(MAX_BODY_BYTES + 1)
-                while len(body) <= MAX_BODY_BYTES and not self.reader.at_eof():
-                    chunk = await self.reader.read(MAX_BODY_BYTES + 1 - len(body))
-                    if not chunk:
-                        break
-                    body += chunk
-                if len(body) > MAX_BODY_BYTES:
-                    raise ProtocolError("the server's answer is too large")
-                keep_alive = False
+            return await self._read_answer(status_line)
         except asyncio.IncompleteReadError:
-            raise ProtocolError("the server closed the connection in the middle of an answer") from None
+            failure = "the server closed the connection in the middle of an answer"
         except (ConnectionResetError, BrokenPipeError):
-            raise ProtocolError("the connection was reset in the middle of an answer") from None
+            failure = "the connection was reset in the middle of an answer"
+        # Raised outside the ``except``: the partial answer (maybe a value) must not stay reachable as context.
+        raise ProtocolError(failure)
+
+    async def _read_answer(self, status_line: bytes) -> tuple[_Response, bool]:
+        version, status, headers = self._parse_head(status_line, await self._read_headers())
+        if status < 200:
+            raise ProtocolError(f"unexpected informational HTTP {status} answer", status=status)
+        keep_alive = version == "HTTP/1.1" and "close" not in _tokens(headers.get("connection", ""))
+        transfer = _tokens(headers.get("transfer-encoding", ""))
+        if status in (204, 304):
+            body = b""
+        elif transfer:
+            if transfer[-1] != "chunked":
+                raise ProtocolError(f"unsupported Transfer-Encoding {headers['transfer-encoding']!r}")
+            body = await self._read_chunked()
+        elif "content-length" in headers:
+            length = _content_length(headers["content-length"])
+            body = await self.reader.readexactly(length)
+        else:
+            # Neither length nor chunks: the body runs to the end of the connection.
+            buffer = bytearray()
+            while chunk := await self.reader.read(65536):
+                buffer += chunk
+                if len(buffer) > MAX_BODY_BYTES:
+                    raise ProtocolError("the server's answer is too large")
+            body = bytes(buffer)
+            keep_alive = False
         return _Response(status=status, headers=headers, body=body), keep_alive
 
     async def _readline(self) -> bytes:
@@ -799,13 +867,14 @@ class _AsyncConnection:
 
     @staticmethod
     def _parse_head(status_line: bytes, header_lines: builtins.list[bytes]) -> tuple[str, int, dict[str, str]]:
-        try:
-            text = status_line.decode("latin-1").rstrip("\r\n")
-            version, code, *_ = text.split(" ", 2)
-            if version not in ("HTTP/1.0", "HTTP/1.1") or len(code) != 3 or not code.isdigit():
-                raise ValueError
-        except ValueError:
-            raise ProtocolError(f"malformed HTTP status line {status_line[:80]!r}") from None
+        version, _, rest = status_line.decode("latin-1").rstrip("\r\n").partition(" ")
+        code = rest[:3]
+        if (
+            version not in ("HTTP/1.0", "HTTP/1.1")
+            or not (len(code) == 3 and code.isdigit())
+            or rest[3:4] not in ("", " ")
+        ):
+            raise ProtocolError(f"malformed HTTP status line {status_line[:80]!r}")
         headers: dict[str, str] = {}
         for line in header_lines:
             key, sep, item = line.decode("latin-1").partition(":")
@@ -827,11 +896,11 @@ class _AsyncConnection:
             size_line = await self._readline()
             if not size_line.endswith(b"\n"):
                 raise asyncio.IncompleteReadError(size_line, None)
-            try:
-                size = int(size_line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                raise ProtocolError("malformed chunk size in the server's answer") from None
-            if size < 0 or len(body) + size > MAX_BODY_BYTES:
+            digits = size_line.split(b";", 1)[0].strip()
+            if not _CHUNK_SIZE.fullmatch(digits):
+                raise ProtocolError("malformed chunk size in the server's answer")
+            size = int(digits, 16)
+            if len(body) + size > MAX_BODY_BYTES:
                 raise ProtocolError("the server's answer is too large")
             if size == 0:
                 await self._read_headers()  # trailers
@@ -839,6 +908,11 @@ class _AsyncConnection:
             body += await self.reader.readexactly(size)
             if await self.reader.readexactly(2) != b"\r\n":
                 raise ProtocolError("malformed chunk in the server's answer")
+
+
+def _check_length(length: int | None) -> None:
+    if length is not None and length > MAX_BODY_BYTES:
+        raise ProtocolError(f"the server's answer is too large ({length} bytes)")
 
 
 def _tokens(header: str) -> builtins.list[str]:
@@ -849,8 +923,7 @@ def _content_length(text: str) -> int:
     if not text.isdigit():
         raise ProtocolError(f"malformed Content-Length {text[:40]!r}")
     length = int(text)
-    if length > MAX_BODY_BYTES:
-        raise ProtocolError(f"the server's answer is too large ({length} bytes)")
+    _check_length(length)
     return length
 
 
@@ -935,7 +1008,8 @@ class AsyncCredentialClient:
         for attempt in (1, 2):
             if self._closed:
                 raise _closed_client()
-            conn = self._take_idle()
+            # A retry always uses a new connection: the other idle ones may be just as stale.
+            conn = self._take_idle() if attempt == 1 else None
             reused = conn is not None
             try:
                 async with asyncio.timeout(self.timeout):

@@ -305,7 +305,7 @@ class Engine:
                 outcome = Outcome(
                     True,
                     Reason.ACCESS_VERIFIED,
-                    f"Read {arn.arn} ({selector}{key_text}) as {identity}; re-checked every "
+                    f"Read {arn.arn} ({selector}{key_text}) as {stable_identity(identity)}; re-checked every "
                     f"{format_duration(interval)}.",
                 )
                 if previous_version and previous_version != fetched.version_id:
@@ -387,7 +387,11 @@ class Engine:
             patch["observedGeneration"] = entry.generation
         if outcome.ready and entry.version_id and live.get("versionId") != entry.version_id:
             patch["versionId"] = entry.version_id
-        if entry.identity and live.get("identityArn") != entry.identity:
+        live_identity = live.get("identityArn")
+        if entry.identity and (
+            not isinstance(live_identity, str) or stable_identity(live_identity) != stable_identity(entry.identity)
+        ):
+            # Compared without the STS session name, which differs per replica and per refresh.
             patch["identityArn"] = entry.identity
         if patch or _older_than(live.get("lastCheckedTime"), interval / 2):
             # Replicas that reach the same verdict skip the write while the last check is recent.
@@ -527,6 +531,15 @@ class Engine:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._entries.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def stable_identity(arn: str) -> str:
+    """An assumed-role ARN without its session name: the same for every replica."""
+    head, sep, tail = arn.partition(":assumed-role/")
+    if not sep:
+        return arn
+    role = tail.split("/", 1)[0]
+    return f"{head}{sep}{role}"
 
 
 def _canonical(value: Any) -> str:

@@ -13,7 +13,7 @@ from connector_credentials.models import ANNOTATION_PREFIX, GROUP, PLURAL, VERSI
 def register(registry: kopf.OperatorRegistry, engine: Engine) -> None:
     """Add this operator's handlers to ``registry``."""
 
-    @kopf.on.startup(registry=registry)
+    @kopf.on.startup(registry=registry, id="settings")
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         # Every sidecar must watch and serve its own controller: never pause for a peer.
         settings.peering.standalone = True
@@ -33,7 +33,12 @@ def register(registry: kopf.OperatorRegistry, engine: Engine) -> None:
         settings.networking.request_timeout = 30
         settings.networking.connect_timeout = 10
 
-    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
+    @kopf.on.login(registry=registry, id="login")
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        # In a pod: the service account; elsewhere: the current kubeconfig (KUBECONFIG).
+        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry, id="watch")
     async def on_event(type: str | None, body: kopf.Body, **_: Any) -> None:
         if type == "DELETED":
             meta = body.get("metadata", {})

@@ -62,8 +62,17 @@ def _redact(text: str, needles: list[str]) -> str:
     return text
 
 
+class QuietWatchFilter(logging.Filter):
+    """Drops kopf's per-event "Handler 'watch' succeeded" line: it says nothing at INFO."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "kopf.objects" and record.msg == "Handler 'watch' succeeded.")
+
+
 def configure(*, verbose: bool, debug: bool, values: Callable[[], Iterable[SecretValue]]) -> None:
     kopf.configure(verbose=verbose, debug=debug)
+    if not (verbose or debug):
+        logging.getLogger("kopf.objects").addFilter(QuietWatchFilter())
     for name in PINNED_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     redactor = RedactingFilter(values)

@@ -1,0 +1,56 @@
+# connector-credential-operator — run `make help` for the targets.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+IMAGE ?= connector-credential-operator:dev
+
+.DEFAULT_GOAL := help
+
+help: ## List the targets
+	@grep -hE '^[a-z][a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=24.3"
+	$(PIP) install --quiet -c constraints.txt -e '.[test]'
+	@touch $(STAMP)
+
+venv: $(STAMP) ## Create the virtual environment and install everything (pinned)
+
+demo: $(STAMP) ## Run the operator against local Kubernetes and AWS emulators (add ARGS=--keep to explore)
+	$(PY) -m connector_credentials_demo $(ARGS)
+
+test: $(STAMP) lint typecheck ## Lint, type-check, and run the unit and integration tests
+	$(PY) -m pytest tests/unit tests/integration tests/e2e
+
+unit: $(STAMP) ## Unit tests only
+	$(PY) -m pytest tests/unit
+
+lint: $(STAMP) ## ruff (lint and format check)
+	$(VENV)/bin/ruff check operator tests bench
+	$(VENV)/bin/ruff format --check operator tests bench
+
+typecheck: $(STAMP) ## mypy --strict on the package
+	$(VENV)/bin/mypy
+
+bench: $(STAMP) ## Benchmark the socket against a bare aiohttp server (prints a table)
+	$(PY) bench/socket_bench.py
+
+e2e: $(STAMP) ## End-to-end on kind (needs Docker and kind; skips otherwise)
+	bash tests/e2e/run.sh
+
+image: ## Build the container image
+	docker build -t $(IMAGE) .
+
+lock: ## Re-pin constraints.txt from a fresh resolve
+	rm -rf .lockenv && python3 -m venv .lockenv && .lockenv/bin/pip install -q --upgrade pip \
+	  && .lockenv/bin/pip install -q -e '.[test]' \
+	  && .lockenv/bin/pip freeze --exclude-editable | grep -v '^connector-credential-operator' > constraints.txt \
+	  && rm -rf .lockenv
+
+clean: ## Remove the virtual environment and caches
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build *.egg-info operator/*.egg-info
+
+.PHONY: help venv demo test unit lint typecheck bench e2e image lock clean

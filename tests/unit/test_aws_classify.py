@@ -1,0 +1,135 @@
+import botocore.exceptions
+import pytest
+
+from connector_credentials.aws import AwsFailure, classify, irsa_problem, scrub
+from connector_credentials.conditions import Reason
+from connector_credentials.models import SecretArn
+
+ARN = SecretArn.parse("arn:aws:secretsmanager:eu-west-1:123456789012:secret:xpander/prod/slack-AbCdEf")
+ROLE = "arn:aws:iam::123456789012:role/xpander-controller"
+
+
+def client_error(code: str, message: str, operation: str = "GetSecretValue", status: int = 400) -> Exception:
+    return botocore.exceptions.ClientError(
+        {"Error": {"Code": code, "Message": message}, "ResponseMetadata": {"HTTPStatusCode": status}}, operation
+    )
+
+
+def verdict(exc: BaseException, version: str = "stage AWSCURRENT") -> AwsFailure:
+    return classify(exc, arn=ARN, role=ROLE, version=version)
+
+
+@pytest.mark.parametrize(
+    ("exc", "reason", "must_say"),
+    [
+        (
+            client_error(
+                "AccessDeniedException", "User: x is not authorized to perform: secretsmanager:GetSecretValue"
+            ),
+            Reason.ACCESS_DENIED,
+            [ROLE, ARN.arn, "secretsmanager:GetSecretValue", "-??????"],
+        ),
+        (
+            client_error("AccessDeniedException", "Access to KMS is not allowed"),
+            Reason.ACCESS_DENIED,
+            [ROLE, "kms:Decrypt"],
+        ),
+        (
+            client_error("ResourceNotFoundException", "Secrets Manager can't find the specified secret."),
+            Reason.SECRET_NOT_FOUND,
+            ["eu-west-1", "case-sensitive", "123456789012", "xpander/prod/slack-AbCdEf"],
+        ),
+        (
+            client_error(
+                "ResourceNotFoundException", "Secrets Manager can't find the specified secret value for VersionId: x"
+            ),
+            Reason.SECRET_NOT_FOUND,
+            ["has no version", "versionStage"],
+        ),
+        (
+            client_error(
+                "InvalidRequestException",
+                "You can't perform this operation on the secret because it was marked for deletion.",
+            ),
+            Reason.SECRET_SCHEDULED_FOR_DELETION,
+            ["restore-secret", "eu-west-1"],
+        ),
+        (
+            client_error("DecryptionFailure", "Secrets Manager can't decrypt the protected secret text"),
+            Reason.DECRYPTION_FAILED,
+            ["KMS key", ROLE],
+        ),
+        (
+            client_error(
+                "AccessDenied",
+                "Not authorized to perform sts:AssumeRoleWithWebIdentity",
+                "AssumeRoleWithWebIdentity",
+                403,
+            ),
+            Reason.ASSUME_ROLE_FAILED,
+            [ROLE, "trust policy", "sts.amazonaws.com", "system:serviceaccount:"],
+        ),
+        (
+            client_error("InvalidIdentityToken", "No OpenIDConnect provider found", "AssumeRoleWithWebIdentity"),
+            Reason.ASSUME_ROLE_FAILED,
+            ["OIDC provider"],
+        ),
+        (
+            client_error("ExpiredTokenException", "Token expired", "AssumeRoleWithWebIdentity"),
+            Reason.ASSUME_ROLE_FAILED,
+            ["projected token"],
+        ),
+        (client_error("ThrottlingException", "Rate exceeded"), Reason.THROTTLED, ["backs off"]),
+        (client_error("ThrottlingException", "Rate exceeded", "AssumeRoleWithWebIdentity"), Reason.THROTTLED, []),
+        (client_error("InternalServiceError", "oops", status=500), Reason.AWS_UNAVAILABLE, ["eu-west-1"]),
+        (client_error("Weird", "bad gateway", status=502), Reason.AWS_UNAVAILABLE, []),
+        (client_error("InvalidParameterException", "bad version"), Reason.INVALID_SPEC, []),
+        (botocore.exceptions.EndpointConnectionError(endpoint_url="https://x"), Reason.AWS_UNAVAILABLE, ["eu-west-1"]),
+        (
+            botocore.exceptions.ReadTimeoutError(endpoint_url="https://x", error="timed out"),
+            Reason.AWS_UNAVAILABLE,
+            [],
+        ),
+        (botocore.exceptions.NoCredentialsError(), Reason.IRSA_NOT_CONFIGURED, ["eks.amazonaws.com/role-arn"]),
+        (RuntimeError("surprise"), Reason.AWS_UNAVAILABLE, ["RuntimeError"]),
+    ],
+)
+def test_errors_map_to_reasons_with_actionable_messages(exc: Exception, reason: Reason, must_say: list[str]) -> None:
+    failure = verdict(exc)
+    assert failure.reason == reason
+    assert failure.transient == reason.transient
+    for text in must_say:
+        assert text in failure.message
+
+
+def test_transient_reasons_are_exactly_throttled_and_unavailable() -> None:
+    assert {r for r in Reason if r.transient} == {Reason.THROTTLED, Reason.AWS_UNAVAILABLE}
+
+
+def test_scrub_strips_request_ids_and_credentials() -> None:
+    text = (
+        "denied (Request ID: 4442587FB7D0A2F9) Credential=AKIAEXAMPLE/20260101/us-east-1 Signature=abc123 "
+        "X-Amz-Security-Token=FwoGZX"
+    )
+    cleaned = scrub(text)
+    for secret in ("4442587FB7D0A2F9", "AKIAEXAMPLE", "abc123", "FwoGZX"):
+        assert secret not in cleaned
+    assert len(scrub("x" * 1000)) == 300
+
+
+def test_irsa_problem_names_missing_variables(tmp_path: pytest.TempPathFactory) -> None:
+    assert "AWS_ROLE_ARN and AWS_WEB_IDENTITY_TOKEN_FILE are not set" in (irsa_problem({}) or "")
+    assert "AWS_WEB_IDENTITY_TOKEN_FILE is not set" in (irsa_problem({"AWS_ROLE_ARN": ROLE}) or "")
+    missing = irsa_problem({"AWS_ROLE_ARN": ROLE, "AWS_WEB_IDENTITY_TOKEN_FILE": "/nonexistent/token"})
+    assert missing is not None and "cannot be read" in missing
+
+
+def test_irsa_problem_accepts_a_readable_token(tmp_path: object) -> None:
+    import pathlib
+
+    token = pathlib.Path(str(tmp_path)) / "token"
+    token.write_text("")
+    env = {"AWS_ROLE_ARN": ROLE, "AWS_WEB_IDENTITY_TOKEN_FILE": str(token)}
+    assert "is empty" in (irsa_problem(env) or "")
+    token.write_text("eyJ...")
+    assert irsa_problem(env) is None

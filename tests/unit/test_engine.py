@@ -1,0 +1,277 @@
+"""The engine's rules with a scripted AWS port and an in-memory status sink (pure logic, no I/O)."""
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from connector_credentials.aws import AwsFailure, FetchedSecret
+from connector_credentials.conditions import Reason, find_condition
+from connector_credentials.engine import Engine, stable_identity
+from connector_credentials.models import SecretArn
+from connector_credentials.settings import OperatorSettings
+
+ARN = "arn:aws:secretsmanager:us-east-1:123456789012:secret:xpander/prod/slack-AbCdEf"
+IDENTITY = "arn:aws:sts::123456789012:assumed-role/xpander-controller/botocore-session-1"
+VALUE = "CANARY-engine-91ab"
+
+Script = Callable[[SecretArn], FetchedSecret]
+
+
+class FakePort:
+    def __init__(self) -> None:
+        self.answer: FetchedSecret | AwsFailure = FetchedSecret("v1", VALUE, ("AWSCURRENT",))
+        self.calls = 0
+
+    def caller_identity(self, region: str) -> str:
+        return IDENTITY
+
+    def get_secret(self, arn: SecretArn, *, version_id: str | None, version_stage: str | None) -> FetchedSecret:
+        self.calls += 1
+        if isinstance(self.answer, AwsFailure):
+            raise self.answer
+        return self.answer
+
+
+class FakeSink:
+    """Holds objects like an API server: merge-patches status, records events, can fail."""
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
+        self.patches: list[dict[str, Any]] = []
+        self.events: list[tuple[bool, str, str]] = []
+        self.fail_next = 0
+
+    async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any] | None:
+        if self.fail_next:
+            self.fail_next -= 1
+            raise ConnectionError("api down")
+        self.patches.append(status)
+        obj = self.objects.setdefault((namespace, name), {"status": {}})
+        obj["status"].update(status)
+        return obj
+
+    async def post_event(
+        self, namespace: str, name: str, uid: str | None, *, warning: bool, reason: str, message: str
+    ) -> None:
+        self.events.append((warning, reason, message))
+
+
+def body(spec: dict[str, Any], status: dict[str, Any] | None = None, generation: int = 1) -> dict[str, Any]:
+    return {
+        "metadata": {"namespace": "team-a", "name": "slack", "uid": "u1", "generation": generation},
+        "spec": spec,
+        "status": status or {},
+    }
+
+
+@pytest.fixture
+def settings() -> OperatorSettings:
+    return OperatorSettings(
+        default_refresh_interval=300, max_staleness=900, backoff_base=1, backoff_cap=60, socket_path="/nonexistent"
+    )
+
+
+@pytest.fixture
+async def setup(settings: OperatorSettings) -> Any:
+    port, sink = FakePort(), FakeSink()
+    engine = Engine(settings, port, sink)
+    yield engine, port, sink
+    await engine.close()
+
+
+async def settle(engine: Engine) -> None:
+    for _ in range(50):
+        await asyncio.sleep(0.01)
+        entries = engine.entries()
+        if all(e.inflight is None and (e.status_task is None or e.status_task.done()) for e in entries):
+            return
+
+
+async def test_success_sets_ready_and_serves(setup: Any) -> None:
+    engine, port, sink = setup
+    engine.upsert(body({"secretArn": ARN}))
+    await settle(engine)
+    status = sink.objects["team-a", "slack"]["status"]
+    ready = find_condition(status["conditions"])
+    assert ready is not None
+    assert (ready["status"], ready["reason"], ready["observedGeneration"]) == ("True", "AccessVerified", 1)
+    assert status["versionId"] == "v1"
+    assert status["observedGeneration"] == 1
+    assert stable_identity(status["identityArn"]) == stable_identity(IDENTITY)
+    assert sink.events == [(False, "AccessVerified", ready["message"])]
+    served = await engine.serve("team-a", "slack", refresh=False)
+    assert served.status == 200 and served.value is not None and served.value.reveal() == VALUE
+    assert VALUE not in str(sink.patches) + str(sink.events)
+
+
+async def test_first_read_and_refresh_go_to_aws_then_cache(setup: Any) -> None:
+    engine, port, _ = setup
+    engine.upsert(body({"secretArn": ARN}))
+    await settle(engine)
+    assert port.calls == 1
+    await engine.serve("team-a", "slack", refresh=False)  # first read: real time
+    assert port.calls == 2
+    await engine.serve("team-a", "slack", refresh=False)  # cached
+    assert port.calls == 2
+    await engine.serve("team-a", "slack", refresh=True)
+    assert port.calls == 3
+
+
+async def test_concurrent_reads_share_one_aws_call(setup: Any) -> None:
+    engine, port, _ = setup
+    engine.upsert(body({"secretArn": ARN}))
+    await settle(engine)
+    before = port.calls
+    answers = await asyncio.gather(*(engine.serve("team-a", "slack", refresh=True) for _ in range(20)))
+    assert {a.status for a in answers} == {200}
+    assert port.calls - before <= 2
+
+
+async def test_same_verdict_twice_writes_no_condition_and_posts_no_event(setup: Any) -> None:
+    engine, _, sink = setup
+    engine.upsert(body({"secretArn": ARN}))
+    await settle(engine)
+    engine.upsert({**body({"secretArn": ARN}), "status": sink.objects["team-a", "slack"]["status"]})
+    patches_before = len(sink.patches)
+    await engine.check(engine.get_entry("team-a", "slack"))
+    await settle(engine)
+    assert len(sink.patches) == patches_before  # last check is recent: nothing to write
+    assert len(sink.events) == 1
+
+
+async def test_a_second_replica_converges_without_writing(settings: OperatorSettings) -> None:
+    sink = FakeSink()
+    first, second = Engine(settings, FakePort(), sink), Engine(settings, FakePort(), sink)
+    try:
+        first.upsert(body({"secretArn": ARN}))
+        await settle(first)
+        patches = len(sink.patches)
+        # The other replica sees the written status (as its watch would) and reaches the same verdict.
+        second.upsert(body({"secretArn": ARN}, status=sink.objects["team-a", "slack"]["status"]))
+        await settle(second)
+        assert len(sink.patches) == patches
+        assert len(sink.events) == 1
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_rotation_is_noticed_and_reported(setup: Any) -> None:
+    engine, port, sink = setup
+    engine.upsert(body({"secretArn": ARN}))
+    await settle(engine)
+    port.answer = FetchedSecret("v2", "CANARY-rotated", ("AWSCURRENT",))
+    await engine.check(engine.get_entry("team-a", "slack"))
+    await settle(engine)
+    assert sink.objects["team-a", "slack"]["status"]["versionId"] == "v2"
+    assert any(reason == "Rotated" and "v1 -> v2" in message for _, reason, message in sink.events)
+    assert (await engine.serve("team-a", "slack", refresh=False)).value.reveal() == "CANARY-rotated"
+
+
+async def test_permanent_failure_stops_serving(setup: Any) -> None:
+    engine, port, sink = setup
+    engine.upsert(body({"secretArn": ARN}))
+    await settle(engine)
+    port.answer = AwsFailure(Reason.ACCESS_DENIED, "denied for role r")
+    served = await engine.serve("team-a", "slack", refresh=True)
+    assert (served.status, served.reason) == (502, "AccessDenied")
+    await settle(engine)
+    ready = find_condition(sink.objects["team-a", "slack"]["status"]["conditions"])
+    assert (ready["status"], ready["reason"]) == ("False", "AccessDenied")  # type: ignore[index]
+    assert sink.events[-1][:2] == (True, "AccessDenied")
+
+
+async def test_transient_failure_keeps_serving_within_max_staleness(setup: Any) -> None:
+    engine, port, sink = setup
+    engine.upsert(body({"secretArn": ARN}))
+    await settle(engine)
+    port.answer = AwsFailure(Reason.THROTTLED, "Rate exceeded")
+    served = await engine.serve("team-a", "slack", refresh=True)
+    assert served.status == 200 and served.value.reveal() == VALUE
+    await settle(engine)
+    ready = find_condition(sink.objects["team-a", "slack"]["status"]["conditions"])
+    assert ready["status"] == "True" and "failed transiently (Throttled)" in ready["message"]  # type: ignore[index]
+    assert [e[1] for e in sink.events] == ["AccessVerified"]  # no flapping events
+
+
+async def test_transient_failure_beyond_max_staleness_turns_false_and_503(setup: Any) -> None:
+    engine, port, sink = setup
+    engine.upsert(body({"secretArn": ARN}))
+    await settle(engine)
+    entry = engine.get_entry("team-a", "slack")
+    entry.verified_mono -= 1000  # verified longer ago than max_staleness (900s)
+    port.answer = AwsFailure(Reason.AWS_UNAVAILABLE, "Secrets Manager failed to answer")
+    served = await engine.serve("team-a", "slack", refresh=True)
+    assert (served.status, served.reason) == (503, "AWSUnavailable")
+    assert served.retry_after is not None and served.retry_after >= 1
+    await settle(engine)
+    ready = find_condition(sink.objects["team-a", "slack"]["status"]["conditions"])
+    assert (ready["status"], ready["reason"]) == ("False", "AWSUnavailable")  # type: ignore[index]
+    # Recovery returns to AccessVerified without a restart.
+    port.answer = FetchedSecret("v1", VALUE, ("AWSCURRENT",))
+    assert (await engine.serve("team-a", "slack", refresh=True)).status == 200
+    await settle(engine)
+    ready = find_condition(sink.objects["team-a", "slack"]["status"]["conditions"])
+    assert (ready["status"], ready["reason"]) == ("True", "AccessVerified")  # type: ignore[index]
+
+
+def test_backoff_grows_with_jitter_and_is_capped(settings: OperatorSettings) -> None:
+    engine = Engine(settings, FakePort(), FakeSink())
+    try:
+        for failures in range(1, 12):
+            ceiling = min(60, 2 ** (failures - 1))
+            delays = [engine._backoff(failures) for _ in range(200)]
+            assert all(ceiling / 2 <= d <= ceiling for d in delays)
+            assert len({round(d, 6) for d in delays}) > 100  # jittered, not synchronised
+    finally:
+        engine._executor.shutdown()
+
+
+async def test_invalid_spec_is_reported_without_calling_aws(setup: Any) -> None:
+    engine, port, sink = setup
+    engine.upsert(body({"secretArn": "arn:aws:s3:::bucket/key"}))
+    await settle(engine)
+    assert port.calls == 0
+    ready = find_condition(sink.objects["team-a", "slack"]["status"]["conditions"])
+    assert ready["reason"] == "InvalidSpec" and "'s3' resource" in ready["message"]  # type: ignore[index]
+    served = await engine.serve("team-a", "slack", refresh=False)
+    assert (served.status, served.reason) == (502, "InvalidSpec")
+
+
+async def test_spec_change_drops_the_value_and_rechecks(setup: Any) -> None:
+    engine, port, sink = setup
+    engine.upsert(body({"secretArn": ARN}))
+    await settle(engine)
+    engine.upsert(body({"secretArn": ARN, "jsonKey": "token"}, generation=2))
+    await settle(engine)
+    ready = find_condition(sink.objects["team-a", "slack"]["status"]["conditions"])
+    assert (ready["reason"], ready["observedGeneration"]) == ("JsonKeyNotFound", 2)  # type: ignore[index]
+    assert (await engine.serve("team-a", "slack", refresh=False)).status == 502
+
+
+async def test_status_writes_are_retried_until_accepted(setup: Any) -> None:
+    engine, _, sink = setup
+    sink.fail_next = 2
+    engine.upsert(body({"secretArn": ARN}))
+    for _ in range(400):
+        await asyncio.sleep(0.01)
+        if ("team-a", "slack") in sink.objects:
+            break
+    assert find_condition(sink.objects["team-a", "slack"]["status"]["conditions"])["reason"] == "AccessVerified"  # type: ignore[index]
+
+
+async def test_undeclared_and_removed_credentials_are_404(setup: Any) -> None:
+    engine, _, _ = setup
+    assert (await engine.serve("team-a", "nope", refresh=False)).status == 404
+    engine.upsert(body({"secretArn": ARN}))
+    await settle(engine)
+    engine.remove("team-a", "slack")
+    assert (await engine.serve("team-a", "slack", refresh=False)).status == 404
+    assert list(engine.values()) == []
+
+
+def test_stable_identity_drops_the_session_name() -> None:
+    assert stable_identity(IDENTITY) == "arn:aws:sts::123456789012:assumed-role/xpander-controller"
+    assert stable_identity("arn:aws:iam::123456789012:user/bob") == "arn:aws:iam::123456789012:user/bob"
