@@ -63,6 +63,8 @@ __all__ = [
     "PermissionDenied",
     "ProtocolError",
     "ServerUnreachable",
+    "parse_retry_after",
+    "parse_rfc3339",
     "resolve_socket_path",
 ]
 
@@ -871,7 +873,7 @@ class _AsyncConnection:
         code = rest[:3]
         if (
             version not in ("HTTP/1.0", "HTTP/1.1")
-            or not (len(code) == 3 and code.isdigit())
+            or not (len(code) == 3 and code.isascii() and code.isdigit())
             or rest[3:4] not in ("", " ")
         ):
             raise ProtocolError(f"malformed HTTP status line {status_line[:80]!r}")
@@ -920,7 +922,7 @@ def _tokens(header: str) -> builtins.list[str]:
 
 
 def _content_length(text: str) -> int:
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise ProtocolError(f"malformed Content-Length {text[:40]!r}")
     length = int(text)
     _check_length(length)
