@@ -1,0 +1,161 @@
+"""The kustomize trees render and say what docs/install-eks.md promises (needs kubectl only)."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.e2e.e2e_helpers import REPO, require_tools, run
+
+pytestmark = pytest.mark.e2e
+
+SOCKET_DIR = "/var/run/connector-credentials"
+SIDECAR = "connector-credentials"
+
+
+def render(path: str) -> list[dict[str, Any]]:
+    require_tools("kubectl")
+    return [doc for doc in yaml.safe_load_all(run("kubectl", "kustomize", path).stdout) if doc]
+
+
+def one(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind}/{name}, found {len(found)}"
+    return found[0]
+
+
+def containers(deployment: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["name"]: c for c in deployment["spec"]["template"]["spec"]["containers"]}
+
+
+def assert_hardened(container: dict[str, Any]) -> None:
+    name = container["name"]
+    security = container.get("securityContext", {})
+    assert security.get("runAsNonRoot") is True, name
+    assert security.get("readOnlyRootFilesystem") is True, name
+    assert security.get("allowPrivilegeEscalation") is False, name
+    assert security.get("capabilities", {}).get("drop") == ["ALL"], name
+    assert security.get("seccompProfile", {}).get("type") == "RuntimeDefault", name
+    assert {"cpu", "memory"} <= set(container["resources"]["requests"]), name
+    assert "memory" in container["resources"]["limits"], name
+    assert "livenessProbe" in container, name
+    assert "readinessProbe" in container, name
+
+
+def assert_sidecar_wired(deployment: dict[str, Any], controller: str = "controller") -> None:
+    spec = deployment["spec"]["template"]["spec"]
+    by_name = containers(deployment)
+    sidecar, main = by_name[SIDECAR], by_name[controller]
+    volume = next(v for v in spec["volumes"] if v["name"] == "connector-credentials-socket")
+    assert "emptyDir" in volume
+    for container in (sidecar, main):
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        assert mounts["connector-credentials-socket"]["mountPath"] == SOCKET_DIR, container["name"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["CCRED_SOCKET_PATH"] == f"{SOCKET_DIR}/credentials.sock", container["name"]
+    assert {m["name"]: m for m in main["volumeMounts"]}["connector-credentials-socket"]["readOnly"] is True
+    assert "--namespace=$(POD_NAMESPACE)" in sidecar["args"]
+    assert "--liveness=http://0.0.0.0:8080/healthz" in sidecar["args"]
+    assert sidecar["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert_hardened(sidecar)
+
+
+def test_deploy_renders_a_complete_install() -> None:
+    docs = render("deploy")
+    assert one(docs, "Namespace", "xpander")
+    assert one(docs, "CustomResourceDefinition", "connectorcredentials.connectors.xpander.ai")
+    account = one(docs, "ServiceAccount", "xpander-controller")
+    assert account["metadata"]["namespace"] == "xpander"
+    assert re.fullmatch(
+        r"arn:aws:iam::\d{12}:role/.+", account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
+    )
+    deployment = one(docs, "Deployment", "xpander-controller")
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "xpander-controller"
+    assert pod["securityContext"]["runAsUser"] == pod["securityContext"]["fsGroup"] == 10001
+    assert set(containers(deployment)) == {"controller", SIDECAR}
+    assert_sidecar_wired(deployment)
+    for container in containers(deployment).values():
+        assert_hardened(container)
+        assert container["image"].endswith("/connector-credential-operator:0.1.0")
+
+
+def test_rbac_is_least_privilege() -> None:
+    docs = render("deploy")
+    assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+    role = one(docs, "Role", "connector-credentials")
+    granted = {
+        (group, resource): set(rule["verbs"])
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+    }
+    assert granted == {
+        ("connectors.xpander.ai", "connectorcredentials"): {"get", "list", "watch", "patch"},
+        ("connectors.xpander.ai", "connectorcredentials/status"): {"patch", "update"},
+        ("", "events"): {"create", "patch"},
+        ("events.k8s.io", "events"): {"create", "patch"},
+    }
+    binding = one(docs, "RoleBinding", "connector-credentials")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "xpander-controller", "namespace": "xpander"}]
+
+
+def test_sidecar_component_patches_an_existing_controller() -> None:
+    docs = render("deploy/examples/existing-controller")
+    deployment = one(docs, "Deployment", "xpander-controller")
+    assert set(containers(deployment)) == {"controller", SIDECAR}
+    assert containers(deployment)["controller"]["image"] == "registry.example.com/xpander/controller:1.2.3"
+    assert_sidecar_wired(deployment)
+    env = {e["name"]: e.get("value") for e in containers(deployment)[SIDECAR]["env"]}
+    assert env["CCRED_ALLOWED_UIDS"] == "1000"
+    assert one(docs, "Role", "connector-credentials")["metadata"]["namespace"] == "xpander"
+
+
+def test_samples_render() -> None:
+    docs = render("deploy/samples")
+    by_name = {d["metadata"]["name"]: d for d in docs}
+    assert set(by_name) == {"slack", "jira", "github", "denied", "missing"}
+    assert all(d["kind"] == "ConnectorCredential" and d["metadata"]["namespace"] == "xpander" for d in docs)
+    assert by_name["slack"]["spec"]["secretArn"] == (
+        "arn:aws:secretsmanager:us-east-1:111122223333:secret:xpander/prod/slack-bot-token-AbCdEf"
+    )
+    assert by_name["jira"]["spec"]["jsonKey"] == "api_token"
+    assert "versionStage" in by_name["github"]["spec"]
+    assert ":secret:xpander/" not in by_name["denied"]["spec"]["secretArn"]
+
+
+def test_e2e_overlay_injects_irsa_like_the_eks_webhook() -> None:
+    docs = render("tests/e2e/overlay")
+    deployment = one(docs, "Deployment", "xpander-controller")
+    sidecar = containers(deployment)[SIDECAR]
+    env = {e["name"]: e.get("value") for e in sidecar["env"]}
+    assert env["AWS_WEB_IDENTITY_TOKEN_FILE"] == "/var/run/secrets/eks.amazonaws.com/serviceaccount/token"
+    assert (
+        env["AWS_ROLE_ARN"]
+        == (one(docs, "ServiceAccount", "xpander-controller")["metadata"]["annotations"]["eks.amazonaws.com/role-arn"])
+    )
+    token = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "aws-iam-token")
+    assert token["projected"]["sources"][0]["serviceAccountToken"]["audience"] == "sts.amazonaws.com"
+    assert sidecar["image"] == "connector-credential-operator:e2e"
+    for container in containers(one(docs, "Deployment", "moto")).values():
+        assert_hardened(container)
+
+
+def test_iam_templates_are_least_privilege() -> None:
+    policy = json.loads((REPO / "deploy/iam/policy.json").read_text())
+    secrets = next(s for s in policy["Statement"] if s["Sid"] == "ReadXpanderConnectorSecrets")
+    assert sorted(secrets["Action"]) == ["secretsmanager:DescribeSecret", "secretsmanager:GetSecretValue"]
+    assert secrets["Resource"] == "arn:aws:secretsmanager:REGION:ACCOUNT_ID:secret:xpander/ENV/*"
+    kms = next(s for s in policy["Statement"] if s["Action"] == "kms:Decrypt")
+    assert kms["Condition"] == {"StringEquals": {"kms:ViaService": "secretsmanager.REGION.amazonaws.com"}}
+    trust = json.loads((REPO / "deploy/iam/trust-policy.json").read_text())
+    (statement,) = trust["Statement"]
+    assert statement["Action"] == "sts:AssumeRoleWithWebIdentity"
+    assert statement["Condition"]["StringEquals"] == {
+        "OIDC_PROVIDER:sub": "system:serviceaccount:NAMESPACE:SERVICE_ACCOUNT",
+        "OIDC_PROVIDER:aud": "sts.amazonaws.com",
+    }
