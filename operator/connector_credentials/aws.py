@@ -7,6 +7,7 @@ with boto3 (synchronous: the engine calls it from a bounded thread pool).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import threading
@@ -20,6 +21,8 @@ import botocore.exceptions
 
 from connector_credentials.conditions import Reason
 from connector_credentials.models import SecretArn
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from connector_credentials.settings import OperatorSettings
@@ -54,6 +57,7 @@ _UNAVAILABLE_CODES = frozenset(
         "IDPCommunicationError",
     }
 )
+_ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/[\w+=,.@/-]{1,512}$")
 _STS_OPERATIONS = frozenset({"AssumeRoleWithWebIdentity", "GetCallerIdentity"})
 _STS_REFUSALS = frozenset(
     {
@@ -72,6 +76,8 @@ _SCRUB = (
     (re.compile(r"Credential=[^\s,]+"), "Credential=<redacted>"),
     (re.compile(r"Signature=[^\s,]+"), "Signature=<redacted>"),
     (re.compile(r"(X-Amz-Security-Token|SessionToken)[=:]\s*[^\s,]+", re.IGNORECASE), r"\1=<redacted>"),
+    # The STS session name differs per replica and per refresh; without it, replicas agree.
+    (re.compile(r"(:assumed-role/[\w+=,.@-]+)/[\w+=,.@-]+"), r"\1"),
 )
 
 
@@ -125,6 +131,12 @@ def irsa_problem(environ: dict[str, str] | os._Environ[str]) -> str | None:
     missing = [name for name in (ROLE_ENV, TOKEN_ENV) if not environ.get(name)]
     if missing:
         return f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set in the operator's container"
+    role = environ[ROLE_ENV]
+    if not _ROLE_ARN.match(role):
+        return (
+            f"AWS_ROLE_ARN={role!r} is not an IAM role ARN (arn:aws:iam::<account-id>:role/<name>); "
+            "the service account annotation eks.amazonaws.com/role-arn must hold the full role ARN"
+        )
     token_file = environ[TOKEN_ENV]
     try:
         with open(token_file, "rb") as handle:
@@ -188,7 +200,7 @@ def classify(exc: BaseException, *, arn: SecretArn, role: str | None, version: s
             )
             return AwsFailure(Reason.ACCESS_DENIED, f"{what} {arn.arn} for role {role_text}.{said} {fix}")
         if code == "ResourceNotFoundException":
-            if "version" in aws_said.lower() or "stage" in aws_said.lower():
+            if any(word in aws_said.lower() for word in ("version", "stage", "staging label")):
                 detail = f"Secret {arn.name!r} exists in {arn.region} but has no version {version}."
                 fix = "Check spec.versionId / spec.versionStage against `aws secretsmanager list-secret-version-ids`."
             else:
@@ -325,7 +337,9 @@ class Boto3SecretsPort:
         version = f"versionId {version_id}" if version_id else f"stage {version_stage}"
         try:
             answer = self._client("secretsmanager", arn.region).get_secret_value(**request)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a reason
+        except Exception as exc:
+            if not isinstance(exc, botocore.exceptions.ClientError | botocore.exceptions.BotoCoreError | OSError):
+                logger.exception("Unexpected error reading %s", arn.arn)
             raise classify(exc, arn=arn, role=self.role, version=version) from None
         raw: str | bytes
         if answer.get("SecretString") is not None:

@@ -63,7 +63,7 @@ def run(**options: Any) -> None:
     if settings.all_namespaces and settings.namespace:
         raise click.UsageError("use either --all-namespaces or --namespace, not both")
     try:
-        asyncio.run(_run(settings))
+        asyncio.run(_run(settings), debug=settings.debug)
     except KeyboardInterrupt:
         pass
 
@@ -172,9 +172,8 @@ def list_(socket_path: str | None) -> None:
 
 
 def _mask(value: str) -> str:
-    if len(value) <= 8:
-        return "*" * len(value) + f" ({len(value)} chars)"
-    return f"{value[:2]}{'*' * 6}{value[-2:]} ({len(value)} chars)"
+    # Only the length: even a few characters narrow a guess.
+    return f"******** ({len(value)} chars; --show prints it)"
 
 
 if __name__ == "__main__":  # pragma: no cover

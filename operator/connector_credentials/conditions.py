@@ -35,7 +35,6 @@ PENDING_REASON = "Pending"
 
 #: Event reasons that are not condition reasons.
 EVENT_ROTATED = "Rotated"
-EVENT_RECOVERED_STALE = "ServingStale"
 
 
 def now_rfc3339(now: datetime.datetime | None = None) -> str:

@@ -100,7 +100,7 @@ class Entry:
     inflight: asyncio.Future[None] | None = None
     status_task: asyncio.Task[None] | None = None
     pending_status: dict[str, Any] | None = None
-    pending_event: tuple[bool, str, str] | None = None
+    pending_events: list[tuple[bool, str, str]] = field(default_factory=list)
     reported: tuple[str, bool] | None = None
 
     @property
@@ -308,7 +308,12 @@ class Engine:
                     f"Read {arn.arn} ({selector}{key_text}) as {stable_identity(identity)}; re-checked every "
                     f"{format_duration(interval)}.",
                 )
-                if previous_version and previous_version != fetched.version_id:
+                if (
+                    previous_version
+                    and previous_version != fetched.version_id
+                    # Another replica that noticed first has written the new version already.
+                    and entry.live_status.get("versionId") != fetched.version_id
+                ):
                     logger.info(
                         "Secret of %s/%s rotated: version %s -> %s.", *entry.key, previous_version, fetched.version_id
                     )
@@ -326,6 +331,9 @@ class Engine:
         ):
             log = logger.info if outcome.ready else logger.warning
             log("%s/%s: %s: %s", *entry.key, outcome.reason, outcome.message)
+        elif outcome.transient:
+            # Repeated transient failures are logged each time (their pace is the backoff's).
+            logger.warning("%s/%s: %s: %s", *entry.key, outcome.reason, outcome.message)
         self._write_status(entry, outcome, interval)
 
     def _read(self, spec: ConnectorCredentialSpec, arn: SecretArn) -> tuple[str, FetchedSecret]:
@@ -348,16 +356,16 @@ class Engine:
         retry_in = self._backoff(entry.failures)
         staleness = self.settings.max_staleness
         verified = entry.verified_mono
-        if verified is not None and loop.time() - verified < staleness:
+        # Tolerance counts from when the value was due for refresh, so long intervals keep it too.
+        if verified is not None and loop.time() - verified < interval + staleness:
             # Keep serving the verified value and stay Ready; re-check before it grows too old.
-            stale_at = verified + staleness
+            stale_at = verified + interval + staleness
             entry.due = min(loop.time() + retry_in, stale_at + 0.01)
             return Outcome(
                 True,
                 Reason.ACCESS_VERIFIED,
                 f"The last check failed transiently ({failure.reason}): {failure.message} The value verified "
-                f"before is still served, for at most {format_duration(staleness)} after its last successful "
-                "check.",
+                f"before is still served, for at most {format_duration(staleness)} past its scheduled refresh.",
                 transient=True,
             )
         entry.drop_value()
@@ -407,7 +415,7 @@ class Engine:
             # A transition: one Event per change, so `kubectl describe` shows the history.
             self._queue_event(entry, warning=not outcome.ready, reason=outcome.reason, message=outcome.message)
         entry.reported = verdict
-        if patch is None and entry.pending_event is None:
+        if patch is None and not entry.pending_events:
             return
         entry.pending_status = patch
         if entry.status_task is None or entry.status_task.done():
@@ -416,7 +424,7 @@ class Engine:
             )
 
     def _queue_event(self, entry: Entry, *, warning: bool, reason: str, message: str) -> None:
-        entry.pending_event = (warning, reason, message)
+        entry.pending_events.append((warning, reason, message))
         if entry.status_task is None or entry.status_task.done():
             entry.status_task = asyncio.get_running_loop().create_task(
                 self._flush(entry), name=f"ccred-status:{entry.namespace}/{entry.name}"
@@ -425,15 +433,16 @@ class Engine:
     async def _flush(self, entry: Entry) -> None:
         """Write the latest desired status (and event) until the API accepts it."""
         attempt = 0
-        while entry.pending_status is not None or entry.pending_event is not None:
-            patch, event = entry.pending_status, entry.pending_event
+        while entry.pending_status is not None or entry.pending_events:
+            patch = entry.pending_status
+            event = entry.pending_events[0] if entry.pending_events else None
             try:
                 if patch is not None:
                     body = await self._sink.patch_status(entry.namespace, entry.name, patch)
                     if entry.pending_status is patch:
                         entry.pending_status = None
                     if body is None:
-                        entry.pending_event = None
+                        entry.pending_events.clear()
                         return  # the object is gone
                     status = body.get("status")
                     if isinstance(status, dict):
@@ -443,8 +452,8 @@ class Engine:
                     await self._sink.post_event(
                         entry.namespace, entry.name, entry.uid, warning=warning, reason=reason, message=message
                     )
-                    if entry.pending_event is event:
-                        entry.pending_event = None
+                    if entry.pending_events and entry.pending_events[0] is event:
+                        entry.pending_events.pop(0)
                 attempt = 0
             except asyncio.CancelledError:
                 raise
@@ -470,16 +479,24 @@ class Engine:
                 message=f"No ConnectorCredential {namespace}/{name} is declared (or it is in a namespace this "
                 "operator does not watch).",
             )
-        loop = asyncio.get_running_loop()
-        fresh = (
-            entry.value is not None
-            and entry.fetched_mono is not None
-            and loop.time() - entry.fetched_mono < self.interval(entry)
-        )
-        if refresh or not entry.served or not fresh:
-            # First read, explicit refresh, or older than refreshInterval: ask AWS now.
+        if refresh or entry.outcome is None:
+            # Asked to, or never checked: read from AWS now and wait for the answer.
             await self.check(entry)
+        elif entry.value is not None and (not entry.served or not self._fresh(entry)):
+            # First read, or older than refreshInterval: read now, but do not make the controller
+            # wait out an AWS outage when a verified value is there to serve.
+            await self._check_within(entry, self.settings.serve_wait)
+        # Otherwise: fresh, or known failing (permanent: 502; transient: 503 until the backoff retries).
         return self._answer(entry)
+
+    def _fresh(self, entry: Entry) -> bool:
+        fetched = entry.fetched_mono
+        return fetched is not None and asyncio.get_running_loop().time() - fetched < self.interval(entry)
+
+    async def _check_within(self, entry: Entry, seconds: float) -> None:
+        task = asyncio.ensure_future(self.check(entry))
+        task.add_done_callback(_consume)
+        await asyncio.wait({task}, timeout=seconds)
 
     def _answer(self, entry: Entry) -> Served:
         outcome = entry.outcome
@@ -531,6 +548,11 @@ class Engine:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._entries.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _consume(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.debug("A background check failed: %s", type(task.exception()).__name__)
 
 
 def stable_identity(arn: str) -> str:

@@ -75,6 +75,8 @@ def configure(*, verbose: bool, debug: bool, values: Callable[[], Iterable[Secre
         logging.getLogger("kopf.objects").addFilter(QuietWatchFilter())
     for name in PINNED_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    if not debug:
+        logging.getLogger("asyncio").setLevel(logging.WARNING)
     redactor = RedactingFilter(values)
     for handler in logging.getLogger().handlers:
         handler.addFilter(redactor)

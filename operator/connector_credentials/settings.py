@@ -44,11 +44,13 @@ class OperatorSettings(BaseSettings):
     aws_read_timeout: float = Field(default=5.0, gt=0)
     aws_max_attempts: int = Field(default=2, ge=1, le=10)
     #: How long the caller identity (for status.identityArn) is cached.
-    identity_cache_seconds: float = 600.0
+    identity_cache_seconds: float = Field(default=600.0, ge=0)
+    #: How long a read of a stale-but-valid value waits for AWS before serving what it has.
+    serve_wait: float = Field(default=2.0, ge=0)
 
     #: First retry delay after a transient failure; doubles up to the cap.
-    backoff_base: float = 1.0
-    backoff_cap: float = 300.0
+    backoff_base: float = Field(default=1.0, gt=0)
+    backoff_cap: float = Field(default=300.0, gt=0)
     #: Fraction of each interval drawn at random so that refreshes do not synchronise.
     jitter: float = Field(default=0.1, ge=0, le=0.5)
 

@@ -133,3 +133,31 @@ def test_irsa_problem_accepts_a_readable_token(tmp_path: object) -> None:
     assert "is empty" in (irsa_problem(env) or "")
     token.write_text("eyJ...")
     assert irsa_problem(env) is None
+
+
+def test_a_missing_staging_label_is_reported_as_a_version_problem() -> None:
+    failure = verdict(
+        client_error(
+            "ResourceNotFoundException",
+            "Secrets Manager can't find the specified secret value for staging label: AWSPREVIOUS",
+        ),
+        version="stage AWSPREVIOUS",
+    )
+    assert failure.reason == Reason.SECRET_NOT_FOUND
+    assert "has no version stage AWSPREVIOUS" in failure.message
+
+
+def test_a_bare_role_name_is_irsa_not_configured(tmp_path: object) -> None:
+    import pathlib
+
+    token = pathlib.Path(str(tmp_path)) / "token"
+    token.write_text("eyJ...")
+    problem = irsa_problem({"AWS_ROLE_ARN": "xpander-controller", "AWS_WEB_IDENTITY_TOKEN_FILE": str(token)})
+    assert problem is not None and "not an IAM role ARN" in problem
+
+
+def test_session_names_are_scrubbed_so_replicas_agree() -> None:
+    a = scrub("User: arn:aws:sts::123456789012:assumed-role/xpander-controller/botocore-session-1 is not authorized")
+    b = scrub("User: arn:aws:sts::123456789012:assumed-role/xpander-controller/botocore-session-2 is not authorized")
+    assert a == b
+    assert "assumed-role/xpander-controller is not authorized" in a

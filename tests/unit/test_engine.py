@@ -201,7 +201,7 @@ async def test_transient_failure_beyond_max_staleness_turns_false_and_503(setup:
     engine.upsert(body({"secretArn": ARN}))
     await settle(engine)
     entry = engine.get_entry("team-a", "slack")
-    entry.verified_mono -= 1000  # verified longer ago than max_staleness (900s)
+    entry.verified_mono -= 1300  # verified longer ago than interval (300s) + max_staleness (900s)
     port.answer = AwsFailure(Reason.AWS_UNAVAILABLE, "Secrets Manager failed to answer")
     served = await engine.serve("team-a", "slack", refresh=True)
     assert (served.status, served.reason) == (503, "AWSUnavailable")
@@ -275,3 +275,46 @@ async def test_undeclared_and_removed_credentials_are_404(setup: Any) -> None:
 def test_stable_identity_drops_the_session_name() -> None:
     assert stable_identity(IDENTITY) == "arn:aws:sts::123456789012:assumed-role/xpander-controller"
     assert stable_identity("arn:aws:iam::123456789012:user/bob") == "arn:aws:iam::123456789012:user/bob"
+
+
+async def test_reads_of_a_failing_credential_do_not_call_aws_each_time(setup: Any) -> None:
+    engine, port, _ = setup
+    port.answer = AwsFailure(Reason.SECRET_NOT_FOUND, "no such secret")
+    engine.upsert(body({"secretArn": ARN}))
+    await settle(engine)
+    calls = port.calls
+    for _ in range(10):
+        assert (await engine.serve("team-a", "slack", refresh=False)).status == 502
+    assert port.calls == calls  # re-checked at refreshInterval, not per read
+    port.answer = AwsFailure(Reason.THROTTLED, "Rate exceeded")
+    await engine.serve("team-a", "slack", refresh=True)
+    calls = port.calls
+    for _ in range(10):
+        served = await engine.serve("team-a", "slack", refresh=False)
+        assert served.status == 503
+        assert served.retry_after is not None
+    assert port.calls == calls  # transient: the backoff retries, reads do not
+
+
+async def test_a_stale_read_during_an_outage_serves_the_verified_value_quickly(setup: Any) -> None:
+    engine, port, _ = setup
+    engine.upsert(body({"secretArn": ARN}))
+    await settle(engine)
+    await engine.serve("team-a", "slack", refresh=False)
+    entry = engine.get_entry("team-a", "slack")
+    entry.fetched_mono -= 400  # older than refreshInterval (300s)
+    release = asyncio.Event()
+    original = engine._read
+
+    def slow_read(*args: Any) -> Any:
+        asyncio.run_coroutine_threadsafe(release.wait(), loop).result(timeout=10)
+        return original(*args)
+
+    loop = asyncio.get_running_loop()
+    engine._read = slow_read  # type: ignore[method-assign]
+    started = loop.time()
+    served = await engine.serve("team-a", "slack", refresh=False)
+    assert served.status == 200 and served.value.reveal() == VALUE
+    assert loop.time() - started < engine.settings.serve_wait + 1
+    release.set()
+    await settle(engine)

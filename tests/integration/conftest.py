@@ -1,0 +1,181 @@
+"""Integration fixtures: the operator's console script against kmock (Kubernetes) and moto (AWS).
+
+Every test gets its own namespace and unique secret names, and ends with a leak check:
+no secret value the test created may appear in any object, event or operator output.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from connector_credentials.client import CredentialClient
+from connector_credentials_demo.awsemu import AwsEmulator, irsa_env
+from connector_credentials_demo.kube import KubeEmulator
+from connector_credentials_demo.proxy import FaultProxy
+from connector_credentials_demo.runner import OperatorProcess, wait_until
+
+ROOT = Path(__file__).parents[2]
+CRD = ROOT / "crds" / "connectorcredentials.yaml"
+RESOURCE = "connectors.xpander.ai/v1alpha1/connectorcredentials"
+ROLE_ARN = "arn:aws:iam::123456789012:role/xpander-controller"
+
+
+@pytest.fixture(scope="session")
+def kube() -> Iterator[KubeEmulator]:
+    with KubeEmulator() as emulator:
+        emulator.load_crd(CRD)
+        yield emulator
+
+
+@pytest.fixture(scope="session")
+def aws() -> Iterator[AwsEmulator]:
+    with AwsEmulator() as emulator:
+        yield emulator
+
+
+@pytest.fixture(scope="session")
+def proxy(aws: AwsEmulator) -> Iterator[FaultProxy]:
+    with FaultProxy(aws.endpoint) as fault_proxy:
+        yield fault_proxy
+
+
+class World:
+    """One test's view: a namespace, its secrets, its resources, its operator processes."""
+
+    def __init__(self, kube: KubeEmulator, aws: AwsEmulator, proxy: FaultProxy, workdir: Path) -> None:
+        self.kube, self.aws, self.proxy, self.workdir = kube, aws, proxy, workdir
+        self.namespace = f"t-{uuid.uuid4().hex[:10]}"
+        self.prefix = f"xpander/{self.namespace}"
+        self.canaries: list[str] = []
+        self.operators: list[OperatorProcess] = []
+        self.socket_path = str(workdir / "c.sock")
+        kube.create_namespace(self.namespace)
+
+    # --- AWS side --------------------------------------------------------------------
+    def canary(self, label: str = "value") -> str:
+        value = f"CANARY-{label}-{uuid.uuid4().hex}"
+        self.canaries.append(value)
+        return value
+
+    def secret(self, name: str, string: str | None = None, binary: bytes | None = None, **kwargs: Any) -> str:
+        if string is None and binary is None:
+            string = self.canary(name)
+        if string is not None:
+            self.canaries.append(string)
+        return self.aws.create_secret(f"{self.prefix}/{name}", string=string, binary=binary, **kwargs)
+
+    def irsa_env(self, endpoint: str | None = None) -> dict[str, str]:
+        return irsa_env(self.workdir, endpoint or self.proxy.endpoint, role_arn=ROLE_ARN)
+
+    # --- Kubernetes side ---------------------------------------------------------------
+    def apply(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        body = {
+            "apiVersion": "connectors.xpander.ai/v1alpha1",
+            "kind": "ConnectorCredential",
+            "metadata": {"name": name, "namespace": self.namespace},
+            "spec": spec,
+        }
+        return self.kube.create(RESOURCE, self.namespace, body)
+
+    def update_spec(self, name: str, spec: dict[str, Any]) -> None:
+        current = self.get(name)
+        assert current is not None
+        patch = {"spec": {key: spec.get(key) for key in {*current["spec"], *spec}}}
+        self.kube.patch(RESOURCE, self.namespace, name, patch)
+
+    def delete(self, name: str) -> None:
+        self.kube.delete(RESOURCE, self.namespace, name)
+
+    def get(self, name: str) -> dict[str, Any] | None:
+        return self.kube.get(RESOURCE, self.namespace, name)
+
+    def status(self, name: str) -> dict[str, Any]:
+        obj = self.get(name) or {}
+        return obj.get("status") or {}
+
+    def ready(self, name: str) -> dict[str, Any] | None:
+        for condition in self.status(name).get("conditions") or []:
+            if condition.get("type") == "Ready":
+                return dict(condition)
+        return None
+
+    def wait_reason(self, name: str, reason: str, timeout: float = 20.0) -> dict[str, Any]:
+        def check() -> dict[str, Any] | None:
+            condition = self.ready(name)
+            return condition if condition and condition.get("reason") == reason else None
+
+        return wait_until(check, timeout=timeout, message=f"{name} never got reason {reason}: {self.ready(name)}")
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        found = self.kube.events(self.namespace)
+        if name is not None:
+            found = [e for e in found if (e.get("involvedObject") or {}).get("name") == name]
+        return found
+
+    # --- the operator --------------------------------------------------------------------
+    def start_operator(
+        self,
+        *,
+        aws_env: dict[str, str] | None = None,
+        extra_env: dict[str, str] | None = None,
+        args: tuple[str, ...] = (),
+        socket_path: str | None = None,
+        wait: bool = True,
+    ) -> OperatorProcess:
+        index = len(self.operators)
+        process = OperatorProcess(
+            namespace=self.namespace,
+            kubeconfig=self.kube.write_kubeconfig(self.workdir / "kubeconfig"),
+            aws_env=self.irsa_env() if aws_env is None else aws_env,
+            socket_path=socket_path or self.socket_path,
+            extra_env=extra_env,
+            extra_args=args,
+            log_path=self.workdir / f"operator-{index}.log",
+            home=self.workdir / f"home-{index}",
+        )
+        process.start()
+        self.operators.append(process)
+        if wait:
+            process.wait_for_log("Serving credentials on", timeout=20)
+        return process
+
+    def client(self, socket_path: str | None = None) -> CredentialClient:
+        return CredentialClient(socket_path or self.socket_path, timeout=15)
+
+    def everything_stored(self) -> str:
+        """Every object (events included) the API server holds, as text."""
+        return json.dumps(self.kube.list_objects(), default=str)
+
+    def assert_no_leaks(self) -> None:
+        haystacks = {"api objects and events": self.everything_stored()}
+        for index, process in enumerate(self.operators):
+            haystacks[f"operator {index} output"] = process.output
+        for canary in self.canaries:
+            for where, text in haystacks.items():
+                assert canary not in text, f"secret value leaked into {where}"
+
+
+@pytest.fixture
+def world(kube: KubeEmulator, aws: AwsEmulator, proxy: FaultProxy) -> Iterator[World]:
+    # Unix socket paths are limited to ~107 bytes: keep the work dir short.
+    workdir = Path(tempfile.mkdtemp(prefix="ccred-", dir="/tmp"))
+    the_world = World(kube, aws, proxy, workdir)
+    try:
+        yield the_world
+        for process in the_world.operators:
+            process.stop()
+        the_world.assert_no_leaks()
+    finally:
+        for process in the_world.operators:
+            if process.running:
+                process.stop()
+        proxy.clear()
+        shutil.rmtree(workdir, ignore_errors=True)
