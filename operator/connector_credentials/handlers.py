@@ -13,6 +13,11 @@ from connector_credentials.models import ANNOTATION_PREFIX, GROUP, PLURAL, VERSI
 def register(registry: kopf.OperatorRegistry, engine: Engine) -> None:
     """Add this operator's handlers to ``registry``."""
 
+    @kopf.on.cleanup(registry=registry, id="forget")
+    async def forget(**_: Any) -> None:
+        # Drop every value and stop the per-credential tasks before kopf waits for "hung" tasks.
+        await engine.close()
+
     @kopf.on.startup(registry=registry, id="settings")
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         # Every sidecar must watch and serve its own controller: never pause for a peer.

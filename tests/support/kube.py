@@ -1,0 +1,3 @@
+"""Re-export: the harness lives in connector_credentials_demo so that `make demo` shares it."""
+
+from connector_credentials_demo.kube import *  # noqa: F403
