@@ -442,8 +442,12 @@ class Engine:
                     if entry.pending_status is patch:
                         entry.pending_status = None
                     if body is None:
+                        # Gone, though no DELETED event came (e.g. deleted while the watch was down).
                         entry.pending_events.clear()
-                        return  # the object is gone
+                        entry.status_task = None  # this task: do not cancel it from remove()
+                        if self._entries.get(entry.key) is entry:
+                            self.remove(*entry.key)
+                        return
                     status = body.get("status")
                     if isinstance(status, dict):
                         entry.live_status = dict(status)

@@ -318,3 +318,19 @@ async def test_a_stale_read_during_an_outage_serves_the_verified_value_quickly(s
     assert loop.time() - started < engine.settings.serve_wait + 1
     release.set()
     await settle(engine)
+
+
+async def test_an_object_gone_without_a_delete_event_is_forgotten(setup: Any) -> None:
+    engine, _, sink = setup
+
+    async def gone(namespace: str, name: str, status: dict[str, Any]) -> None:
+        return None  # the API answers 404: deleted while the watch was not looking
+
+    sink.patch_status = gone
+    engine.upsert(body({"secretArn": ARN}))
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if engine.get_entry("team-a", "slack") is None:
+            break
+    assert engine.get_entry("team-a", "slack") is None
+    assert (await engine.serve("team-a", "slack", refresh=False)).status == 404
