@@ -45,7 +45,7 @@ def main() -> None:
 @click.option("--socket-path", default=None, help=f"Unix socket to serve on (default {DEFAULT_SOCKET_PATH}).")
 @click.option(
     "--liveness",
-    "liveness_endpoint",
+    "liveness",
     default=None,
     metavar="URL",
     help="kopf's liveness endpoint, e.g. http://0.0.0.0:8080/healthz.",
@@ -106,7 +106,7 @@ async def _run(settings: OperatorSettings) -> None:
                 clusterwide=clusterwide,
                 namespaces=[] if clusterwide else settings.namespace,
                 ready_flag=ready,
-                liveness_endpoint=settings.liveness_endpoint,
+                liveness_endpoint=settings.liveness,
             )
         )
         await operator_task

@@ -54,7 +54,7 @@ class OperatorSettings(BaseSettings):
     #: Fraction of each interval drawn at random so that refreshes do not synchronise.
     jitter: float = Field(default=0.1, ge=0, le=0.5)
 
-    liveness_endpoint: str | None = None
+    liveness: str | None = None
 
     @field_validator("namespace", mode="before")
     @classmethod
