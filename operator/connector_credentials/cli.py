@@ -73,7 +73,7 @@ async def _run(settings: OperatorSettings) -> None:
     from connector_credentials.aws import Boto3SecretsPort
     from connector_credentials.engine import Engine
     from connector_credentials.kube import KubeStatusSink
-    from connector_credentials.server import CredentialServer
+    from connector_credentials.server import CredentialServer, SocketInUseError
 
     engine_ref: list[Engine] = []
     logs.configure(
@@ -91,13 +91,18 @@ async def _run(settings: OperatorSettings) -> None:
     operator_task: asyncio.Task[None] | None = None
 
     def healthy() -> bool:
-        return ready.is_set() and operator_task is not None and not operator_task.done()
+        return ready.is_set() and engine.synced.is_set() and operator_task is not None and not operator_task.done()
 
     server = CredentialServer(settings, engine, healthy)
-    await server.start()
+    try:
+        await server.start()
+    except (SocketInUseError, OSError) as exc:
+        sink.close()
+        raise click.ClickException(f"cannot serve on {settings.socket_path}: {exc}") from None
     clusterwide = settings.all_namespaces or not settings.namespace
     if clusterwide and not settings.all_namespaces:
         logger.warning("No --namespace given: watching all namespaces (pass -n NS to limit it).")
+    sync_task = asyncio.create_task(_sync(engine, sink, None if clusterwide else settings.namespace))
     try:
         operator_task = asyncio.create_task(
             kopf.operator(
@@ -111,9 +116,32 @@ async def _run(settings: OperatorSettings) -> None:
         )
         await operator_task
     finally:
+        sync_task.cancel()
         await engine.close()
         await server.close()
         sink.close()
+
+
+async def _sync(engine: Any, sink: Any, namespaces: list[str] | None) -> None:
+    """List the declared credentials once, so that an unknown name soon means "not declared".
+
+    The watch (kopf) keeps the engine current afterwards; until this listing lands, the
+    socket answers unknown names with 503 instead of a misleading 404.
+    """
+    delay = 0.5
+    while True:
+        try:
+            items = await sink.list_credentials(namespaces)
+        except Exception as exc:  # noqa: BLE001 - retried until the API answers
+            logger.warning("Listing ConnectorCredentials failed (%s); retrying in %.0fs.", type(exc).__name__, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+            continue
+        for item in items:
+            engine.upsert(item)
+        engine.synced.set()
+        logger.info("Loaded %d declared credential(s).", len(items))
+        return
 
 
 def _client(socket_path: str | None) -> Any:

@@ -641,17 +641,29 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
         self.socket_path = socket_path
 
     def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.timeout)
-            sock.connect(self.socket_path)
-        except TimeoutError:
-            sock.close()
-            raise _timed_out(self.socket_path, self.timeout) from None
-        except OSError as exc:
-            sock.close()
-            raise _unreachable(self.socket_path, exc) from exc
-        self.sock = sock
+        deadline = time.monotonic() + (self.timeout if self.timeout is not None else DEFAULT_TIMEOUT)
+        delay = 0.005
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(self.timeout)
+                sock.connect(self.socket_path)
+            except TimeoutError:
+                sock.close()
+                raise _timed_out(self.socket_path, self.timeout) from None
+            except BlockingIOError:
+                # A full listen backlog fails a Unix connect at once (EAGAIN): wait, not give up.
+                sock.close()
+                if time.monotonic() + delay > deadline:
+                    raise _timed_out(self.socket_path, self.timeout) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
+                continue
+            except OSError as exc:
+                sock.close()
+                raise _unreachable(self.socket_path, exc) from exc
+            self.sock = sock
+            return
 
 
 class CredentialClient:
@@ -998,13 +1010,20 @@ class AsyncCredentialClient:
         return None
 
     async def _connect(self) -> _AsyncConnection:
-        try:
-            reader, writer = await asyncio.open_unix_connection(self.socket_path, limit=_MAX_LINE_BYTES)
-        except OSError as exc:
-            if isinstance(exc, TimeoutError):
-                raise
-            raise _unreachable(self.socket_path, exc) from exc
-        return _AsyncConnection(reader, writer)
+        delay = 0.005
+        while True:
+            try:
+                reader, writer = await asyncio.open_unix_connection(self.socket_path, limit=_MAX_LINE_BYTES)
+            except BlockingIOError:
+                # A full listen backlog (EAGAIN): the request's timeout bounds the waiting.
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.2)
+                continue
+            except OSError as exc:
+                if isinstance(exc, TimeoutError):
+                    raise
+                raise _unreachable(self.socket_path, exc) from exc
+            return _AsyncConnection(reader, writer)
 
     async def _request(self, target: str) -> _Response:
         for attempt in (1, 2):

@@ -83,6 +83,8 @@ class Entry:
     live_status: dict[str, Any] = field(default_factory=dict)
 
     value: SecretValue | None = None
+    #: The 200 body, rendered once per fetch: the hot path serves these bytes as they are.
+    wire: bytes | None = None
     version_id: str | None = None
     fetched_at: datetime.datetime | None = None
     fetched_mono: float | None = None
@@ -109,6 +111,7 @@ class Entry:
 
     def drop_value(self) -> None:
         self.value = None
+        self.wire = None
         self.version_id = None
         self.fetched_at = None
         self.fetched_mono = None
@@ -126,6 +129,8 @@ class Served:
     reason: str | None = None
     message: str | None = None
     retry_after: int | None = None
+    #: The rendered 200 body, when the engine has it already.
+    wire: bytes | None = None
 
 
 class Engine:
@@ -140,6 +145,8 @@ class Engine:
         self._random = random.Random()  # noqa: S311 - jitter, not cryptography
         self._closed = False
         self.aws_calls = 0
+        #: Set once the declared credentials were listed: before that, "unknown" may just mean "not yet".
+        self.synced = asyncio.Event()
 
     # --- what exists -------------------------------------------------------------------
 
@@ -296,6 +303,7 @@ class Engine:
                 entry.value = value
                 entry.version_id = fetched.version_id
                 entry.fetched_at = now
+                entry.wire = render_credential(value, fetched.version_id, spec.secret_arn, now)
                 entry.fetched_mono = entry.verified_mono = loop.time()
                 entry.identity = identity
                 entry.failures = 0
@@ -476,6 +484,13 @@ class Engine:
 
     async def serve(self, namespace: str, name: str, *, refresh: bool) -> Served:
         entry = self._entries.get((namespace, name))
+        if entry is None and not self.synced.is_set():
+            return Served(
+                503,
+                reason=PENDING_REASON,
+                message="The operator is still loading the declared credentials; retry shortly.",
+                retry_after=1,
+            )
         if entry is None:
             return Served(
                 404,
@@ -493,6 +508,13 @@ class Engine:
         # Otherwise: fresh, or known failing (permanent: 502; transient: 503 until the backoff retries).
         return self._answer(entry)
 
+    def cached_body(self, namespace: str, name: str) -> bytes | None:
+        """The hot path: the rendered 200 body while it may be served without asking AWS."""
+        entry = self._entries.get((namespace, name))
+        if entry is None or entry.wire is None or not entry.served or not self._fresh(entry):
+            return None
+        return entry.wire
+
     def _fresh(self, entry: Entry) -> bool:
         fetched = entry.fetched_mono
         return fetched is not None and asyncio.get_running_loop().time() - fetched < self.interval(entry)
@@ -509,6 +531,7 @@ class Engine:
             return Served(
                 200,
                 value=entry.value,
+                wire=entry.wire,
                 version_id=entry.version_id,
                 arn=entry.spec.secret_arn,
                 fetched_at=entry.fetched_at,
@@ -552,6 +575,18 @@ class Engine:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._entries.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def render_credential(value: SecretValue, version_id: str, arn: str, fetched_at: datetime.datetime) -> bytes:
+    """The socket's 200 body for a credential."""
+    payload = {
+        "value": value.wire_text(),
+        "encoding": value.encoding,
+        "versionId": version_id,
+        "arn": arn,
+        "fetchedAt": _rfc3339(fetched_at),
+    }
+    return json.dumps(payload).encode()
 
 
 def _consume(task: asyncio.Future[None]) -> None:

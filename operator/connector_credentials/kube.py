@@ -103,6 +103,25 @@ class KubeStatusSink:
 
         await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
+    async def list_credentials(self, namespaces: list[str] | None) -> list[dict[str, Any]]:
+        """Every ConnectorCredential in ``namespaces`` (``None``: all namespaces)."""
+
+        def call() -> list[dict[str, Any]]:
+            if namespaces is None:
+                answers = [self._custom.list_cluster_custom_object(GROUP, VERSION, PLURAL, _request_timeout=(5, 30))]
+            else:
+                answers = [
+                    self._custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, _request_timeout=(5, 30))
+                    for ns in namespaces
+                ]
+            items: list[dict[str, Any]] = []
+            for answer in answers:
+                if isinstance(answer, dict):
+                    items.extend(item for item in answer.get("items", []) if isinstance(item, dict))
+            return items
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._api_client.close()  # type: ignore[no-untyped-call]

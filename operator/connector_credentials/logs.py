@@ -77,6 +77,9 @@ def configure(*, verbose: bool, debug: bool, values: Callable[[], Iterable[Secre
         logging.getLogger(name).setLevel(logging.WARNING)
     if not debug:
         logging.getLogger("asyncio").setLevel(logging.WARNING)
+    # Malformed requests on the socket are the client's problem, not an operator error worth a traceback
+    # each (a hostile client could flood the log); the server logs its own failures itself.
+    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
     redactor = RedactingFilter(values)
     for handler in logging.getLogger().handlers:
         handler.addFilter(redactor)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import errno
 import json
 import logging
@@ -23,7 +24,7 @@ from typing import Any
 
 from aiohttp import web
 
-from connector_credentials.engine import Engine, Served, _rfc3339
+from connector_credentials.engine import Engine, Served, render_credential
 from connector_credentials.settings import OperatorSettings
 
 logger = logging.getLogger(__name__)
@@ -32,6 +33,8 @@ _NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 _PEERCRED = struct.Struct("3i")
 _HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+_JSON_HEADERS = {"Content-Type": "application/json; charset=utf-8", **_HEADERS}
+_PREFIX = "/v1/credentials/"
 _REFUSAL_LOG_INTERVAL = 10.0
 
 
@@ -50,7 +53,7 @@ def _json(payload: dict[str, Any], status: int = 200) -> web.Response:
     return web.Response(status=status, text=json.dumps(payload), content_type="application/json", headers=_HEADERS)
 
 
-def peer_credentials(request: web.Request) -> tuple[int, int] | None:
+def peer_credentials(request: web.BaseRequest) -> tuple[int, int] | None:
     """(pid, uid) of the process on the other end of the Unix socket."""
     transport = request.transport
     sock = transport.get_extra_info("socket") if transport is not None else None
@@ -72,7 +75,7 @@ class CredentialServer:
         self._healthy = healthy
         self._allowed = frozenset(settings.allowed_uids)
         self._path = Path(settings.socket_path)
-        self._runner: web.AppRunner | None = None
+        self._runner: web.ServerRunner | None = None
         self._inode: int | None = None
         self._last_refusal_log = 0.0
         self._refusals_unlogged = 0
@@ -81,21 +84,22 @@ class CredentialServer:
     def path(self) -> Path:
         return self._path
 
-    def make_app(self) -> web.Application:
-        app = web.Application(
-            handler_args={"max_line_size": 4096, "max_field_size": 4096, "max_headers": 64},
-            client_max_size=4096,
+    def make_server(self) -> web.Server:
+        # The low-level server: every request reaches _handle (no router to bypass it).
+        return web.Server(
+            self._handle,
+            max_line_size=4096,
+            max_field_size=4096,
+            max_headers=64,
+            keepalive_timeout=30.0,
+            access_log=None,
         )
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        return app
 
     async def start(self) -> None:
         sock = self._bind()
-        self._runner = web.AppRunner(
-            self.make_app(), handle_signals=False, access_log=None, keepalive_timeout=30.0, shutdown_timeout=2.0
-        )
+        self._runner = web.ServerRunner(self.make_server(), handle_signals=False, shutdown_timeout=2.0)
         await self._runner.setup()
-        site = web.SockSite(self._runner, sock)
+        site = web.SockSite(self._runner, sock, backlog=512)
         await site.start()
         logger.info(
             "Serving credentials on %s (mode %04o, allowed uids %s).",
@@ -166,6 +170,7 @@ class CredentialServer:
     # --- requests ----------------------------------------------------------------------
 
     def _refuse(self, peer: tuple[int, int] | None, path: str) -> web.Response:
+        """403 for a peer whose uid is not allowed; logged with uid and pid, at most every 10s."""
         now = time.monotonic()
         if now - self._last_refusal_log >= _REFUSAL_LOG_INTERVAL:
             pid, uid = peer if peer else (-1, -1)
@@ -184,15 +189,32 @@ class CredentialServer:
             self._refusals_unlogged += 1
         return _error(403, "PermissionDenied", "This process's uid may not read credentials (CCRED_ALLOWED_UIDS).")
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         peer = peer_credentials(request)
         if peer is None or peer[1] not in self._allowed:
             return self._refuse(peer, request.path)
+        try:
+            return await self._route(request)
+        except Exception:
+            logger.exception("Failed to answer a %s request.", request.method)
+            return _error(500, "InternalError", "The operator failed to answer; see its log.")
+
+    async def _route(self, request: web.BaseRequest) -> web.StreamResponse:
+        if request.version not in ((1, 0), (1, 1)):
+            return _error(400, "BadRequest", "Only HTTP/1.0 and HTTP/1.1 are served.")
         if request.method not in ("GET", "HEAD"):
             return _error(405, "MethodNotAllowed", "Only GET is served.", {"Allow": "GET, HEAD"})
         path = request.path
-        if path.startswith("/v1/credentials/"):
-            parts = path[len("/v1/credentials/") :].split("/")
+        if path in ("/v1/credentials", "/v1/credentials/"):
+            return _json({"credentials": self._engine.describe()})
+        if path.startswith(_PREFIX):
+            if not request.query_string:
+                # Hot path: a cached credential is a dict lookup and bytes rendered at fetch time.
+                namespace, _, name = path[len(_PREFIX) :].partition("/")
+                body = self._engine.cached_body(namespace, name)
+                if body is not None:
+                    return web.Response(body=body, headers=_JSON_HEADERS)
+            parts = path[len(_PREFIX) :].split("/")
             if len(parts) != 2:
                 return _error(400, "BadRequest", "Use /v1/credentials/{namespace}/{name}.")
             namespace, name = parts
@@ -203,8 +225,6 @@ class CredentialServer:
                 return _error(400, "BadRequest", "refresh must be true or false.")
             served = await self._engine.serve(namespace, name, refresh=refresh_arg in ("true", "1"))
             return self._credential(served)
-        if path in ("/v1/credentials", "/v1/credentials/"):
-            return _json({"credentials": self._engine.describe()})
         if path == "/healthz":
             if self._healthy():
                 return _json({"status": "ok"})
@@ -216,13 +236,12 @@ class CredentialServer:
     @staticmethod
     def _credential(served: Served) -> web.Response:
         if served.status == 200 and served.value is not None:
-            payload: dict[str, Any] = {
-                "value": served.value.wire_text(),
-                "encoding": served.value.encoding,
-                "versionId": served.version_id,
-                "arn": served.arn,
-                "fetchedAt": _rfc3339(served.fetched_at),
-            }
-            return _json(payload)
+            body = served.wire or render_credential(
+                served.value,
+                served.version_id or "",
+                served.arn or "",
+                served.fetched_at or datetime.datetime.now(datetime.UTC),
+            )
+            return web.Response(body=body, headers=_JSON_HEADERS)
         headers = {"Retry-After": str(served.retry_after)} if served.retry_after is not None else None
         return _error(served.status, served.reason or "Unknown", served.message or "", headers)

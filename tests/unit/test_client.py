@@ -897,6 +897,9 @@ async def test_against_the_operators_server(sock_dir: Path) -> None:
     refreshes: list[tuple[str, bool]] = []
 
     class StubEngine:
+        def cached_body(self, namespace: str, name: str) -> bytes | None:
+            return None
+
         async def serve(self, namespace: str, name: str, refresh: bool = False) -> Served:
             refreshes.append((name, refresh))
             found = {

@@ -77,6 +77,7 @@ def settings() -> OperatorSettings:
 async def setup(settings: OperatorSettings) -> Any:
     port, sink = FakePort(), FakeSink()
     engine = Engine(settings, port, sink)
+    engine.synced.set()
     yield engine, port, sink
     await engine.close()
 
@@ -260,6 +261,17 @@ async def test_status_writes_are_retried_until_accepted(setup: Any) -> None:
         if ("team-a", "slack") in sink.objects:
             break
     assert find_condition(sink.objects["team-a", "slack"]["status"]["conditions"])["reason"] == "AccessVerified"  # type: ignore[index]
+
+
+async def test_unknown_names_are_503_until_the_declared_ones_are_loaded(settings: OperatorSettings) -> None:
+    engine = Engine(settings, FakePort(), FakeSink())
+    try:
+        served = await engine.serve("team-a", "nope", refresh=False)
+        assert (served.status, served.reason, served.retry_after) == (503, "Pending", 1)
+        engine.synced.set()
+        assert (await engine.serve("team-a", "nope", refresh=False)).status == 404
+    finally:
+        await engine.close()
 
 
 async def test_undeclared_and_removed_credentials_are_404(setup: Any) -> None:
