@@ -80,6 +80,8 @@ class Entry:
     raw_spec: Any = None
     spec: ConnectorCredentialSpec | None = None
     spec_error: str | None = None
+    #: refreshInterval in seconds, parsed once per spec (the hot path asks for it on every read).
+    interval: float | None = None
     live_status: dict[str, Any] = field(default_factory=dict)
 
     value: SecretValue | None = None
@@ -187,8 +189,9 @@ class Engine:
             entry.raw_spec = raw_spec
             try:
                 entry.spec, entry.spec_error = parse_spec(raw_spec), None
+                entry.interval = entry.spec.refresh_seconds(self.settings.default_refresh_interval)
             except InvalidSpecError as exc:
-                entry.spec, entry.spec_error = None, str(exc)
+                entry.spec, entry.spec_error, entry.interval = None, str(exc), None
             entry.drop_value()
             entry.verified_mono = None
             entry.outcome = None
@@ -218,9 +221,7 @@ class Engine:
     # --- the schedule ------------------------------------------------------------------
 
     def interval(self, entry: Entry) -> float:
-        if entry.spec is None:
-            return self.settings.default_refresh_interval
-        return entry.spec.refresh_seconds(self.settings.default_refresh_interval)
+        return entry.interval if entry.interval is not None else self.settings.default_refresh_interval
 
     def _jittered(self, seconds: float) -> float:
         spread = seconds * self.settings.jitter
