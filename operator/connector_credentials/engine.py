@@ -420,13 +420,18 @@ class Engine:
         old = find_condition(entry.live_status.get("conditions"))
         verdict = (str(outcome.reason), outcome.ready)
         live_verdict = None if old is None else (old.get("reason"), old.get("status") == "True")
-        if verdict not in (live_verdict, entry.reported):
+        if verdict == live_verdict:
+            # Back to what the API shows: transitions queued meanwhile (e.g. during an API outage)
+            # never became visible and are no longer true. Rotation events stay.
+            entry.pending_events = [e for e in entry.pending_events if e[1] == EVENT_ROTATED]
+        elif verdict != entry.reported:
             # A transition: one Event per change, so `kubectl describe` shows the history.
             self._queue_event(entry, warning=not outcome.ready, reason=outcome.reason, message=outcome.message)
         entry.reported = verdict
+        # The newest verdict replaces any write still pending (None: the live status already says it).
+        entry.pending_status = patch
         if patch is None and not entry.pending_events:
             return
-        entry.pending_status = patch
         if entry.status_task is None or entry.status_task.done():
             entry.status_task = asyncio.get_running_loop().create_task(
                 self._flush(entry), name=f"ccred-status:{entry.namespace}/{entry.name}"
@@ -502,7 +507,12 @@ class Engine:
         if refresh or entry.outcome is None:
             # Asked to, or never checked: read from AWS now and wait for the answer.
             await self.check(entry)
-        elif entry.value is not None and (not entry.served or not self._fresh(entry)):
+        elif (
+            entry.value is not None
+            and (not entry.served or not self._fresh(entry))
+            # While a transient failure backs off, reads serve the verified value and leave AWS alone.
+            and not (entry.outcome.transient and asyncio.get_running_loop().time() < entry.due)
+        ):
             # First read, or older than refreshInterval: read now, but do not make the controller
             # wait out an AWS outage when a verified value is there to serve.
             await self._check_within(entry, self.settings.serve_wait)
