@@ -11,7 +11,6 @@ import yaml
 
 from tests.e2e.e2e_helpers import REPO, require_tools, run
 
-pytestmark = pytest.mark.e2e
 
 SOCKET_DIR = "/var/run/connector-credentials"
 SIDECAR = "connector-credentials"
@@ -96,10 +95,10 @@ def test_rbac_is_least_privilege() -> None:
     }
     assert granted == {
         ("connectors.xpander.ai", "connectorcredentials"): {"get", "list", "watch", "patch"},
-        ("connectors.xpander.ai", "connectorcredentials/status"): {"patch", "update"},
-        ("", "events"): {"create", "patch"},
-        ("events.k8s.io", "events"): {"create", "patch"},
+        ("connectors.xpander.ai", "connectorcredentials/status"): {"patch"},
+        ("", "events"): {"create"},
     }
+    assert not [r for r in role["rules"] if "secrets" in r["resources"]]  # never Kubernetes Secrets
     binding = one(docs, "RoleBinding", "connector-credentials")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "xpander-controller", "namespace": "xpander"}]
 
