@@ -6,11 +6,9 @@ import json
 import re
 from typing import Any
 
-import pytest
 import yaml
 
 from tests.e2e.e2e_helpers import REPO, require_tools, run
-
 
 SOCKET_DIR = "/var/run/connector-credentials"
 SIDECAR = "connector-credentials"
