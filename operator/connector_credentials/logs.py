@@ -22,7 +22,6 @@ PINNED_LOGGERS = (
     "aiohttp.client",
     "aiohttp.server",
     "aiohttp.web",
-    "asyncio",
 )
 #: Values shorter than this are not searched for (they would mask unrelated text).
 MIN_NEEDLE = 4

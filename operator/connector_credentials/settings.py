@@ -76,6 +76,12 @@ class OperatorSettings(BaseSettings):
             raise ValueError(f"socket mode {mode:04o} is not a plain permission mode")
         return mode
 
+    @field_validator("backoff_base", "backoff_cap", "serve_wait", "identity_cache_seconds", mode="before")
+    @classmethod
+    def _seconds(cls, value: Any) -> Any:
+        # Plain seconds or a duration with a unit (CCRED_BACKOFF_CAP=5s or =5).
+        return parse_duration(value) if isinstance(value, str) and not _is_number(value) else value
+
     @field_validator("default_refresh_interval", "max_staleness", mode="before")
     @classmethod
     def _duration(cls, value: Any) -> Any:

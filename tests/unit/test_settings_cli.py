@@ -69,3 +69,11 @@ def test_get_explains_a_missing_socket() -> None:
     result = CliRunner().invoke(main, ["get", "ns/name", "--socket-path", "/nonexistent/c.sock"])
     assert result.exit_code == 1
     assert "/nonexistent/c.sock" in result.output
+
+
+def test_backoff_settings_take_units_or_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CCRED_BACKOFF_CAP", "2m")
+    monkeypatch.setenv("CCRED_BACKOFF_BASE", "0.5")
+    monkeypatch.setenv("CCRED_SERVE_WAIT", "500ms")
+    settings = OperatorSettings()
+    assert (settings.backoff_cap, settings.backoff_base, settings.serve_wait) == (120, 0.5, 0.5)
