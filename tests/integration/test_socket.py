@@ -268,7 +268,8 @@ def test_socket_contract(world: World) -> None:
     keyed_arn = world.secret("keyed", string=json.dumps({"api_token": token, "port": 5432}))
     blob = world.canary("blob").encode() + b"\x00\xff\xfe\x10binary"
     blob_arn = world.secret("blob", binary=blob)
-    big_value = world.canary("big") + "x" * 60_000
+    big_canary = world.canary("big")
+    big_value = big_canary + "x" * (65_536 - len(big_canary))  # Secrets Manager's maximum: 64 KiB
     world.apply("big", {"secretArn": world.secret("big", string=big_value)})
     denied_arn = world.secret("denied")
     proxy.deny(secret_id_contains=f"{world.prefix}/denied")
