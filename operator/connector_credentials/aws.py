@@ -198,6 +198,7 @@ def classify(exc: BaseException, *, arn: SecretArn, role: str | None, version: s
                 "(or a pattern that matches its 6-character suffix, e.g. ...:secret:<name>-??????), and that "
                 "no resource policy on the secret or SCP denies it."
             )
+            said = said if said.endswith(".") else f"{said}."
             return AwsFailure(Reason.ACCESS_DENIED, f"{what} {arn.arn} for role {role_text}.{said} {fix}")
         if code == "ResourceNotFoundException":
             if any(word in aws_said.lower() for word in ("version", "stage", "staging label")):

@@ -83,6 +83,7 @@ class Entry:
     #: refreshInterval in seconds, parsed once per spec (the hot path asks for it on every read).
     interval: float | None = None
     live_status: dict[str, Any] = field(default_factory=dict)
+    resource_version: str | None = None
 
     value: SecretValue | None = None
     #: The 200 body, rendered once per fetch: the hot path serves these bytes as they are.
@@ -178,6 +179,11 @@ class Engine:
         if entry is None:
             entry = Entry(namespace=namespace, name=name)
             self._entries[entry.key] = entry
+        if not created and _older(meta.get("resourceVersion"), entry.resource_version):
+            # A body older than one already seen (a late listing, a queued event): it would
+            # roll the live status back and make the next write move lastTransitionTime.
+            return
+        entry.resource_version = meta.get("resourceVersion") or entry.resource_version
         entry.uid = meta.get("uid") or entry.uid
         entry.generation = meta.get("generation") if isinstance(meta.get("generation"), int) else None
         status = body.get("status")
@@ -415,6 +421,13 @@ class Engine:
             patch["lastCheckedTime"] = now
         return patch or None
 
+    def _correction(self, entry: Entry, outcome: Outcome) -> dict[str, Any] | None:
+        """A patch only if the live status contradicts the latest verdict (not for lastCheckedTime)."""
+        patch = self.desired_status(entry, outcome, self.interval(entry))
+        if patch is None or set(patch) <= {"lastCheckedTime"}:
+            return None
+        return patch
+
     def _write_status(self, entry: Entry, outcome: Outcome, interval: float) -> None:
         patch = self.desired_status(entry, outcome, interval)
         old = find_condition(entry.live_status.get("conditions"))
@@ -465,6 +478,13 @@ class Engine:
                     status = body.get("status")
                     if isinstance(status, dict):
                         entry.live_status = dict(status)
+                    version = (body.get("metadata") or {}).get("resourceVersion")
+                    if not _older(version, entry.resource_version):
+                        entry.resource_version = version or entry.resource_version
+                    if entry.pending_status is None and entry.outcome is not None:
+                        # A newer verdict may have found the old live status agreeing with it while
+                        # this write was in flight: make sure the API ends up saying the newest one.
+                        entry.pending_status = self._correction(entry, entry.outcome)
                 if event is not None:
                     warning, reason, message = event
                     await self._sink.post_event(
@@ -612,6 +632,16 @@ def stable_identity(arn: str) -> str:
         return arn
     role = tail.split("/", 1)[0]
     return f"{head}{sep}{role}"
+
+
+def _older(version: Any, than: str | None) -> bool:
+    """Whether resourceVersion ``version`` is older than ``than`` (numeric, as etcd's are)."""
+    if not isinstance(version, str) or than is None:
+        return False
+    try:
+        return int(version) < int(than)
+    except ValueError:
+        return False  # opaque versions: cannot tell, accept
 
 
 def _canonical(value: Any) -> str:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from connector_credentials.engine import Engine, Served, render_credential
 from connector_credentials.settings import OperatorSettings
@@ -36,6 +37,30 @@ _HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
 _JSON_HEADERS = {"Content-Type": "application/json; charset=utf-8", **_HEADERS}
 _PREFIX = "/v1/credentials/"
 _REFUSAL_LOG_INTERVAL = 10.0
+
+
+class _Handler(RequestHandler):
+    """aiohttp's connection handler, answering parser errors in the API's own shape."""
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        # Malformed requests are the client's problem: no traceback per request, no echo of its bytes.
+        text = "Malformed HTTP request." if status < 500 else "The operator failed to answer; see its log."
+        if status >= 500:
+            logger.warning("Failed to handle a request: %s", type(exc).__name__ if exc else "unknown error")
+        response = _error(status, "BadRequest" if status < 500 else "InternalError", text)
+        response.force_close()
+        return response
+
+
+class _Server(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _Handler(self, loop=self._loop, **self._kwargs)
 
 
 class SocketInUseError(RuntimeError):
@@ -77,7 +102,7 @@ class CredentialServer:
         self._path = Path(settings.socket_path)
         self._runner: web.ServerRunner | None = None
         self._inode: int | None = None
-        self._last_refusal_log = 0.0
+        self._refusal_logged: dict[int, float] = {}
         self._refusals_unlogged = 0
 
     @property
@@ -86,7 +111,7 @@ class CredentialServer:
 
     def make_server(self) -> web.Server:
         # The low-level server: every request reaches _handle (no router to bypass it).
-        return web.Server(
+        return _Server(
             self._handle,
             max_line_size=4096,
             max_field_size=4096,
@@ -170,12 +195,14 @@ class CredentialServer:
     # --- requests ----------------------------------------------------------------------
 
     def _refuse(self, peer: tuple[int, int] | None, path: str) -> web.Response:
-        """403 for a peer whose uid is not allowed; logged with uid and pid, at most every 10s."""
+        """403 for a peer whose uid is not allowed; logged with uid and pid, once per uid every 10s."""
+        pid, uid = peer if peer else (-1, -1)
         now = time.monotonic()
-        if now - self._last_refusal_log >= _REFUSAL_LOG_INTERVAL:
-            pid, uid = peer if peer else (-1, -1)
+        if now - self._refusal_logged.get(uid, -_REFUSAL_LOG_INTERVAL) >= _REFUSAL_LOG_INTERVAL:
+            if len(self._refusal_logged) > 1024:
+                self._refusal_logged.clear()  # bounded: a flood of distinct uids cannot grow it
             suppressed = (
-                f" ({self._refusals_unlogged} more refused since the last report)" if (self._refusals_unlogged) else ""
+                f" ({self._refusals_unlogged} more refused since the last report)" if self._refusals_unlogged else ""
             )
             logger.warning(
                 "Refused a request for %s from pid %d uid %d: uid not in CCRED_ALLOWED_UIDS%s.",
@@ -184,7 +211,7 @@ class CredentialServer:
                 uid,
                 suppressed,
             )
-            self._last_refusal_log, self._refusals_unlogged = now, 0
+            self._refusal_logged[uid], self._refusals_unlogged = now, 0
         else:
             self._refusals_unlogged += 1
         return _error(403, "PermissionDenied", "This process's uid may not read credentials (CCRED_ALLOWED_UIDS).")

@@ -96,9 +96,11 @@ def extract(raw: str | bytes, json_key: str | None) -> SecretValue:
     if not isinstance(document, dict):
         raise JsonKeyError(f"the secret is JSON but not an object (it is a {_json_type(document)})")
     if json_key not in document:
-        keys = sorted(str(k) for k in document)
-        shown = ", ".join(repr(k) for k in keys[:20]) + (", ..." if len(keys) > 20 else "")
-        raise JsonKeyError(f"the secret's JSON object has no key {json_key!r}; its keys are: {shown or 'none'}")
+        # The object's other key names are not listed: the status holds nothing derived from the value.
+        raise JsonKeyError(
+            f"the secret's JSON object has no top-level key {json_key!r} (keys are case-sensitive; "
+            "check them with `aws secretsmanager get-secret-value`)"
+        )
     selected = document[json_key]
     if isinstance(selected, str):
         return SecretValue(selected)

@@ -1,7 +1,7 @@
 """End-to-end tests on a kind cluster: opt in with ``E2E=1`` (``tests/e2e/run.sh`` sets it).
 
 Without it every test here is skipped, so ``pytest tests`` stays fast and offline. With it,
-the tests still skip when the tools they need are missing (see ``tools.py``).
+the tests still skip when the tools they need are missing (see ``e2e_helpers.py``).
 """
 
 from __future__ import annotations

@@ -44,6 +44,11 @@ class Hostile:
         """A 4xx answer or a closed connection; never the value."""
         assert reply.status is None or 400 <= reply.status < 500, (label, reply, reply.raw[:200])
         assert not self.leaks(reply), label
+        if reply.status is not None:
+            # Even the HTTP parser's own refusals keep the API's shape and say no-store.
+            headers = {k.lower(): v for k, v in reply.headers.items()}
+            assert headers.get("cache-control") == "no-store", (label, reply.raw[:200])
+            assert reply.json()["error"]["reason"], label
 
     def leaks(self, reply: Reply) -> bool:
         return self.value.encode() in reply.raw

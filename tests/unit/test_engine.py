@@ -1,6 +1,7 @@
 """The engine's rules with a scripted AWS port and an in-memory status sink (pure logic, no I/O)."""
 
 import asyncio
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -42,15 +43,19 @@ class FakeSink:
         self.patches: list[dict[str, Any]] = []
         self.events: list[tuple[bool, str, str]] = []
         self.fail_next = 0
+        self.gate: asyncio.Event | None = None
 
     async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any] | None:
         if self.fail_next:
             self.fail_next -= 1
             raise ConnectionError("api down")
+        if self.gate is not None:
+            await self.gate.wait()
         self.patches.append(status)
-        obj = self.objects.setdefault((namespace, name), {"status": {}})
+        obj = self.objects.setdefault((namespace, name), {"status": {}, "metadata": {"resourceVersion": "1"}})
         obj["status"].update(status)
-        return obj
+        obj["metadata"]["resourceVersion"] = str(int(obj["metadata"]["resourceVersion"]) + 1)
+        return json.loads(json.dumps(obj))
 
     async def post_event(
         self, namespace: str, name: str, uid: str | None, *, warning: bool, reason: str, message: str
@@ -346,3 +351,40 @@ async def test_an_object_gone_without_a_delete_event_is_forgotten(setup: Any) ->
             break
     assert engine.get_entry("team-a", "slack") is None
     assert (await engine.serve("team-a", "slack", refresh=False)).status == 404
+
+
+async def test_a_stale_body_does_not_roll_back_the_status(setup: Any) -> None:
+    engine, _, sink = setup
+    stale = body({"secretArn": ARN})
+    stale["metadata"]["resourceVersion"] = "1"
+    engine.upsert(stale)
+    await settle(engine)
+    first = find_condition(sink.objects["team-a", "slack"]["status"]["conditions"])
+    await asyncio.sleep(1.1)  # a new transition would get a later timestamp
+    engine.upsert(stale)  # e.g. a late listing, older than our own write
+    await engine.check(engine.get_entry("team-a", "slack"))
+    await settle(engine)
+    now = find_condition(sink.objects["team-a", "slack"]["status"]["conditions"])
+    assert now["lastTransitionTime"] == first["lastTransitionTime"]  # type: ignore[index]
+    assert len(sink.events) == 1
+
+
+async def test_the_newest_verdict_wins_over_a_write_in_flight(setup: Any) -> None:
+    engine, port, sink = setup
+    engine.upsert(body({"secretArn": ARN}))
+    await settle(engine)
+    entry = engine.get_entry("team-a", "slack")
+    sink.gate = asyncio.Event()
+    port.answer = AwsFailure(Reason.ACCESS_DENIED, "denied")
+    await engine.check(entry)  # its status write blocks in the API
+    await asyncio.sleep(0.05)
+    port.answer = FetchedSecret("v1", VALUE, ("AWSCURRENT",))
+    await engine.check(entry)  # agrees with the (old) live status
+    sink.gate.set()
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        ready = find_condition(sink.objects["team-a", "slack"]["status"]["conditions"])
+        if ready["reason"] == "AccessVerified" and entry.status_task.done():  # type: ignore[index,union-attr]
+            break
+    ready = find_condition(sink.objects["team-a", "slack"]["status"]["conditions"])
+    assert (ready["status"], ready["reason"]) == ("True", "AccessVerified")  # type: ignore[index]
