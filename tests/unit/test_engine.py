@@ -388,3 +388,13 @@ async def test_the_newest_verdict_wins_over_a_write_in_flight(setup: Any) -> Non
             break
     ready = find_condition(sink.objects["team-a", "slack"]["status"]["conditions"])
     assert (ready["status"], ready["reason"]) == ("True", "AccessVerified")  # type: ignore[index]
+
+
+def test_refreshes_are_spread_by_jitter(settings: OperatorSettings) -> None:
+    engine = Engine(settings, FakePort(), FakeSink())
+    try:
+        delays = [engine._jittered(300) for _ in range(500)]
+        assert all(270 <= d <= 330 for d in delays)  # ±10% by default
+        assert max(delays) - min(delays) > 40  # spread out, so a fleet does not refresh in step
+    finally:
+        engine._executor.shutdown()
