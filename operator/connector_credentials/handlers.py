@@ -31,8 +31,8 @@ def register(registry: kopf.OperatorRegistry, engine: Engine) -> None:
         # Events are ours (one per transition); kopf must not turn log lines into events.
         settings.posting.enabled = False
         # Watch streams that go silent are re-established instead of freezing.
-        settings.watching.server_timeout = 300
-        settings.watching.client_timeout = 330
+        settings.watching.server_timeout = engine.settings.watch_server_timeout
+        settings.watching.client_timeout = engine.settings.watch_client_timeout
         settings.watching.connect_timeout = 10
         settings.watching.reconnect_backoff = 1.0
         settings.networking.request_timeout = 30

@@ -55,6 +55,10 @@ class OperatorSettings(BaseSettings):
     jitter: float = Field(default=0.1, ge=0, le=0.5)
 
     liveness: str | None = None
+    #: Watch requests ask the API server to end the stream after this long (then kopf re-watches),
+    #: and give up client-side after the second: a silently stalled stream cannot freeze the operator.
+    watch_server_timeout: float = Field(default=300.0, gt=0)
+    watch_client_timeout: float = Field(default=330.0, gt=0)
 
     @field_validator("namespace", mode="before")
     @classmethod

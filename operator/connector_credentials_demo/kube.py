@@ -384,6 +384,8 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
     _closing: bool = attrs.field(default=False, init=False)
     printer_columns: dict[kmock.resource, list[dict[str, Any]]] = attrs.field(factory=dict, init=False)
     active_watches: int = attrs.field(default=0, init=False)
+    #: While set, watch streams stay open but silent and ignore timeoutSeconds: a stalled stream.
+    stalled: bool = attrs.field(default=False, init=False)
 
     # -- fault injection (callable from any thread) --------------------------------------------
 
@@ -822,9 +824,13 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
                 done, _ = await asyncio.wait(
                     {item_task, drop_task}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
                 )
+                if self.stalled and item_task not in done:
+                    continue  # a stalled server does not end the stream when asked to
                 if item_task not in done or item_task.result() is finished:
                     return
                 item, item_task = item_task.result(), None
+                if self.stalled:
+                    continue  # swallowed: the client never hears of it on this stream
                 yield item
         finally:
             # The inner generator may still be running in item_task: stop that before closing it.
@@ -1181,3 +1187,7 @@ class KubeEmulator:
     @property
     def active_watches(self) -> int:
         return self.emulator.active_watches
+
+    def stall_watches(self, stalled: bool = True) -> None:
+        """Make open and new watch streams go silent (no events, no server-side timeout), or resume."""
+        self.emulator.stalled = stalled

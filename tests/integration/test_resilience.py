@@ -621,3 +621,18 @@ def _unavailable(client: CredentialClient, namespace: str, name: str) -> bool:
     except CredentialUnavailable as exc:
         return exc.status == 502
     return False
+
+
+def test_a_stalled_watch_stream_is_abandoned_and_nothing_is_missed(world: World) -> None:
+    world.apply("first", {"secretArn": world.secret("first")})
+    # The server is asked to end streams after 60s (it will not: stalled); the client gives up after 3s.
+    world.start_operator(extra_env={"CCRED_WATCH_SERVER_TIMEOUT": "60", "CCRED_WATCH_CLIENT_TIMEOUT": "3"})
+    world.wait_reason("first", "AccessVerified")
+    world.kube.stall_watches()
+    try:
+        world.apply("second", {"secretArn": world.secret("second")})  # its ADDED event is swallowed
+        time.sleep(0.5)
+    finally:
+        world.kube.stall_watches(False)
+    # Only a re-watch (after the client-side timeout) can bring it: the stalled stream never will.
+    world.wait_reason("second", "AccessVerified", timeout=15)
