@@ -47,11 +47,23 @@ logger = logging.getLogger(__name__)
 Key = tuple[str, str]
 
 
+class StatusConflict(Exception):
+    """The object changed since the resourceVersion a status write was based on (HTTP 409)."""
+
+
 class StatusSink(Protocol):
     """Where status and events go (the Kubernetes API in production)."""
 
-    async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any] | None:
-        """Merge-patch the status subresource; return the new object, ``None`` if it is gone."""
+    async def patch_status(
+        self, namespace: str, name: str, status: dict[str, Any], resource_version: str | None
+    ) -> dict[str, Any] | None:
+        """Merge-patch the status subresource, on the condition that the object is still at
+        ``resource_version`` (raise :class:`StatusConflict` if not); return the new object,
+        ``None`` if it is gone."""
+        ...
+
+    async def get(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The object as the API has it now, ``None`` if it is gone."""
         ...
 
     async def post_event(
@@ -421,6 +433,27 @@ class Engine:
             patch["lastCheckedTime"] = now
         return patch or None
 
+    async def _reconsider(self, entry: Entry) -> None:
+        fresh = await self._sink.get(entry.namespace, entry.name)
+        if fresh is None:
+            entry.pending_status = None
+            return  # the next write sees the 404 and forgets the credential
+        meta = fresh.get("metadata") or {}
+        status = fresh.get("status")
+        entry.live_status = dict(status) if isinstance(status, dict) else {}
+        entry.resource_version = meta.get("resourceVersion") or entry.resource_version
+        outcome = entry.outcome
+        if outcome is None:
+            entry.pending_status = None
+            return
+        entry.pending_status = self.desired_status(entry, outcome, self.interval(entry))
+        live = find_condition(entry.live_status.get("conditions"))
+        if live is not None and (live.get("reason"), live.get("status") == "True") == (
+            str(outcome.reason),
+            outcome.ready,
+        ):
+            entry.pending_events = [e for e in entry.pending_events if e[1] == EVENT_ROTATED]
+
     def _correction(self, entry: Entry, outcome: Outcome) -> dict[str, Any] | None:
         """A patch only if the live status contradicts the latest verdict (not for lastCheckedTime)."""
         patch = self.desired_status(entry, outcome, self.interval(entry))
@@ -465,7 +498,17 @@ class Engine:
             event = entry.pending_events[0] if entry.pending_events else None
             try:
                 if patch is not None:
-                    body = await self._sink.patch_status(entry.namespace, entry.name, patch)
+                    try:
+                        body = await self._sink.patch_status(entry.namespace, entry.name, patch, entry.resource_version)
+                    except StatusConflict:
+                        # Someone wrote first (another replica, a spec edit): decide again from
+                        # what the API says now. If it already says our verdict, so does its Event.
+                        logger.info(
+                            "The status of %s/%s changed since it was read (HTTP 409 Conflict); re-reading it.",
+                            *entry.key,
+                        )
+                        await self._reconsider(entry)
+                        continue
                     if entry.pending_status is patch:
                         entry.pending_status = None
                     if body is None:

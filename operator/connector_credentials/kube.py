@@ -14,6 +14,7 @@ import kubernetes.client
 import kubernetes.config
 from kubernetes.client.exceptions import ApiException
 
+from connector_credentials.engine import StatusConflict
 from connector_credentials.models import API_VERSION, GROUP, KIND, PLURAL, VERSION
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,14 @@ class KubeStatusSink:
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kube")
         self._instance = os.environ.get("POD_NAME") or os.environ.get("HOSTNAME") or COMPONENT
 
-    async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any] | None:
+    async def patch_status(
+        self, namespace: str, name: str, status: dict[str, Any], resource_version: str | None
+    ) -> dict[str, Any] | None:
+        # resourceVersion in a merge patch is a precondition: a stale one gets 409 Conflict.
+        body: dict[str, Any] = {"status": status}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
+
         def call() -> dict[str, Any] | None:
             try:
                 result = self._custom.patch_namespaced_custom_object_status(
@@ -52,15 +60,33 @@ class KubeStatusSink:
                     namespace,
                     PLURAL,
                     name,
-                    {"status": status},
+                    body,
                     _request_timeout=(5, 15),
                     _content_type="application/merge-patch+json",
                 )
             except ApiException as exc:
                 if exc.status == 404:
                     return None
+                if exc.status == 409:
+                    raise StatusConflict(
+                        f"{namespace}/{name} changed since resourceVersion {resource_version}"
+                    ) from None
                 raise
             return result if isinstance(result, dict) else {}
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    async def get(self, namespace: str, name: str) -> dict[str, Any] | None:
+        def call() -> dict[str, Any] | None:
+            try:
+                result = self._custom.get_namespaced_custom_object(
+                    GROUP, VERSION, namespace, PLURAL, name, _request_timeout=(5, 15)
+                )
+            except ApiException as exc:
+                if exc.status == 404:
+                    return None
+                raise
+            return result if isinstance(result, dict) else None
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 

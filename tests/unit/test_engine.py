@@ -9,7 +9,7 @@ import pytest
 
 from connector_credentials.aws import AwsFailure, FetchedSecret
 from connector_credentials.conditions import Reason, find_condition
-from connector_credentials.engine import Engine, stable_identity
+from connector_credentials.engine import Engine, StatusConflict, stable_identity
 from connector_credentials.models import SecretArn
 from connector_credentials.settings import OperatorSettings
 
@@ -45,12 +45,25 @@ class FakeSink:
         self.fail_next = 0
         self.gate: asyncio.Event | None = None
 
-    async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any] | None:
+    async def get(self, namespace: str, name: str) -> dict[str, Any] | None:
+        obj = self.objects.get((namespace, name))
+        return None if obj is None else json.loads(json.dumps(obj))
+
+    async def patch_status(
+        self, namespace: str, name: str, status: dict[str, Any], resource_version: str | None = None
+    ) -> dict[str, Any] | None:
         if self.fail_next:
             self.fail_next -= 1
             raise ConnectionError("api down")
         if self.gate is not None:
             await self.gate.wait()
+        current = self.objects.get((namespace, name))
+        if (
+            resource_version is not None
+            and current is not None
+            and current["metadata"]["resourceVersion"] != resource_version
+        ):
+            raise StatusConflict(resource_version)
         self.patches.append(status)
         obj = self.objects.setdefault((namespace, name), {"status": {}, "metadata": {"resourceVersion": "1"}})
         obj["status"].update(status)
@@ -340,7 +353,7 @@ async def test_a_stale_read_during_an_outage_serves_the_verified_value_quickly(s
 async def test_an_object_gone_without_a_delete_event_is_forgotten(setup: Any) -> None:
     engine, _, sink = setup
 
-    async def gone(namespace: str, name: str, status: dict[str, Any]) -> None:
+    async def gone(namespace: str, name: str, status: dict[str, Any], resource_version: str | None) -> None:
         return None  # the API answers 404: deleted while the watch was not looking
 
     sink.patch_status = gone
@@ -398,3 +411,28 @@ def test_refreshes_are_spread_by_jitter(settings: OperatorSettings) -> None:
         assert max(delays) - min(delays) > 40  # spread out, so a fleet does not refresh in step
     finally:
         engine._executor.shutdown()
+
+
+async def test_replicas_starting_together_post_one_event(settings: OperatorSettings) -> None:
+    sink = FakeSink()
+    sink.objects["team-a", "slack"] = {"status": {}, "metadata": {"resourceVersion": "1"}}
+    first, second = Engine(settings, FakePort(), sink), Engine(settings, FakePort(), sink)
+    try:
+        seen = body({"secretArn": ARN})
+        seen["metadata"]["resourceVersion"] = "1"
+        # Both saw the object before either wrote: both reach AccessVerified as a transition.
+        first.upsert(json.loads(json.dumps(seen)))
+        second.upsert(json.loads(json.dumps(seen)))
+        for _ in range(300):
+            await asyncio.sleep(0.01)
+            tasks = [e.status_task for engine in (first, second) for e in engine.entries()]
+            if all(t is not None and t.done() for t in tasks):
+                break
+        else:
+            raise AssertionError("a replica is still trying to write its status")
+        assert [e[1] for e in sink.events] == ["AccessVerified"]  # the loser re-read and stood down
+        ready = find_condition(sink.objects["team-a", "slack"]["status"]["conditions"])
+        assert ready["reason"] == "AccessVerified"  # type: ignore[index]
+    finally:
+        await first.close()
+        await second.close()
