@@ -302,8 +302,19 @@ class Engine:
         else:
             spec = entry.spec
             arn = spec.arn
+            answer: tuple[str, FetchedSecret] | AwsFailure
             try:
-                identity, fetched = await loop.run_in_executor(self._executor, self._read, spec, arn)
+                answer = await loop.run_in_executor(self._executor, self._read, spec, arn)
+            except AwsFailure as exc:
+                answer = exc
+            if entry.spec is not spec:
+                # The spec changed while AWS answered: that answer is about the old spec.
+                await self._check_once(entry)
+                return
+            try:
+                if isinstance(answer, AwsFailure):
+                    raise answer
+                identity, fetched = answer
                 value = extract(fetched.raw, spec.json_key)
             except AwsFailure as failure:
                 outcome = self._on_failure(entry, failure, interval)

@@ -436,3 +436,31 @@ async def test_replicas_starting_together_post_one_event(settings: OperatorSetti
     finally:
         await first.close()
         await second.close()
+
+
+async def test_an_answer_for_an_old_spec_is_not_written_for_the_new_one(setup: Any) -> None:
+    import threading
+
+    engine, port, sink = setup
+    release = threading.Event()
+    original = port.get_secret
+
+    def gated(*args: Any, **kwargs: Any) -> FetchedSecret:
+        release.wait(timeout=10)
+        return original(*args, **kwargs)
+
+    port.get_secret = gated
+    engine.upsert(body({"secretArn": ARN, "refreshInterval": "5s"}))
+    await asyncio.sleep(0.1)  # the first read is in flight
+    engine.upsert(body({"secretArn": ARN, "refreshInterval": "6s"}, generation=2))
+    release.set()
+    await settle(engine)
+    for _ in range(100):
+        ready = find_condition(sink.objects.get(("team-a", "slack"), {}).get("status", {}).get("conditions"))
+        if ready is not None:
+            break
+        await asyncio.sleep(0.01)
+    assert ready is not None
+    assert ready["observedGeneration"] == 2
+    assert "re-checked every 6s" in ready["message"]
+    assert all("every 5s" not in str(p) for p in sink.patches)  # the old spec's answer was never written
