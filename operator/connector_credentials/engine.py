@@ -109,7 +109,6 @@ class Entry:
     outcome: Outcome | None = None
     failures: int = 0
     served: bool = False
-    checks: int = 0
 
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     due: float = 0.0
@@ -159,7 +158,6 @@ class Engine:
         self._executor = ThreadPoolExecutor(max_workers=settings.aws_max_workers, thread_name_prefix="aws")
         self._random = random.Random()  # noqa: S311 - jitter, not cryptography
         self._closed = False
-        self.aws_calls = 0
         #: Set once the declared credentials were listed: before that, "unknown" may just mean "not yet".
         self.synced = asyncio.Event()
 
@@ -293,7 +291,6 @@ class Engine:
         loop = asyncio.get_running_loop()
         interval = self.interval(entry)
         previous_version = entry.version_id
-        entry.checks += 1
         outcome: Outcome
         if entry.spec is None:
             outcome = Outcome(False, Reason.INVALID_SPEC, f"Invalid spec: {entry.spec_error}. Fix the resource.")
@@ -376,7 +373,6 @@ class Engine:
 
     def _read(self, spec: ConnectorCredentialSpec, arn: SecretArn) -> tuple[str, FetchedSecret]:
         """Runs in a worker thread: who we are, then the real read (not a proxy of it)."""
-        self.aws_calls += 1
         identity = self._port.caller_identity(arn.region)
         fetched = self._port.get_secret(arn, version_id=spec.version_id, version_stage=spec.effective_stage)
         return identity, fetched

@@ -12,12 +12,13 @@ import logging
 import socket
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
 import boto3
 import botocore.config
 from moto.server import ThreadedMotoServer
+
+from connector_credentials_demo.lifecycle import Service
 
 if TYPE_CHECKING:
     from mypy_boto3_secretsmanager import SecretsManagerClient
@@ -70,7 +71,7 @@ def irsa_env(tmp_path: str | Path, endpoint: str, role_arn: str = DEFAULT_ROLE_A
     }
 
 
-class AwsEmulator:
+class AwsEmulator(Service):
     """``ThreadedMotoServer`` bound to 127.0.0.1 plus boto3 helpers for arranging secrets."""
 
     def __init__(self, *, port: int | None = None) -> None:
@@ -100,14 +101,6 @@ class AwsEmulator:
             wsgi = server._server  # moto's stop() leaves the listening socket open
             if wsgi is not None:
                 wsgi.server_close()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     @property
     def endpoint(self) -> str:

@@ -38,6 +38,8 @@ import kmock
 import yaml
 from typing_extensions import override
 
+from connector_credentials_demo.lifecycle import Service
+
 T = TypeVar("T")
 
 # Requests carrying this header (the harness's own helpers) are never hit by injected faults.
@@ -107,6 +109,12 @@ class _PatchError(Exception):
 
 def _now() -> str:
     return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _object_not_found(resource: kmock.resource, name: str | None) -> aiohttp.web.Response:
+    return _status_response(
+        404, "NotFound", f'{resource.plural} "{name}" not found', {"name": name, "kind": resource.plural}
+    )
 
 
 def _status_response(
@@ -569,12 +577,7 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         key = (resource, request.namespace, request.name)
         async with self._lock:
             if key not in self.objects or self.objects[key].deleted:
-                return _status_response(
-                    404,
-                    "NotFound",
-                    f'{resource.plural} "{request.name}" not found',
-                    {"name": request.name, "kind": resource.plural},
-                )
+                return _object_not_found(resource, request.name)
             old: dict[str, Any] = copy.deepcopy(self.objects[key].raw)
             old_meta = old.setdefault("metadata", {})
             data = request.data
@@ -664,12 +667,7 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         key = (resource, request.namespace, request.name)
         async with self._lock:
             if key not in self.objects or self.objects[key].deleted:
-                return _status_response(
-                    404,
-                    "NotFound",
-                    f'{resource.plural} "{request.name}" not found',
-                    {"name": request.name, "kind": resource.plural},
-                )
+                return _object_not_found(resource, request.name)
             obj: dict[str, Any] = copy.deepcopy(self.objects[key].raw)
             meta = obj.setdefault("metadata", {})
             if meta.get("deletionTimestamp"):
@@ -887,7 +885,7 @@ def _resource_path(
     return path
 
 
-class KubeEmulator:
+class KubeEmulator(Service):
     """Runs ``ApiServerEmulator`` + ``kmock.Server`` on 127.0.0.1 in a thread with its own loop.
 
     The ``create``/``patch``/``delete``/``get`` helpers are real HTTP requests (so watchers see
@@ -932,14 +930,6 @@ class KubeEmulator:
         self._thread = None
         if self._error is not None:
             raise RuntimeError("the Kubernetes emulator failed") from self._error
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     def _run(self) -> None:
         loop = asyncio.new_event_loop()

@@ -23,9 +23,10 @@ import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from typing import Any, Self
 from xml.sax.saxutils import escape
+
+from connector_credentials_demo.lifecycle import Service
 
 STS_ACTIONS = frozenset({"AssumeRoleWithWebIdentity", "GetCallerIdentity", "AssumeRole", "GetSessionToken"})
 _HOP_BY_HOP = frozenset(
@@ -202,7 +203,7 @@ class _Handler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _handle  # noqa: N815
 
 
-class FaultProxy:
+class FaultProxy(Service):
     """Forwards everything to ``upstream`` (moto) unless a rule says otherwise; thread-safe."""
 
     def __init__(self, upstream: str, *, port: int = 0) -> None:
@@ -244,14 +245,6 @@ class FaultProxy:
                 pass
         server.server_close()  # joins the handler threads
         self._server = self._thread = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     @property
     def endpoint(self) -> str:

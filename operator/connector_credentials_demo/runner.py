@@ -13,8 +13,9 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Self, TypeVar
+
+from connector_credentials_demo.lifecycle import Service
 
 T = TypeVar("T")
 
@@ -67,7 +68,7 @@ def wait_until(
         time.sleep(interval)
 
 
-class OperatorProcess:
+class OperatorProcess(Service):
     """The operator as a subprocess: output goes to ``log_path`` and to ``output`` (in memory).
 
     By default it runs ``connector-credentials run --verbose -n NAMESPACE`` with a hermetic env
@@ -173,14 +174,6 @@ class OperatorProcess:
             shutil.rmtree(self._own_home, ignore_errors=True)
             self._own_home = None
         return proc.returncode
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     # -- observation -------------------------------------------------------------------------
 

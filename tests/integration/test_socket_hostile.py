@@ -315,21 +315,27 @@ def test_malformed_requests_cannot_flood_the_log(hostile: Hostile) -> None:
     assert added <= 10
 
 
+def fill_backlog(stack: contextlib.ExitStack, pid: int, path: str, *, limit: int) -> int:
+    """Stop the operator (resumed when ``stack`` closes) and queue connects until the backlog is full."""
+    os.kill(pid, signal.SIGSTOP)  # nothing accepts: every connect waits in the backlog
+    stack.callback(os.kill, pid, signal.SIGCONT)
+    pending = 0
+    for _ in range(limit):
+        sock = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+        sock.setblocking(False)
+        try:
+            sock.connect(path)
+        except BlockingIOError:
+            break
+        pending += 1
+    return pending
+
+
 def test_listen_backlog_is_the_configured_512(hostile: Hostile) -> None:
     pid = hostile.process.pid
     assert pid is not None
-    pending = 0
     with contextlib.ExitStack() as stack:
-        os.kill(pid, signal.SIGSTOP)  # nothing accepts: every connect waits in the backlog
-        stack.callback(os.kill, pid, signal.SIGCONT)
-        for _ in range(600):
-            sock = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
-            sock.setblocking(False)
-            try:
-                sock.connect(hostile.path)
-            except BlockingIOError:
-                break
-            pending += 1
+        pending = fill_backlog(stack, pid, hostile.path, limit=600)
     print(f"\nconnections queued while the operator was stopped: {pending}")
     wait_until(lambda: request(hostile.path, "/healthz").status == 200, timeout=5, message="healthz after SIGCONT")
     hostile.assert_serving()
@@ -340,15 +346,7 @@ def test_client_waits_for_room_in_a_full_backlog(hostile: Hostile) -> None:
     pid = hostile.process.pid
     assert pid is not None
     with contextlib.ExitStack() as stack:
-        os.kill(pid, signal.SIGSTOP)
-        stack.callback(os.kill, pid, signal.SIGCONT)
-        for _ in range(1000):
-            sock = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
-            sock.setblocking(False)
-            try:
-                sock.connect(hostile.path)
-            except BlockingIOError:
-                break
+        fill_backlog(stack, pid, hostile.path, limit=1000)
         resume = threading.Timer(0.5, os.kill, (pid, signal.SIGCONT))
         resume.start()
         stack.callback(resume.join)
