@@ -33,9 +33,9 @@ sys.path.insert(0, str(ROOT))  # `python bench/x.py` puts bench/ on sys.path, no
 
 from tests.integration.conftest import CRD, RESOURCE, World  # noqa: E402
 
-from connector_credentials_demo.awsemu import AwsEmulator  # noqa: E402
-from connector_credentials_demo.kube import KubeEmulator  # noqa: E402
-from connector_credentials_demo.proxy import FaultProxy  # noqa: E402
+from tests.support.awsemu import AwsEmulator  # noqa: E402
+from tests.support.kube import KubeEmulator  # noqa: E402
+from tests.support.awsproxy import FaultProxy  # noqa: E402
 
 FLEET = 20
 THROTTLE_SECONDS = 60.0
@@ -68,7 +68,7 @@ def declare_fleet(world: World, spec: dict[str, Any]) -> list[str]:
 def readiness(world: World) -> dict[str, tuple[str, str]]:
     """(status, reason) of every credential of the world, read inside the emulator."""
     found: dict[str, tuple[str, str]] = {}
-    for obj in world.kube.list_objects(RESOURCE):
+    for obj in world.cluster.list(RESOURCE, world.namespace):
         meta = obj.get("metadata") or {}
         if meta.get("namespace") != world.namespace:
             continue

@@ -331,9 +331,9 @@ def fmt_lat(p50: float, p99: float) -> str:
 
 
 def bench(args: argparse.Namespace) -> int:
-    from connector_credentials_demo.awsemu import AwsEmulator, irsa_env
-    from connector_credentials_demo.kube import KubeEmulator
-    from connector_credentials_demo.runner import OperatorProcess, console_script
+    from tests.support.awsemu import AwsEmulator, irsa_env
+    from tests.support.kube import KubeEmulator
+    from tests.support.runner import OperatorProcess, console_script
 
     clients_list = [int(c) for c in args.clients.split(",")]
     workdir = Path(tempfile.mkdtemp(prefix="ccb-", dir="/tmp"))  # Unix socket paths must stay short

@@ -9,8 +9,10 @@ from typing import Any
 
 import click
 import kopf
+from kopf._cogs.structs.references import Insights  # public in kopf.operator(insights=...), not re-exported
 from pydantic import ValidationError
 
+from connector_credentials.models import GROUP, PLURAL, VERSION
 from connector_credentials.settings import DEFAULT_SOCKET_PATH, OperatorSettings
 
 logger = logging.getLogger("connector_credentials")
@@ -88,10 +90,19 @@ async def _run(settings: OperatorSettings) -> None:
     handlers.register(registry, engine)
 
     ready = asyncio.Event()
+    # kopf's view of what it serves: our resource appears in it once its watcher is spawned.
+    insights = Insights()
     operator_task: asyncio.Task[None] | None = None
 
     def healthy() -> bool:
-        return ready.is_set() and engine.synced.is_set() and operator_task is not None and not operator_task.done()
+        watching = any(r.group == GROUP and r.plural == PLURAL for r in insights.watched_resources)
+        return (
+            ready.is_set()
+            and watching
+            and engine.synced.is_set()
+            and operator_task is not None
+            and not operator_task.done()
+        )
 
     server = CredentialServer(settings, engine, healthy)
     try:
@@ -102,24 +113,58 @@ async def _run(settings: OperatorSettings) -> None:
     clusterwide = settings.all_namespaces or not settings.namespace
     if clusterwide and not settings.all_namespaces:
         logger.warning("No --namespace given: watching all namespaces (pass -n NS to limit it).")
-    sync_task = asyncio.create_task(_sync(engine, sink, None if clusterwide else settings.namespace))
-    try:
-        operator_task = asyncio.create_task(
-            kopf.operator(
+    namespaces = None if clusterwide else settings.namespace
+
+    async def watch() -> None:
+        # kopf scans the API's resources once (scanning is off: watching CRDs would need a
+        # ClusterRole), so it must start only once the CRD is served, or it never watches.
+        await _wait_for_crd(sink)
+        sync_task = asyncio.create_task(_sync(engine, sink, namespaces))
+        try:
+            await kopf.operator(
                 registry=registry,
                 standalone=True,
                 clusterwide=clusterwide,
                 namespaces=[] if clusterwide else settings.namespace,
                 ready_flag=ready,
+                insights=insights,
                 liveness_endpoint=settings.liveness,
             )
-        )
+        finally:
+            sync_task.cancel()
+
+    try:
+        operator_task = asyncio.create_task(watch())
         await operator_task
     finally:
-        sync_task.cancel()
         await engine.close()
         await server.close()
         sink.close()
+
+
+async def _wait_for_crd(sink: Any) -> None:
+    """Return once the API serves ConnectorCredentials; until then /healthz answers 503."""
+    delay, said = 1.0, 0.0
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            if await sink.crd_served():
+                if said:
+                    logger.info("The ConnectorCredential CRD is installed now; starting the watch.")
+                return
+            problem = f"the API does not serve {PLURAL}.{GROUP}/{VERSION}: the CRD is not installed (kubectl apply -f crds/)"
+        except Exception as exc:  # noqa: BLE001 - retried until the API answers
+            problem = f"asking the API which resources it serves failed ({type(exc).__name__}: {_short(exc)})"
+        if loop.time() - said >= 60 or not said:
+            logger.warning("Not watching yet: %s; /healthz answers 503 until then. Retrying every %.0fs.", problem, delay)
+            said = loop.time()
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 10.0)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return text[:200]
 
 
 async def _sync(engine: Any, sink: Any, namespaces: list[str] | None) -> None:

@@ -28,10 +28,15 @@ def register(registry: kopf.OperatorRegistry, engine: Engine) -> None:
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
             prefix=ANNOTATION_PREFIX, key="last-handled-configuration"
         )
+        # No resource scanning: watching CRDs and Namespaces would need cluster-wide rights the
+        # operator has no use for. The namespaces are the ones given; the resource is found once,
+        # at start (the CLI starts kopf only once the CRD is served).
+        settings.scanning.disabled = True
         # Events are ours (one per transition); kopf must not turn log lines into events.
         settings.posting.enabled = False
         # Watch streams that go silent are re-established instead of freezing.
-        settings.watching.server_timeout = engine.settings.watch_server_timeout
+        # An integer: kopf sends it as ?timeoutSeconds=, and the API server answers "300.0" with 400.
+        settings.watching.server_timeout = max(1, round(engine.settings.watch_server_timeout))
         settings.watching.client_timeout = engine.settings.watch_client_timeout
         settings.watching.connect_timeout = 10
         settings.watching.reconnect_backoff = 1.0

@@ -125,9 +125,29 @@ class KubeStatusSink:
 
         def call() -> None:
             event = kubernetes.client.CoreV1Event.from_dict(body)
-            self._core.create_namespaced_event(namespace, event, _request_timeout=(5, 15))  # type: ignore[arg-type]
+            # Say the body is JSON: this client sends no Content-Type here unless told.
+            self._core.create_namespaced_event(
+                namespace,
+                event,  # type: ignore[arg-type]
+                _request_timeout=(5, 15),
+                _content_type="application/json",
+            )
 
         await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    async def crd_served(self) -> bool:
+        """Whether the API serves ConnectorCredentials (discovery; every authenticated user may ask)."""
+
+        def call() -> bool:
+            try:
+                answer = self._custom.get_api_resources(GROUP, VERSION, _request_timeout=(5, 15))
+            except ApiException as exc:
+                if exc.status == 404:
+                    return False
+                raise
+            return any(resource.name == PLURAL for resource in answer.resources or [])
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
     async def list_credentials(self, namespaces: list[str] | None) -> list[dict[str, Any]]:
         """Every ConnectorCredential in ``namespaces`` (``None``: all namespaces)."""

@@ -1,12 +1,17 @@
-"""Integration fixtures: the operator's console script against kmock (Kubernetes) and moto (AWS).
+"""Integration fixtures: the operator's console script against a real kube-apiserver + etcd
+(``tests.support.controlplane``) and moto (AWS), each behind a fault-injecting proxy.
 
-Every test gets its own namespace and unique secret names, and ends with a leak check:
-no secret value the test created may appear in any object, event or operator output.
+One control plane and one moto server per test session. Every test gets its own namespace with
+the operator's ServiceAccount and the RBAC that ``deploy/`` ships; the operator authenticates
+with a TokenRequest token of that ServiceAccount, never as the admin. Every test ends with a
+leak check (no secret value it created may appear in any object, event or operator output)
+and an RBAC check (the operator's log shows no 403).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 import uuid
@@ -17,22 +22,38 @@ from typing import Any
 import pytest
 
 from connector_credentials.client import CredentialClient
-from connector_credentials_demo.awsemu import AwsEmulator, irsa_env
-from connector_credentials_demo.kube import KubeEmulator
-from connector_credentials_demo.proxy import FaultProxy
-from connector_credentials_demo.runner import OperatorProcess, wait_until
+from tests.support.awsemu import AwsEmulator, irsa_env
+from tests.support.awsproxy import FaultProxy
+from tests.support.controlplane import ControlPlane
+from tests.support.kube import Cluster
+from tests.support.kubeproxy import KubeFaultProxy
+from tests.support.runner import OperatorProcess, wait_until
 
 ROOT = Path(__file__).parents[2]
 CRD = ROOT / "crds" / "connectorcredentials.yaml"
 RESOURCE = "connectors.xpander.ai/v1alpha1/connectorcredentials"
 ROLE_ARN = "arn:aws:iam::123456789012:role/xpander-controller"
+# What the API server or its clients print for a refused request: never expected from the operator.
+FORBIDDEN = re.compile(r"\b403\b.*(Forbidden|forbidden)|is forbidden:|APIForbiddenError")
 
 
 @pytest.fixture(scope="session")
-def kube() -> Iterator[KubeEmulator]:
-    with KubeEmulator() as emulator:
-        emulator.load_crd(CRD)
-        yield emulator
+def plane() -> Iterator[ControlPlane]:
+    with ControlPlane() as control_plane:
+        yield control_plane
+
+
+@pytest.fixture(scope="session")
+def cluster(plane: ControlPlane) -> Cluster:
+    admin = Cluster(plane)
+    admin.apply_crds()
+    return admin
+
+
+@pytest.fixture(scope="session")
+def kube(plane: ControlPlane, cluster: Cluster) -> Iterator[KubeFaultProxy]:
+    with KubeFaultProxy(plane.url, plane.ssl_context()) as fault_proxy:
+        yield fault_proxy
 
 
 @pytest.fixture(scope="session")
@@ -50,14 +71,16 @@ def proxy(aws: AwsEmulator) -> Iterator[FaultProxy]:
 class World:
     """One test's view: a namespace, its secrets, its resources, its operator processes."""
 
-    def __init__(self, kube: KubeEmulator, aws: AwsEmulator, proxy: FaultProxy, workdir: Path) -> None:
-        self.kube, self.aws, self.proxy, self.workdir = kube, aws, proxy, workdir
+    def __init__(self, cluster: Cluster, kube: KubeFaultProxy, aws: AwsEmulator, proxy: FaultProxy, workdir: Path) -> None:
+        self.cluster, self.kube, self.aws, self.proxy, self.workdir = cluster, kube, aws, proxy, workdir
         self.namespace = f"t-{uuid.uuid4().hex[:10]}"
         self.prefix = f"xpander/{self.namespace}"
         self.canaries: list[str] = []
         self.operators: list[OperatorProcess] = []
         self.socket_path = str(workdir / "c.sock")
-        kube.create_namespace(self.namespace)
+        cluster.create_namespace(self.namespace)
+        cluster.install_operator_identity(self.namespace)
+        self.token = cluster.service_account_token(self.namespace)
 
     # --- AWS side --------------------------------------------------------------------
     def canary(self, label: str = "value") -> str:
@@ -83,19 +106,19 @@ class World:
             "metadata": {"name": name, "namespace": self.namespace},
             "spec": spec,
         }
-        return self.kube.create(RESOURCE, self.namespace, body)
+        return self.cluster.create(RESOURCE, self.namespace, body)
 
     def update_spec(self, name: str, spec: dict[str, Any]) -> None:
         current = self.get(name)
         assert current is not None
         patch = {"spec": {key: spec.get(key) for key in {*current["spec"], *spec}}}
-        self.kube.patch(RESOURCE, self.namespace, name, patch)
+        self.cluster.patch(RESOURCE, self.namespace, name, patch)
 
     def delete(self, name: str) -> None:
-        self.kube.delete(RESOURCE, self.namespace, name)
+        self.cluster.delete(RESOURCE, self.namespace, name)
 
     def get(self, name: str) -> dict[str, Any] | None:
-        return self.kube.get(RESOURCE, self.namespace, name)
+        return self.cluster.get(RESOURCE, self.namespace, name)
 
     def status(self, name: str) -> dict[str, Any]:
         obj = self.get(name) or {}
@@ -115,7 +138,7 @@ class World:
         return wait_until(check, timeout=timeout, message=f"{name} never got reason {reason}: {self.ready(name)}")
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
-        found = self.kube.events(self.namespace)
+        found = self.cluster.events(self.namespace)
         if name is not None:
             found = [e for e in found if (e.get("involvedObject") or {}).get("name") == name]
         return found
@@ -129,11 +152,12 @@ class World:
         args: tuple[str, ...] = (),
         socket_path: str | None = None,
         wait: bool = True,
+        direct: bool = False,
     ) -> OperatorProcess:
         index = len(self.operators)
         process = OperatorProcess(
             namespace=self.namespace,
-            kubeconfig=self.kube.write_kubeconfig(self.workdir / "kubeconfig"),
+            kubeconfig=self.operator_kubeconfig(direct=direct),
             aws_env=self.irsa_env() if aws_env is None else aws_env,
             socket_path=socket_path or self.socket_path,
             extra_env=extra_env,
@@ -147,12 +171,24 @@ class World:
             process.wait_for_log("Serving credentials on", timeout=20)
         return process
 
+    def operator_kubeconfig(self, *, direct: bool = False) -> Path:
+        """The operator's kubeconfig: its ServiceAccount's token, through the fault proxy unless ``direct``."""
+        name = "kubeconfig-direct" if direct else "kubeconfig"
+        server = None if direct else self.kube.url
+        return self.cluster.write_kubeconfig(self.workdir / name, token=self.token, namespace=self.namespace, server=server)
+
     def client(self, socket_path: str | None = None) -> CredentialClient:
         return CredentialClient(socket_path or self.socket_path, timeout=15)
 
     def everything_stored(self) -> str:
         """Every object (events included) the API server holds, as text."""
-        return json.dumps(self.kube.list_objects(), default=str)
+        return json.dumps(self.cluster.list_objects(), default=str)
+
+    def assert_no_forbidden(self) -> None:
+        """The shipped RBAC suffices: no request of the operator was refused."""
+        for index, process in enumerate(self.operators):
+            refused = [line for line in process.output.splitlines() if FORBIDDEN.search(line)]
+            assert not refused, f"operator {index} was refused by the API server: {refused[:3]}"
 
     def assert_no_leaks(self) -> None:
         haystacks = {"api objects and events": self.everything_stored()}
@@ -164,18 +200,22 @@ class World:
 
 
 @pytest.fixture
-def world(kube: KubeEmulator, aws: AwsEmulator, proxy: FaultProxy) -> Iterator[World]:
+def world(cluster: Cluster, kube: KubeFaultProxy, aws: AwsEmulator, proxy: FaultProxy) -> Iterator[World]:
     # Unix socket paths are limited to ~107 bytes: keep the work dir short.
     workdir = Path(tempfile.mkdtemp(prefix="ccred-", dir="/tmp"))
-    the_world = World(kube, aws, proxy, workdir)
+    the_world = World(cluster, kube, aws, proxy, workdir)
     try:
         yield the_world
         for process in the_world.operators:
             process.stop()
         the_world.assert_no_leaks()
+        the_world.assert_no_forbidden()
     finally:
-        for process in the_world.operators:
+        for index, process in enumerate(the_world.operators):
             if process.running:
                 process.stop()
+            # Shown by pytest only when the test fails: what the operator said.
+            print(f"--- operator {index} output (tail) ---\n{process.output[-6000:]}")
         proxy.clear()
+        kube.clear_faults()
         shutil.rmtree(workdir, ignore_errors=True)

@@ -15,7 +15,7 @@ import urllib.parse
 import pytest
 
 from connector_credentials.client import CredentialError, CredentialUnavailable
-from connector_credentials_demo.runner import console_script, wait_until
+from tests.support.runner import console_script, wait_until
 from tests.integration.conftest import World
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from connector_credentials_demo.demo import SECRETS
-from connector_credentials_demo.runner import console_script
+from tests.support.demo import SECRETS
+from tests.support.runner import console_script
 
 ROOT = Path(__file__).parents[2]
 EXPECTED = {

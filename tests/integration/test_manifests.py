@@ -92,7 +92,7 @@ def test_rbac_is_least_privilege() -> None:
         for resource in rule["resources"]
     }
     assert granted == {
-        ("connectors.xpander.ai", "connectorcredentials"): {"get", "list", "watch", "patch"},
+        ("connectors.xpander.ai", "connectorcredentials"): {"get", "list", "watch"},
         ("connectors.xpander.ai", "connectorcredentials/status"): {"patch"},
         ("", "events"): {"create"},
     }

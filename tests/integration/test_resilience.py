@@ -21,9 +21,8 @@ from typing import Any, Self
 import pytest
 
 from connector_credentials.client import CredentialClient, CredentialUnavailable
-from connector_credentials_demo.kube import HARNESS_HEADER
-from connector_credentials_demo.proxy import FaultProxy
-from connector_credentials_demo.runner import wait_until
+from tests.support.awsproxy import FaultProxy
+from tests.support.runner import wait_until
 from tests.integration.conftest import RESOURCE, World
 
 INTERVAL = 5.0
@@ -64,7 +63,7 @@ def _ready_of(obj: dict[str, Any]) -> dict[str, Any] | None:
 
 
 class Timeline:
-    """Polls the Ready condition of some credentials (inside the emulator, no HTTP) and keeps every change."""
+    """Polls the Ready condition of some credentials (as the admin) and keeps every change."""
 
     def __init__(self, world: World, names: Iterable[str], period: float = 0.1) -> None:
         self.world = world
@@ -76,9 +75,9 @@ class Timeline:
 
     def snapshot(self) -> dict[str, State]:
         found: dict[str, State] = {}
-        for obj in self.world.kube.list_objects(RESOURCE):
+        for obj in self.world.cluster.list(RESOURCE, self.world.namespace):
             meta = obj.get("metadata") or {}
-            if meta.get("namespace") == self.world.namespace and meta.get("name") in self.changes:
+            if meta.get("name") in self.changes:
                 found[meta["name"]] = _state(_ready_of(obj))
         return found
 
@@ -149,17 +148,7 @@ def calls_between(world: World, secret: str, start: float, end: float = float("i
 def status_patches(world: World, name: str | None = None) -> int:
     """PATCH requests of the operator(s) to the status subresource (accepted or not)."""
     pattern = re.compile(rf"/namespaces/{world.namespace}/connectorcredentials/{name or '[^/]+'}/status$")
-
-    def count() -> int:
-        return sum(
-            1
-            for request in world.kube.emulator
-            if str(getattr(request.method, "value", request.method)) == "PATCH"
-            and pattern.search(request.url.path)
-            and HARNESS_HEADER not in request.headers
-        )
-
-    return world.kube.call(count)
+    return len(world.kube.requests("PATCH", pattern))
 
 
 def max_calls_under_backoff(window: float, attempts: int = 2, extra_checks: int = 0) -> int:

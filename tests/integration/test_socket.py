@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from connector_credentials.client import CredentialClient
-from connector_credentials_demo.runner import console_script, hermetic_env
+from tests.support.runner import console_script, hermetic_env
 from tests.integration.conftest import World
 
 NOBODY = 65534

@@ -22,10 +22,11 @@ from pathlib import Path
 import pytest
 
 from connector_credentials.client import CredentialClient, ServerUnreachable
-from connector_credentials_demo.awsemu import AwsEmulator
-from connector_credentials_demo.kube import KubeEmulator
-from connector_credentials_demo.proxy import FaultProxy
-from connector_credentials_demo.runner import OperatorProcess, wait_until
+from tests.support.awsemu import AwsEmulator
+from tests.support.kube import Cluster
+from tests.support.kubeproxy import KubeFaultProxy
+from tests.support.awsproxy import FaultProxy
+from tests.support.runner import OperatorProcess, wait_until
 from tests.integration.conftest import World
 from tests.integration.test_socket import Reply, exchange, parse_reply, request
 
@@ -60,9 +61,9 @@ class Hostile:
 
 
 @pytest.fixture(scope="module")
-def hostile(kube: KubeEmulator, aws: AwsEmulator, proxy: FaultProxy) -> Iterator[Hostile]:
+def hostile(cluster: Cluster, kube: KubeFaultProxy, aws: AwsEmulator, proxy: FaultProxy) -> Iterator[Hostile]:
     workdir = Path(tempfile.mkdtemp(prefix="ccred-", dir="/tmp"))
-    world = World(kube, aws, proxy, workdir)
+    world = World(cluster, kube, aws, proxy, workdir)
     try:
         world.apply("plain", {"secretArn": world.secret("plain")})
         process = world.start_operator()

@@ -1,4 +1,4 @@
-"""Smoke tests of the test harness itself (connector_credentials_demo): emulators, proxy, runner."""
+"""Smoke tests of the test harness itself: the control plane, moto, both fault proxies, the runner."""
 
 from __future__ import annotations
 
@@ -10,51 +10,25 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import os
 import urllib.parse
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from kubernetes import client, config, watch
+from kubernetes.client.exceptions import ApiException
 
-from connector_credentials_demo.awsemu import AwsEmulator, irsa_env
-from connector_credentials_demo.kube import KubeApiError, KubeEmulator
-from connector_credentials_demo.proxy import FaultProxy
-from connector_credentials_demo.runner import OperatorProcess, hermetic_env, wait_until
+from tests.support.awsemu import AwsEmulator, irsa_env
+from tests.support.controlplane import ControlPlane
+from tests.support.kube import Cluster
+from tests.support.kubeproxy import KubeFaultProxy
+from tests.support.awsproxy import FaultProxy
+from tests.support.runner import OperatorProcess, hermetic_env, wait_until
 
-GROUP, VERSION, PLURAL = "smoke.example.com", "v1", "widgets"
-RESOURCE = f"{GROUP}/{VERSION}/{PLURAL}"
-REAL_CRD = Path(__file__).resolve().parents[2] / "crds" / "connectorcredentials.yaml"
-SMALL_CRD = f"""
-apiVersion: apiextensions.k8s.io/v1
-kind: CustomResourceDefinition
-metadata:
-  name: {PLURAL}.{GROUP}
-spec:
-  group: {GROUP}
-  scope: Namespaced
-  names: {{kind: Widget, plural: {PLURAL}, singular: widget, shortNames: [wdg]}}
-  versions:
-    - name: {VERSION}
-      served: true
-      storage: true
-      subresources: {{status: {{}}}}
-      additionalPrinterColumns:
-        - {{name: Ready, type: string, jsonPath: '.status.conditions[?(@.type=="Ready")].status'}}
-        - {{name: Age, type: date, jsonPath: .metadata.creationTimestamp}}
-      schema: {{openAPIV3Schema: {{type: object, x-kubernetes-preserve-unknown-fields: true}}}}
-"""
-
-
-@pytest.fixture(scope="module")
-def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeEmulator]:
-    crd = tmp_path_factory.mktemp("crd") / "crd.yaml"
-    crd.write_text(SMALL_CRD, encoding="utf-8")
-    with KubeEmulator() as emulator:
-        emulator.load_crd(crd)
-        for n in range(1, 6):
-            emulator.create_namespace(f"ns{n}")
-        yield emulator
+RESOURCE = "connectors.xpander.ai/v1alpha1/connectorcredentials"
 
 
 @pytest.fixture(scope="module")
@@ -63,197 +37,70 @@ def aws() -> Iterator[AwsEmulator]:
         yield emulator
 
 
-def widget(name: str, **spec: Any) -> dict[str, Any]:
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Widget", "metadata": {"name": name}, "spec": spec}
+# -- The control plane and the Kubernetes fault proxy ------------------------------------------------
 
 
-# -- Kubernetes emulator ---------------------------------------------------------------------------
-
-
-def test_kubernetes_client_through_kubeconfig(kube: KubeEmulator, tmp_path: Path) -> None:
-    from kubernetes import client, config
-
-    kubeconfig = kube.write_kubeconfig(tmp_path / "kubeconfig")
+def test_control_plane_is_ready_quickly_and_enforces_rbac(plane: ControlPlane, cluster: Cluster, tmp_path: Path) -> None:
+    assert plane.started_in < 30, f"the control plane took {plane.started_in:.1f}s to become ready"
+    namespace = f"smoke-{uuid.uuid4().hex[:8]}"
+    cluster.create_namespace(namespace)
+    cluster.install_operator_identity(namespace)
+    kubeconfig = cluster.write_kubeconfig(tmp_path / "kc", token=cluster.service_account_token(namespace), namespace=namespace)
     with config.new_client_from_config(config_file=str(kubeconfig)) as api_client:
         custom = client.CustomObjectsApi(api_client)
-        created = custom.create_namespaced_custom_object(GROUP, VERSION, "ns1", PLURAL, widget("w1", size=1))
-        meta = created["metadata"]
-        assert meta["uid"] and meta["creationTimestamp"] and meta["generation"] == 1
-        rv1 = int(meta["resourceVersion"])
-
-        patched = custom.patch_namespaced_custom_object(GROUP, VERSION, "ns1", PLURAL, "w1", {"spec": {"size": 2}})
-        assert patched["spec"] == {"size": 2}
-        assert patched["metadata"]["generation"] == 2 and int(patched["metadata"]["resourceVersion"]) > rv1
-
-        status = {"status": {"conditions": [{"type": "Ready", "status": "True"}]}}
-        after = custom.patch_namespaced_custom_object_status(GROUP, VERSION, "ns1", PLURAL, "w1", status)
-        assert after["status"] == status["status"] and after["metadata"]["generation"] == 2  # status: no bump
-
-        ignored = custom.patch_namespaced_custom_object(GROUP, VERSION, "ns1", PLURAL, "w1", {"status": {"x": 1}})
-        assert ignored["status"] == status["status"]  # the main resource ignores status changes
-
-        listing = custom.list_namespaced_custom_object(GROUP, VERSION, "ns1", PLURAL)
-        assert listing["kind"] == "WidgetList" and [o["metadata"]["name"] for o in listing["items"]] == ["w1"]
-
-        core = client.CoreV1Api(api_client)
-        names = set()
-        for n in range(2):  # kmock alone answers the second one with 409
-            event = core.create_namespaced_event(
-                "ns1",
-                {
-                    "metadata": {"generateName": "w1-"},
-                    "reason": "Checked",
-                    "message": f"try {n}",
-                    "type": "Normal",
-                    "involvedObject": {"kind": "Widget", "name": "w1", "namespace": "ns1", "apiVersion": RESOURCE},
-                },
-            )
-            assert event.metadata.name.startswith("w1-") and len(event.metadata.name) == len("w1-") + 5
-            names.add(event.metadata.name)
-        assert len(names) == 2
-
-        namespaces = [ns.metadata.name for ns in core.list_namespace().items]  # kmock alone fails this
-        assert {"default", "ns1"} <= set(namespaces)
-        with pytest.raises(client.ApiException) as missing:
-            core.create_namespaced_event(
-                "nowhere", {"metadata": {"generateName": "x-"}, "involvedObject": {"name": "w1"}}
-            )
-        assert missing.value.status == 404  # no objects in namespaces that do not exist
-
-    assert {e["message"] for e in kube.events("ns1")} == {"try 0", "try 1"}
-    assert {(e["apiVersion"], e["kind"]) for e in kube.events("ns1")} == {("v1", "Event")}
-    everything = kube.list_objects()
-    assert any(o["metadata"]["name"] == "w1" for o in everything)
-    assert any(o.get("kind") == "CustomResourceDefinition" for o in everything)  # the CRD is stored too
-    assert kube.delete(RESOURCE, "ns1", "w1") is not None
-    assert kube.get(RESOURCE, "ns1", "w1") is None
+        assert custom.list_namespaced_custom_object("connectors.xpander.ai", "v1alpha1", namespace, "connectorcredentials")["items"] == []
+        with pytest.raises(ApiException) as secrets:
+            client.CoreV1Api(api_client).list_namespaced_secret(namespace)
+        assert secrets.value.status == 403
+        with pytest.raises(ApiException) as elsewhere:
+            custom.list_namespaced_custom_object("connectors.xpander.ai", "v1alpha1", "default", "connectorcredentials")
+        assert elsewhere.value.status == 403
 
 
-def test_write_semantics(kube: KubeEmulator) -> None:
-    kube.create(RESOURCE, "ns2", widget("w2", size=1))
-    with pytest.raises(KubeApiError) as conflict:
-        kube.create(RESOURCE, "ns2", widget("w2"))
-    assert conflict.value.status == 409
-
-    before = kube.get(RESOURCE, "ns2", "w2")
-    assert before is not None
-    same = kube.patch(RESOURCE, "ns2", "w2", {"spec": {"size": 1}})
-    assert same["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]  # no-op: no write
-
-    # kopf's JSON patch with an optimistic-concurrency test on resourceVersion.
-    rv = before["metadata"]["resourceVersion"]
-    ops = [
-        {"op": "test", "path": "/metadata/resourceVersion", "value": rv},
-        {"op": "add", "path": "/metadata/finalizers", "value": ["smoke/finalizer"]},
-    ]
-    with_finalizer = kube.patch(RESOURCE, "ns2", "w2", ops)
-    assert with_finalizer["metadata"]["finalizers"] == ["smoke/finalizer"]
-    with pytest.raises(KubeApiError) as stale:
-        kube.patch(RESOURCE, "ns2", "w2", ops)  # same resourceVersion again: now stale
-    assert stale.value.status == 422
-
-    deleting = kube.delete(RESOURCE, "ns2", "w2")
-    assert deleting is not None and deleting["metadata"]["deletionTimestamp"]
-    assert kube.get(RESOURCE, "ns2", "w2") is not None  # held by the finalizer
-    kube.patch(RESOURCE, "ns2", "w2", {"metadata": {"finalizers": None}})
-    assert kube.get(RESOURCE, "ns2", "w2") is None
+def test_processes_are_stopped(tmp_path: Path) -> None:
+    with ControlPlane(workdir=tmp_path / "cp") as second:
+        pids = [proc.pid for proc in second._procs]
+        assert len(pids) == 2
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
 
 
-@contextlib.contextmanager
-def _watch(kube: KubeEmulator, namespace: str, timeout_seconds: int | None = None) -> Iterator[Any]:
-    url = urllib.parse.urlsplit(kube.url)
-    conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=5)
-    query = "?watch=true" + (f"&timeoutSeconds={timeout_seconds}" if timeout_seconds is not None else "")
-    try:
-        conn.request("GET", f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}{query}")
-        response = conn.getresponse()
-        assert response.status == 200
-        yield response
-    finally:
-        conn.close()  # closes the response too
-
-
-def _next_event(response: Any) -> dict[str, Any]:
-    line = b""
-    while not line.strip():
-        line = response.readline()
-        assert line, "the watch stream ended"
-    event: dict[str, Any] = json.loads(line)
-    return event
-
-
-def test_watch_stream_sees_patch_and_can_be_dropped(kube: KubeEmulator) -> None:
-    kube.create(RESOURCE, "ns3", widget("w3"))
-    with _watch(kube, "ns3") as response:
-        assert _next_event(response)["type"] == "ADDED"
-        kube.patch(RESOURCE, "ns3", "w3", {"status": {"phase": "Ready"}}, subresource="status")
-        event = _next_event(response)
-        assert event["type"] == "MODIFIED" and event["object"]["status"] == {"phase": "Ready"}
-        wait_until(lambda: kube.active_watches >= 1, timeout=2, message="the watch is not registered")
-        assert kube.drop_watches() >= 1
-        assert response.read() == b""  # the stream ends, as after an API server restart
-
-    with _watch(kube, "ns3", timeout_seconds=0) as timed:
-        assert _next_event(timed)["type"] == "ADDED"
-        assert timed.read() == b""  # timeoutSeconds is honoured
-
-
-def test_fault_injection(kube: KubeEmulator, tmp_path: Path) -> None:
-    from kubernetes import client, config
-    from kubernetes.client.exceptions import ApiException
-
-    kube.create(RESOURCE, "ns4", widget("w4"))
-    fault = kube.fail_status_patches(times=1, status=409)
-    with config.new_client_from_config(config_file=str(kube.write_kubeconfig(tmp_path / "kc"))) as api_client:
+def test_kube_fault_proxy_injects_and_drops(cluster: Cluster, kube: KubeFaultProxy, tmp_path: Path) -> None:
+    namespace = f"smoke-{uuid.uuid4().hex[:8]}"
+    cluster.create_namespace(namespace)
+    cluster.install_operator_identity(namespace)
+    token = cluster.service_account_token(namespace)
+    kubeconfig = cluster.write_kubeconfig(tmp_path / "kc", token=token, namespace=namespace, server=kube.url)
+    body = {"apiVersion": "connectors.xpander.ai/v1alpha1", "kind": "ConnectorCredential",
+            "metadata": {"name": "w"}, "spec": {"secretArn": "arn:aws:secretsmanager:us-east-1:123456789012:secret:a-AbCdEf"}}
+    cluster.create(RESOURCE, namespace, body)
+    with config.new_client_from_config(config_file=str(kubeconfig)) as api_client:
         custom = client.CustomObjectsApi(api_client)
-        body = {"status": {"phase": "x"}}
-        with pytest.raises(ApiException) as failed:
-            custom.patch_namespaced_custom_object_status(GROUP, VERSION, "ns4", PLURAL, "w4", body)
-        assert failed.value.status == 409 and json.loads(failed.value.body)["reason"] == "Conflict"
-        assert custom.patch_namespaced_custom_object_status(GROUP, VERSION, "ns4", PLURAL, "w4", body)["status"]
-        assert fault.hits == 1 and not fault.active
+        args = ("connectors.xpander.ai", "v1alpha1", namespace, "connectorcredentials", "w")
+        kube.fail_status_patches(times=1, status=409)
+        with pytest.raises(ApiException) as conflict:
+            custom.patch_namespaced_custom_object_status(*args, {"status": {"checkedGeneration": 1}})
+        assert conflict.value.status == 409
+        custom.patch_namespaced_custom_object_status(*args, {"status": {}})  # the fault was used up
+        assert len(kube.requests("PATCH", r"/w/status$")) == 2
+        assert custom.get_namespaced_custom_object(*args)["metadata"]["name"] == "w"
 
-        kube.fail_requests("GET", re.compile(r"/widgets/w4$"), status=500, times=None)
-        with pytest.raises(ApiException) as broken:
-            custom.get_namespaced_custom_object(GROUP, VERSION, "ns4", PLURAL, "w4")
-        assert broken.value.status == 500
-        assert kube.get(RESOURCE, "ns4", "w4") is not None  # the harness's own requests bypass faults
-        kube.clear_faults()
-        assert custom.get_namespaced_custom_object(GROUP, VERSION, "ns4", PLURAL, "w4")["metadata"]["name"] == "w4"
-
-
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
-def test_kubectl_get_and_describe(kube: KubeEmulator, tmp_path: Path) -> None:
-    kubeconfig = kube.write_kubeconfig(tmp_path / "kubeconfig")
-    kube.create(RESOURCE, "ns5", widget("w5"))
-    kube.patch(
-        RESOURCE, "ns5", "w5", {"status": {"conditions": [{"type": "Ready", "status": "True"}]}}, subresource="status"
-    )
-
-    def kubectl(*args: str) -> str:
-        result = subprocess.run(
-            ["kubectl", "--kubeconfig", str(kubeconfig), *args],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-            env=hermetic_env(tmp_path / "home"),
-        )
-        assert result.returncode == 0, result.stderr
-        return result.stdout
-
-    table = kubectl("get", "wdg", "-n", "ns5")
-    assert re.search(r"NAME\s+READY\s+AGE", table) and re.search(r"w5\s+True", table)
-    assert "Name:         w5" in kubectl("describe", "widgets", "w5", "-n", "ns5")
+        stream = watch.Watch().stream(custom.list_namespaced_custom_object, *args[:4], timeout_seconds=30)
+        first = next(stream)
+        assert first["type"] == "ADDED"
+        wait_until(lambda: kube.active_watches >= 1, timeout=5, message="the watch is not seen by the proxy")
+        assert kube.drop_watches() >= 1
+        with contextlib.suppress(Exception):
+            for _ in stream:
+                pass  # ends when the proxy drops the stream
+        wait_until(lambda: kube.active_watches == 0, timeout=5, message="the watch was not dropped")
 
 
-@pytest.mark.skipif(not REAL_CRD.exists(), reason="the project's CRD is not written yet")
-def test_project_crd_loads(tmp_path: Path) -> None:
-    with KubeEmulator() as kube:
-        keys = kube.load_crd(REAL_CRD)
-        assert keys == ["connectors.xpander.ai/v1alpha1/connectorcredentials"]
-        created = kube.create(keys[0], "default", {"metadata": {"name": "c"}, "spec": {"secretArn": "arn:x"}})
-        assert created["kind"] == "ConnectorCredential"
+def test_kubectl_works_against_the_control_plane(cluster: Cluster) -> None:
+    assert "namespaces" in cluster.kubectl("api-resources", "-o", "name").stdout
+    explained = cluster.kubectl("explain", "connectorcredential.spec.secretArn").stdout
+    assert "secretArn" in explained
 
 
 # -- AWS: moto through the IRSA chain, and the fault proxy -----------------------------------------

@@ -1,3 +1,4 @@
-"""Test support. The emulators, the AWS fault-injecting proxy and the process runner live in
-``connector_credentials_demo`` (installed with the ``demo`` extra) so that ``make demo`` uses
-the very same harness; these modules re-export them under the tests' tree."""
+"""Test and demo support, never installed: a real control plane (etcd + kube-apiserver built
+from pinned Go modules), moto for AWS, fault-injecting proxies in front of both, and a runner
+for the operator's console script. ``make demo`` (``python -m tests.support.demo``) uses the
+very same harness."""

@@ -28,10 +28,10 @@ import yaml
 
 from connector_credentials.client import CredentialClient, CredentialError
 from connector_credentials.models import API_VERSION, GROUP, KIND, PLURAL, VERSION, SecretArn
-from connector_credentials_demo.awsemu import AwsEmulator, irsa_env
-from connector_credentials_demo.kube import KubeEmulator
-from connector_credentials_demo.proxy import FaultProxy
-from connector_credentials_demo.runner import OperatorProcess, console_script
+from tests.support.awsemu import AwsEmulator, irsa_env
+from tests.support.kube import KubeEmulator
+from tests.support.awsproxy import FaultProxy
+from tests.support.runner import OperatorProcess, console_script
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "deploy" / "samples"

@@ -26,7 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
 from xml.sax.saxutils import escape
 
-from connector_credentials_demo.lifecycle import Service
+from tests.support.lifecycle import Service
 
 STS_ACTIONS = frozenset({"AssumeRoleWithWebIdentity", "GetCallerIdentity", "AssumeRole", "GetSessionToken"})
 _HOP_BY_HOP = frozenset(
