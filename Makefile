@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 venv: $(STAMP) ## Create the virtual environment and install everything (pinned)
 
 demo: $(STAMP) ## Run the operator against local Kubernetes and AWS emulators (add ARGS=--keep to explore)
-	$(PY) -m connector_credentials_demo $(ARGS)
+	$(PY) -m tests.support.demo $(if $(filter command line,$(origin KUBECONFIG)),--kubeconfig $(KUBECONFIG)) $(ARGS)
 
 test: $(STAMP) lint typecheck ## Lint, type-check, and run the unit and integration tests
 	$(PY) -m pytest tests/unit tests/integration tests/e2e

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = os.environ.get("E2E_KIND_CLUSTER", "ccred-e2e")
@@ -100,3 +101,9 @@ def diagnostics() -> str:
         done = kubectl(*args, check=False, timeout=60)
         parts.append(f"--- kubectl {' '.join(args)}\n{done.stdout}{done.stderr}")
     return "\n".join(parts)
+
+
+def sample_manifests() -> list[dict[str, Any]]:
+    """The objects of deploy/samples/*.yaml (what `kubectl apply -f deploy/samples/` applies)."""
+    paths = sorted((REPO / "deploy" / "samples").glob("*.yaml"))
+    return [doc for path in paths for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")) if doc]

@@ -27,6 +27,7 @@ from tests.e2e.e2e_helpers import (
     FAKE_AWS_IMAGE,
     NAMESPACE,
     OPERATOR_IMAGE,
+    REPO,
     SOCKET,
     kubectl,
     ready_condition,
@@ -78,7 +79,7 @@ def installed(images: None) -> Iterator[None]:
     kubectl("-n", NAMESPACE, "rollout", "status", "deploy/xpander-controller", "--timeout=300s", timeout=330)
     yield
     if os.environ.get("E2E_KEEP_CLUSTER") != "1":
-        kubectl("delete", "-k", "deploy/samples", "--ignore-not-found", "--wait=false", check=False)
+        kubectl("delete", "-f", "deploy/samples/", "--ignore-not-found", "--wait=false", check=False)
         kubectl("delete", "-k", "tests/e2e/overlay", "--ignore-not-found", "--wait=false", check=False)
 
 
@@ -87,7 +88,12 @@ def samples(installed: None) -> dict[str, str]:
     """Apply deploy/samples with the seeded secrets' ARNs; return the ARNs by sample name."""
     proxy = f"/api/v1/namespaces/{NAMESPACE}/services/http:moto:5000/proxy/_e2e/seeded"
     seeded = json.loads(kubectl("get", "--raw", proxy).stdout)
-    docs = [d for d in yaml.safe_load_all(run("kubectl", "kustomize", "deploy/samples").stdout) if d]
+    docs = [
+        d
+        for path in sorted((REPO / "deploy" / "samples").glob("*.yaml"))
+        for d in yaml.safe_load_all(path.read_text())
+        if d
+    ]
     arns = {}
     for doc in docs:
         secret_name = doc["spec"]["secretArn"].split(":secret:", 1)[1][: -len("-AbCdEf")]

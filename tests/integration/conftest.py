@@ -138,10 +138,15 @@ class World:
         return wait_until(check, timeout=timeout, message=f"{name} never got reason {reason}: {self.ready(name)}")
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        """The namespace's Events (of one object), oldest first.
+
+        The API server lists them by name, and an Event's name ends in random hex: the order of
+        a listing says nothing about time. ``eventTime`` (microseconds) does.
+        """
         found = self.cluster.events(self.namespace)
         if name is not None:
             found = [e for e in found if (e.get("involvedObject") or {}).get("name") == name]
-        return found
+        return sorted(found, key=lambda e: str(e.get("eventTime") or e.get("lastTimestamp") or ""))
 
     # --- the operator --------------------------------------------------------------------
     def start_operator(

@@ -1,4 +1,5 @@
-"""`make demo` (``python -m connector_credentials_demo``) as a newcomer runs it: exit 0, sensible output, no values."""
+"""`make demo` (``python -m tests.support.demo``) as a newcomer runs it: exit 0, sensible output, no values;
+and with ``--keep``, the README's kubectl commands behave as on a real cluster."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from tests.support.demo import SECRETS
 from tests.support.runner import console_script
 
 ROOT = Path(__file__).parents[2]
+KUBECTL = shutil.which("kubectl") or "kubectl"
 EXPECTED = {
     "slack": ("True", "AccessVerified"),
     "jira": ("True", "AccessVerified"),
@@ -55,7 +57,7 @@ def workdir_of(output: str) -> Path:
 
 
 def demo_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "connector_credentials_demo", *args]
+    return [sys.executable, "-m", "tests.support.demo", *args]
 
 
 def test_demo_shows_every_sample_and_a_masked_read() -> None:
@@ -75,7 +77,7 @@ def test_demo_shows_every_sample_and_a_masked_read() -> None:
     try:
         for name, (ready, reason) in EXPECTED.items():
             assert re.search(rf"^\s*{name}\s+{ready}\s+{reason}\s", output, re.MULTILINE), output
-        assert "Kubernetes API emulator" in output
+        assert "Kubernetes: local kube-apiserver" in output
         assert "AWS emulator" in output
         assert "Operator started" in output
         assert "xpander/slack" in output
@@ -154,6 +156,8 @@ def test_demo_keep_serves_until_interrupted() -> None:
         assert cli.returncode == 0, cli.stdout + cli.stderr
         assert MASKED.search(cli.stdout), cli.stdout
         assert_no_values(cli.stdout + cli.stderr, "`connector-credentials get`")
+        assert f"socket: {socket_path.group(1)}" in output
+        readme_commands_behave(Path(kubeconfig.group(1)))
 
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
@@ -172,3 +176,34 @@ def test_demo_keep_serves_until_interrupted() -> None:
             proc.stdout.close()
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def readme_commands_behave(kubeconfig: Path) -> None:
+    """What the README tells a newcomer to try in the demo's cluster, checked against what it means."""
+
+    def kubectl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [KUBECTL, f"--kubeconfig={kubeconfig}", *args], capture_output=True, text=True, timeout=60, check=False
+        )
+        if check:
+            assert result.returncode == 0, f"kubectl {' '.join(args)}: {result.stdout}{result.stderr}"
+        return result
+
+    applied = kubectl("apply", "-f", str(ROOT / "deploy" / "samples") + "/").stdout
+    assert applied.count("connectorcredential.connectors.xpander.ai/") == len(EXPECTED), applied
+    listed = kubectl("get", "ccred", "-n", "xpander").stdout
+    assert listed.splitlines()[0].split()[:4] == ["NAME", "READY", "REASON", "AGE"], listed
+    for name, (ready, reason) in EXPECTED.items():
+        assert re.search(rf"^{name}\s+{ready}\s+{reason}\s", listed, re.MULTILINE), listed
+    described = kubectl("describe", "ccred", "-n", "xpander", "denied").stdout
+    events = described[described.index("Events:") :]
+    assert "AccessDenied" in events
+    assert "AccessVerified" not in events, "describe shows the Events of other objects"
+    explained = kubectl("explain", "connectorcredential.spec").stdout
+    assert "secretArn" in explained and "refreshInterval" in explained, explained
+    dry = kubectl("delete", "ccred", "-n", "xpander", "--all", "--dry-run=server").stdout
+    assert "(server dry run)" in dry, dry
+    assert len(kubectl("get", "ccred", "-n", "xpander", "-o", "name").stdout.split()) == len(EXPECTED)
+    kubectl("wait", "--for=condition=Ready", "ccred/slack", "-n", "xpander", "--timeout=5s")
+    refused = kubectl("wait", "--for=condition=Ready", "ccred/denied", "-n", "xpander", "--timeout=1s", check=False)
+    assert refused.returncode != 0, refused.stdout

@@ -1,10 +1,13 @@
-"""``make demo``: the real operator against local Kubernetes and AWS emulators.
+"""``make demo``: the real operator against a real Kubernetes API server and local AWS (moto).
 
-Starts kmock (a Kubernetes API that knows the ConnectorCredential CRD) and moto (Secrets
-Manager and STS) holding a few made-up secrets, puts a fault proxy in front of moto to play
-IAM (moto does not enforce per-secret policies), gives the operator the environment an EKS
-pod with IRSA gets (token file, AWS_ROLE_ARN, AWS_ENDPOINT_URL), applies deploy/samples/,
-runs ``connector-credentials run`` and shows what came of it. Nothing leaves 127.0.0.1.
+Starts a local control plane (etcd + kube-apiserver built from pinned Go modules, see
+tests/controlplane/; or uses an existing cluster given with ``--kubeconfig``), applies the CRD,
+the operator's ServiceAccount and the RBAC that deploy/ ships, and starts moto (Secrets Manager
+and STS) holding a few made-up secrets, with a fault proxy in front to play IAM (moto does not
+enforce per-secret policies). The operator runs as ``connector-credentials run`` with a
+TokenRequest token of its ServiceAccount and the environment an EKS pod with IRSA gets (token
+file, AWS_ROLE_ARN, AWS_ENDPOINT_URL). deploy/samples/ is applied and the demo shows what came
+of it. With the local control plane, nothing leaves 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ import yaml
 from connector_credentials.client import CredentialClient, CredentialError
 from connector_credentials.models import API_VERSION, GROUP, KIND, PLURAL, VERSION, SecretArn
 from tests.support.awsemu import AwsEmulator, irsa_env
-from tests.support.kube import KubeEmulator
+from tests.support.controlplane import ControlPlane, ControlPlaneUnavailable
+from tests.support.kube import SERVICE_ACCOUNT, Cluster, KubeApiError, existing_cluster
 from tests.support.awsproxy import FaultProxy
 from tests.support.runner import OperatorProcess, console_script
 
@@ -94,19 +98,18 @@ def step(text: str) -> None:
 
 
 def load_samples(directory: Path = SAMPLES) -> tuple[str, list[Sample]]:
-    """The namespace and the ConnectorCredentials of the kustomization in ``directory``."""
-    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text(encoding="utf-8")) or {}
-    namespace = str(kustomization.get("namespace") or "default")
+    """The namespace and the ConnectorCredentials of the manifests in ``directory``."""
     samples: list[Sample] = []
-    for resource in kustomization.get("resources") or []:
-        for doc in yaml.safe_load_all((directory / str(resource)).read_text(encoding="utf-8")):
+    for path in sorted(directory.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")):
             if isinstance(doc, dict) and doc.get("kind") == KIND:
-                body = copy.deepcopy(doc)
-                body.setdefault("metadata", {})["namespace"] = namespace
-                samples.append(Sample(name=str(body["metadata"]["name"]), body=body))
+                samples.append(Sample(name=str(doc["metadata"]["name"]), body=copy.deepcopy(doc)))
     if not samples:
-        raise DemoError(f"no {KIND} in {directory}/kustomization.yaml")
-    return namespace, samples
+        raise DemoError(f"no {KIND} in {directory}")
+    namespaces = {str(sample.body["metadata"].get("namespace") or "default") for sample in samples}
+    if len(namespaces) != 1:
+        raise DemoError(f"the samples in {directory} name more than one namespace: {sorted(namespaces)}")
+    return namespaces.pop(), samples
 
 
 def split_suffix(secret_name: str) -> tuple[str, str | None]:
@@ -162,12 +165,12 @@ def ready_condition(obj: Mapping[str, Any] | None) -> dict[str, Any]:
     return {}
 
 
-def current_conditions(kube: KubeEmulator, namespace: str, samples: list[Sample]) -> dict[str, dict[str, Any]]:
+def current_conditions(kube: Cluster, namespace: str, samples: list[Sample]) -> dict[str, dict[str, Any]]:
     return {sample.name: ready_condition(kube.get(RESOURCE, namespace, sample.name)) for sample in samples}
 
 
 def wait_for_reasons(
-    kube: KubeEmulator, operator: OperatorProcess, namespace: str, samples: list[Sample], timeout: float
+    kube: Cluster, operator: OperatorProcess, namespace: str, samples: list[Sample], timeout: float
 ) -> dict[str, dict[str, Any]]:
     """Poll until every sample shows its expected reason; raise :class:`DemoError` if not in time."""
     deadline = time.monotonic() + timeout
@@ -246,9 +249,17 @@ def read_back(socket_path: str, namespace: str, name: str) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m connector_credentials_demo",
-        description="Run the operator against local Kubernetes (kmock) and AWS (moto) emulators.",
-        epilog="Through make: make demo ARGS='--keep --timeout 60'",
+        prog="python -m tests.support.demo",
+        description="Run the operator against a local kube-apiserver (or --kubeconfig's cluster) and moto.",
+        epilog="Through make: make demo ARGS='--keep --timeout 60', or make demo KUBECONFIG=~/.kube/config",
+    )
+    parser.add_argument(
+        "--kubeconfig",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="use this existing cluster (e.g. kind) instead of starting a local control plane; "
+        "needs admin rights there (it applies the CRD, a namespace, a ServiceAccount and RBAC)",
     )
     parser.add_argument(
         "--keep",
@@ -346,6 +357,34 @@ def main(argv: list[str] | None = None) -> int:
                 signal.signal(sig, handler)
 
 
+def start_kubernetes(args: argparse.Namespace, stack: contextlib.ExitStack, workdir: Path, namespace: str) -> Cluster:
+    """A local control plane (or the cluster of --kubeconfig) with the CRD, the namespace and the RBAC."""
+    if args.kubeconfig is not None:
+        kube = existing_cluster(args.kubeconfig.expanduser())
+        where = f"the cluster of {args.kubeconfig} ({kube.url})"
+    else:
+        plane = ControlPlane(workdir=workdir / "controlplane")
+        try:
+            stack.enter_context(plane)
+        except ControlPlaneUnavailable as exc:
+            raise DemoError(
+                f"{exc}\n  The demo needs Go (>= 1.25) to build kube-apiserver and etcd once, or an existing "
+                "cluster: make demo KUBECONFIG=~/.kube/config (kind works)."
+            ) from None
+        kube = Cluster(plane)
+        where = f"local kube-apiserver {kube.url} (ready in {plane.started_in:.1f}s, etcd, RBAC enforced)"
+    kube.apply_crds()
+    try:
+        kube.create_namespace(namespace)
+    except KubeApiError as exc:
+        if exc.status != 409:
+            raise
+    kube.install_operator_identity(namespace)
+    step(f"Kubernetes: {where}; CRD {PLURAL}.{GROUP} applied")
+    step(f"Namespace {namespace}: ServiceAccount {SERVICE_ACCOUNT} with the Role and RoleBinding from deploy/")
+    return kube
+
+
 def run(
     args: argparse.Namespace,
     stack: contextlib.ExitStack,
@@ -355,13 +394,11 @@ def run(
 ) -> OperatorProcess:
     """Start everything (registering its cleanup on ``stack``), check the outcome; return the operator."""
     namespace, samples = load_samples()
-    say("connector-credentials demo: the operator against local emulators (nothing leaves 127.0.0.1)\n")
+    say("connector-credentials demo: the operator against a real API server and a local AWS stand-in\n")
 
-    kube = stack.enter_context(KubeEmulator())
-    kube.load_crd(CRD)
-    kube.create_namespace(namespace)
-    kubeconfig = kube.write_kubeconfig(workdir / "kubeconfig", namespace=namespace)
-    step(f"Kubernetes API emulator (kmock) on {kube.url}, CRD {PLURAL}.{GROUP} registered")
+    kube = start_kubernetes(args, stack, workdir, namespace)
+    kubeconfig = workdir / "operator.kubeconfig"
+    kube.write_kubeconfig(kubeconfig, token=kube.service_account_token(namespace), namespace=namespace)
 
     stack.enter_context(moto_account(ACCOUNT))
     aws = stack.enter_context(AwsEmulator())
@@ -381,7 +418,7 @@ def run(
     )
 
     for sample in samples:
-        kube.create(RESOURCE, namespace, {"apiVersion": API_VERSION, "kind": KIND, **sample.body})
+        kube.apply(RESOURCE, namespace, {"apiVersion": API_VERSION, "kind": KIND, **sample.body}, manager="ccred-demo")
     mapped = [s.name for s in samples if s.mapped]
     arns = f"ARNs mapped to the emulator's for {', '.join(mapped)}" if mapped else "ARNs as written"
     step(f"Applied {len(samples)} ConnectorCredentials from deploy/samples/ to namespace {namespace} ({arns})")
@@ -419,12 +456,22 @@ def run(
     if args.keep:
         kubectl = "" if shutil.which("kubectl") else "   (kubectl is not installed here)"
         say("\nExplore it (in another terminal):")
-        say(f"  export KUBECONFIG={kubeconfig}")
+        say(f"  export KUBECONFIG={kube.admin_kubeconfig}")
         say(f"  kubectl get ccred -n {namespace} -o wide{kubectl}")
         say(f"  kubectl describe ccred -n {namespace} denied")
+        say("  kubectl apply -f deploy/samples/")
+        say("  kubectl explain connectorcredential.spec")
+        say(f"  kubectl delete ccred -n {namespace} --all --dry-run=server")
+        say(f"  socket: {socket_path}")
         say(f"  {cli} get {namespace}/{READ_BACK} --socket-path {socket_path}")
         say(f"  {cli} list --socket-path {socket_path}")
         say(f"  tail -f {log_path}")
     else:
         say("\nTry: make demo ARGS=--keep   (keeps it running; then kubectl get ccred and connector-credentials get)")
     return operator
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -12,6 +12,7 @@ import functools
 import http.client
 import json
 import shutil
+import ssl
 import subprocess
 import urllib.parse
 from collections.abc import Iterator, Mapping
@@ -58,20 +59,30 @@ def resource_path(resource: str, namespace: str | None, name: str | None = None,
 
 
 class Cluster:
-    """Admin access to the control plane (a ``system:masters`` client certificate)."""
+    """Admin access to a cluster: the local control plane (a ``system:masters`` client certificate)
+    or, with :func:`existing_cluster`, the cluster of a kubeconfig."""
 
-    def __init__(self, plane: ControlPlane) -> None:
-        self.plane = plane
-        self._context = plane.ssl_context()
+    def __init__(
+        self,
+        plane: ControlPlane | None = None,
+        *,
+        server: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        ca_file: Path | None = None,
+        admin_kubeconfig: Path | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        if plane is not None:
+            server, ssl_context, ca_file, admin_kubeconfig = plane.url, plane.ssl_context(), plane.ca_file, plane.kubeconfig
+        assert server is not None and ssl_context is not None and admin_kubeconfig is not None
+        self.url = server.rstrip("/")
+        split = urllib.parse.urlsplit(self.url)
+        self._host, self._port = split.hostname or "127.0.0.1", split.port or 443
+        self._context = ssl_context
+        self.ca_file = ca_file
+        self.admin_kubeconfig = admin_kubeconfig
+        self._headers = dict(headers or {})
         self._listable: list[str] | None = None
-
-    @property
-    def url(self) -> str:
-        return self.plane.url
-
-    @property
-    def admin_kubeconfig(self) -> Path:
-        return self.plane.kubeconfig
 
     # -- raw REST --------------------------------------------------------------------------
 
@@ -86,10 +97,12 @@ class Cluster:
     ) -> tuple[int, Any]:
         if query:
             path = f"{path}?{urllib.parse.urlencode(query)}"
-        connection = http.client.HTTPSConnection("127.0.0.1", self.plane.api_port, context=self._context, timeout=30)
+        connection = http.client.HTTPSConnection(self._host, self._port, context=self._context, timeout=30)
         try:
             data = None if body is None else json.dumps(body).encode()
-            headers = {"Accept": "application/json", **({"Content-Type": content_type} if data is not None else {})}
+            headers = {"Accept": "application/json", **self._headers}
+            if data is not None:
+                headers["Content-Type"] = content_type
             connection.request(method, path, body=data, headers=headers)
             answer = connection.getresponse()
             raw = answer.read()
@@ -124,6 +137,12 @@ class Cluster:
     ) -> dict[str, Any]:
         path = resource_path(resource, namespace, name, subresource)
         return dict(self.checked("PATCH", path, patch, content_type=patch_type))
+
+    def apply(self, resource: str, namespace: str | None, body: Mapping[str, Any], *, manager: str = "ccred-tests") -> dict[str, Any]:
+        """Server-side apply (create or update): idempotent, as ``kubectl apply --server-side``."""
+        path = resource_path(resource, namespace, str(body["metadata"]["name"]))
+        query = {"fieldManager": manager, "force": "true"}
+        return dict(self.checked("PATCH", path, dict(body), content_type="application/apply-patch+yaml", query=query))
 
     def get(self, resource: str, namespace: str | None, name: str) -> dict[str, Any] | None:
         status, parsed = self.request("GET", resource_path(resource, namespace, name))
@@ -194,13 +213,13 @@ class Cluster:
 
     def install_operator_identity(self, namespace: str, service_account: str = SERVICE_ACCOUNT) -> None:
         """The ServiceAccount and the shipped Role and RoleBinding (rendered from deploy/) in ``namespace``."""
-        self.create("v1/serviceaccounts", namespace, {"metadata": {"name": service_account}})
+        self.apply("v1/serviceaccounts", namespace, {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": service_account}})
         for doc in shipped_rbac(namespace):
             for subject in doc.get("subjects") or []:
                 subject["name"] = service_account
             plural = doc["kind"].lower() + "s"
             scope = namespace if doc["kind"] in ("Role", "RoleBinding") else None
-            self.create(f"rbac.authorization.k8s.io/v1/{plural}", scope, doc)
+            self.apply(f"rbac.authorization.k8s.io/v1/{plural}", scope, doc)
 
     def service_account_token(self, namespace: str, service_account: str = SERVICE_ACCOUNT, seconds: int = 7200) -> str:
         """A TokenRequest token, what a projected service-account volume holds in a pod."""
@@ -213,10 +232,26 @@ class Cluster:
     ) -> Path:
         """A kubeconfig holding a bearer token (a service account's), pointing at ``server``."""
         path.write_text(
-            kubeconfig(server=server or self.url, ca_file=self.plane.ca_file, user={"token": token}, name=name, namespace=namespace)
+            kubeconfig(server=server or self.url, ca_file=self.ca_file, user={"token": token}, name=name, namespace=namespace)
         )
         path.chmod(0o600)
         return path
+
+
+def existing_cluster(path: Path) -> Cluster:
+    """Admin access through an existing kubeconfig (its current context), e.g. kind's."""
+    from kubernetes import client, config
+
+    configuration = client.Configuration()
+    config.load_kube_config(config_file=str(path), client_configuration=configuration)  # type: ignore[no-untyped-call]
+    context = ssl.create_default_context(cafile=configuration.ssl_ca_cert)
+    if configuration.cert_file:
+        context.load_cert_chain(configuration.cert_file, configuration.key_file)
+    headers = {}
+    if token := (configuration.api_key or {}).get("authorization"):
+        headers["Authorization"] = token
+    ca_file = Path(configuration.ssl_ca_cert) if configuration.ssl_ca_cert else None
+    return Cluster(server=configuration.host, ssl_context=context, ca_file=ca_file, admin_kubeconfig=path, headers=headers)
 
 
 def render(directory: Path) -> list[dict[str, Any]]:

@@ -103,7 +103,8 @@ class KubeFaultProxy(Service):
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(ssl=self._ssl), timeout=aiohttp.ClientTimeout(total=None, sock_connect=5)
         )
-        server = aiohttp.web.Server(self._handle)
+        # A client that goes away cancels its handler: its watch stream ends here too.
+        server = aiohttp.web.Server(self._handle, handler_cancellation=True)
         self._runner = aiohttp.web.ServerRunner(server, handle_signals=False)  # type: ignore[assignment]
         await self._runner.setup()
         site = aiohttp.web.TCPSite(self._runner, "127.0.0.1", 0)
