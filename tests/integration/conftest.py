@@ -34,7 +34,7 @@ CRD = ROOT / "crds" / "connectorcredentials.yaml"
 RESOURCE = "connectors.xpander.ai/v1alpha1/connectorcredentials"
 ROLE_ARN = "arn:aws:iam::123456789012:role/xpander-controller"
 # What the API server or its clients print for a refused request: never expected from the operator.
-FORBIDDEN = re.compile(r"\b403\b.*(Forbidden|forbidden)|is forbidden:|APIForbiddenError")
+FORBIDDEN = re.compile(r"\b403\b.*(Forbidden|forbidden)|is forbidden:|APIForbiddenError|Not enough permissions")
 
 
 @pytest.fixture(scope="session")
