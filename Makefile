@@ -9,7 +9,7 @@ IMAGE ?= connector-credential-operator:dev
 .DEFAULT_GOAL := help
 
 help: ## List the targets
-	@grep -hE '^[a-z][a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z][a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -19,10 +19,13 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP) ## Create the virtual environment and install everything (pinned)
 
-demo: $(STAMP) ## Run the operator against local Kubernetes and AWS emulators (add ARGS=--keep to explore)
+controlplane: ## Build kube-apiserver and etcd from pinned Go modules into ~/.cache (once; minutes)
+	bash tests/controlplane/build.sh
+
+demo: $(STAMP) ## The operator against a local kube-apiserver and moto (ARGS=--keep to explore; KUBECONFIG=... for a cluster of yours)
 	$(PY) -m tests.support.demo $(if $(filter command line,$(origin KUBECONFIG)),--kubeconfig $(KUBECONFIG)) $(ARGS)
 
-test: $(STAMP) lint typecheck ## Lint, type-check, and run the unit and integration tests
+test: $(STAMP) lint typecheck controlplane ## Lint, type-check, and run the unit and integration tests (real API server)
 	$(PY) -m pytest tests/unit tests/integration tests/e2e
 
 unit: $(STAMP) ## Unit tests only
@@ -53,4 +56,4 @@ lock: ## Re-pin constraints.txt from a fresh resolve
 clean: ## Remove the virtual environment and caches
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build *.egg-info operator/*.egg-info
 
-.PHONY: help venv demo test unit lint typecheck bench e2e image lock clean
+.PHONY: help venv controlplane demo test unit lint typecheck bench e2e image lock clean

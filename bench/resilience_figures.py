@@ -4,7 +4,7 @@ Run from the repository root with the project's venv (not collected by pytest)::
 
     .venv/bin/python bench/resilience_figures.py
 
-It starts its own Kubernetes emulator, moto and fault proxy (127.0.0.1 only), runs the operator's
+It starts its own control plane (kube-apiserver + etcd), moto and fault proxy (127.0.0.1 only), runs the operator's
 console script against them exactly as the integration tests do, and prints:
 
 1. GetSecretValue calls per credential while 20 credentials are throttled from the start for 60 s,
@@ -25,17 +25,26 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python bench/x.py` puts bench/ on sys.path, not the repository root
 
-from tests.integration.conftest import CRD, RESOURCE, World  # noqa: E402
-
+from tests.integration.conftest import RESOURCE, World  # noqa: E402
 from tests.support.awsemu import AwsEmulator  # noqa: E402
-from tests.support.kube import KubeEmulator  # noqa: E402
 from tests.support.awsproxy import FaultProxy  # noqa: E402
+from tests.support.controlplane import ControlPlane  # noqa: E402
+from tests.support.kube import Cluster  # noqa: E402
+from tests.support.kubeproxy import KubeFaultProxy  # noqa: E402
+
+
+@dataclass
+class Kube:
+    cluster: Cluster
+    proxy: KubeFaultProxy
+
 
 FLEET = 20
 THROTTLE_SECONDS = 60.0
@@ -44,12 +53,14 @@ RECOVERY_DEADLINE = 90.0
 
 
 @contextmanager
-def worlds(kube: KubeEmulator, aws: AwsEmulator, proxy: FaultProxy, count: int) -> Iterator[list[World]]:
+def worlds(kube: Kube, aws: AwsEmulator, proxy: FaultProxy, count: int) -> Iterator[list[World]]:
     """``count`` worlds (namespace, workdir, operators) that are cleaned up whatever happens."""
     made: list[World] = []
     try:
         for _ in range(count):
-            made.append(World(kube, aws, proxy, Path(tempfile.mkdtemp(prefix="ccred-bench-", dir="/tmp"))))
+            made.append(
+                World(kube.cluster, kube.proxy, aws, proxy, Path(tempfile.mkdtemp(prefix="ccred-bench-", dir="/tmp")))
+            )
         yield made
     finally:
         for world in made:
@@ -66,7 +77,7 @@ def declare_fleet(world: World, spec: dict[str, Any]) -> list[str]:
 
 
 def readiness(world: World) -> dict[str, tuple[str, str]]:
-    """(status, reason) of every credential of the world, read inside the emulator."""
+    """(status, reason) of every credential of the world, read as the admin."""
     found: dict[str, tuple[str, str]] = {}
     for obj in world.cluster.list(RESOURCE, world.namespace):
         meta = obj.get("metadata") or {}
@@ -101,7 +112,7 @@ def spread(values: list[float]) -> str:
     return f"min {min(values):g} / median {statistics.median(values):g} / max {max(values):g}"
 
 
-def throttling(kube: KubeEmulator, aws: AwsEmulator, proxy: FaultProxy) -> None:
+def throttling(kube: Kube, aws: AwsEmulator, proxy: FaultProxy) -> None:
     print(f"(1) {FLEET} credentials throttled from the start for {THROTTLE_SECONDS:g} s, default backoff")
     configs = {"CCRED_AWS_MAX_ATTEMPTS=1": {"CCRED_AWS_MAX_ATTEMPTS": "1"}, "CCRED_AWS_MAX_ATTEMPTS=2 (default)": {}}
     with worlds(kube, aws, proxy, len(configs)) as made:
@@ -131,7 +142,7 @@ def throttling(kube: KubeEmulator, aws: AwsEmulator, proxy: FaultProxy) -> None:
             print(f"    calls in the last 30 s: {sum(calls_per_credential(world, names, end - 30, end).values())}")
 
 
-def recovery(kube: KubeEmulator, aws: AwsEmulator, proxy: FaultProxy) -> None:
+def recovery(kube: Kube, aws: AwsEmulator, proxy: FaultProxy) -> None:
     print(f"(2) {FLEET} verified credentials, {OUTAGE_SECONDS:g} s of 5xx on every read, then recovery")
     print("    (refreshInterval 5s, CCRED_MAX_STALENESS 5s, backoff base 1 s)")
     configs = {"default cap (300 s)": {}, "CCRED_BACKOFF_CAP=5": {"CCRED_BACKOFF_CAP": "5"}}
@@ -175,10 +186,13 @@ def recovery(kube: KubeEmulator, aws: AwsEmulator, proxy: FaultProxy) -> None:
 
 def main() -> None:
     began = time.monotonic()
-    with KubeEmulator() as kube, AwsEmulator() as aws, FaultProxy(aws.endpoint) as proxy:
-        kube.load_crd(CRD)
-        throttling(kube, aws, proxy)
-        recovery(kube, aws, proxy)
+    with ControlPlane() as plane, AwsEmulator() as aws, FaultProxy(aws.endpoint) as proxy:
+        cluster = Cluster(plane)
+        cluster.apply_crds()
+        with KubeFaultProxy(plane.url, plane.ssl_context()) as kube_proxy:
+            kube = Kube(cluster, kube_proxy)
+            throttling(kube, aws, proxy)
+            recovery(kube, aws, proxy)
     print(f"done in {time.monotonic() - began:.0f} s")
 
 

@@ -5,7 +5,7 @@ Run with ``make bench`` (or ``.venv/bin/python bench/socket_bench.py --help``). 
 Three kinds of process take part, each started from this file:
 
 * the real operator (``connector-credentials run -n NS``, no ``--verbose``) against the Kubernetes
-  and AWS emulators of ``connector_credentials_demo``, serving on a Unix socket;
+  and AWS stand-ins of ``tests.support`` (a real kube-apiserver, moto), serving on a Unix socket;
 * a bare aiohttp server (``_bare``) on another Unix socket, answering the same path with the same
   status, headers and body bytes, captured from the operator first;
 * a load generator (``_client``): N keep-alive HTTP/1.1 connections, one request in flight on each,
@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-CRD = ROOT / "crds" / "connectorcredentials.yaml"
 RESOURCE = "connectors.xpander.ai/v1alpha1/connectorcredentials"
 ROLE_ARN = "arn:aws:iam::123456789012:role/xpander-controller"
 CREDENTIAL = "bench-credential"
@@ -332,7 +331,8 @@ def fmt_lat(p50: float, p99: float) -> str:
 
 def bench(args: argparse.Namespace) -> int:
     from tests.support.awsemu import AwsEmulator, irsa_env
-    from tests.support.kube import KubeEmulator
+    from tests.support.controlplane import ControlPlane
+    from tests.support.kube import Cluster
     from tests.support.runner import OperatorProcess, console_script
 
     clients_list = [int(c) for c in args.clients.split(",")]
@@ -341,10 +341,12 @@ def bench(args: argparse.Namespace) -> int:
     bare: subprocess.Popen[bytes] | None = None
     started = time.monotonic()
     try:
-        with KubeEmulator() as kube, AwsEmulator() as aws:
-            kube.load_crd(CRD)
+        with ControlPlane() as plane, AwsEmulator() as aws:
+            kube = Cluster(plane)
+            kube.apply_crds()
             namespace = f"bench-{uuid.uuid4().hex[:8]}"
             kube.create_namespace(namespace)
+            kube.install_operator_identity(namespace)
             value = f"bench-{uuid.uuid4().hex}{uuid.uuid4().hex}"  # a 70-character token
             arn = aws.create_secret(f"xpander/{namespace}/{CREDENTIAL}", string=value)
             kube.create(
@@ -360,7 +362,9 @@ def bench(args: argparse.Namespace) -> int:
             op_sock = str(workdir / "op.sock")
             operator = OperatorProcess(
                 namespace=namespace,
-                kubeconfig=kube.write_kubeconfig(workdir / "kubeconfig"),
+                kubeconfig=kube.write_kubeconfig(
+                    workdir / "kubeconfig", token=kube.service_account_token(namespace), namespace=namespace
+                ),
                 aws_env=irsa_env(workdir, aws.endpoint, role_arn=ROLE_ARN),
                 socket_path=op_sock,
                 log_path=workdir / "operator.log",

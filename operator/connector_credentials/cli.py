@@ -152,11 +152,15 @@ async def _wait_for_crd(sink: Any) -> None:
                 if said:
                     logger.info("The ConnectorCredential CRD is installed now; starting the watch.")
                 return
-            problem = f"the API does not serve {PLURAL}.{GROUP}/{VERSION}: the CRD is not installed (kubectl apply -f crds/)"
+            problem = (
+                f"the API does not serve {PLURAL}.{GROUP}/{VERSION}: the CRD is not installed (kubectl apply -f crds/)"
+            )
         except Exception as exc:  # noqa: BLE001 - retried until the API answers
             problem = f"asking the API which resources it serves failed ({type(exc).__name__}: {_short(exc)})"
         if loop.time() - said >= 60 or not said:
-            logger.warning("Not watching yet: %s; /healthz answers 503 until then. Retrying every %.0fs.", problem, delay)
+            logger.warning(
+                "Not watching yet: %s; /healthz answers 503 until then. Retrying every %.0fs.", problem, delay
+            )
             said = loop.time()
         await asyncio.sleep(delay)
         delay = min(delay * 2, 10.0)

@@ -71,7 +71,9 @@ def proxy(aws: AwsEmulator) -> Iterator[FaultProxy]:
 class World:
     """One test's view: a namespace, its secrets, its resources, its operator processes."""
 
-    def __init__(self, cluster: Cluster, kube: KubeFaultProxy, aws: AwsEmulator, proxy: FaultProxy, workdir: Path) -> None:
+    def __init__(
+        self, cluster: Cluster, kube: KubeFaultProxy, aws: AwsEmulator, proxy: FaultProxy, workdir: Path
+    ) -> None:
         self.cluster, self.kube, self.aws, self.proxy, self.workdir = cluster, kube, aws, proxy, workdir
         self.namespace = f"t-{uuid.uuid4().hex[:10]}"
         self.prefix = f"xpander/{self.namespace}"
@@ -180,7 +182,9 @@ class World:
         """The operator's kubeconfig: its ServiceAccount's token, through the fault proxy unless ``direct``."""
         name = "kubeconfig-direct" if direct else "kubeconfig"
         server = None if direct else self.kube.url
-        return self.cluster.write_kubeconfig(self.workdir / name, token=self.token, namespace=self.namespace, server=server)
+        return self.cluster.write_kubeconfig(
+            self.workdir / name, token=self.token, namespace=self.namespace, server=server
+        )
 
     def client(self, socket_path: str | None = None) -> CredentialClient:
         return CredentialClient(socket_path or self.socket_path, timeout=15)

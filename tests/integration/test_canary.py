@@ -15,8 +15,8 @@ import urllib.parse
 import pytest
 
 from connector_credentials.client import CredentialError, CredentialUnavailable
-from tests.support.runner import console_script, wait_until
 from tests.integration.conftest import World
+from tests.support.runner import console_script, wait_until
 
 
 @pytest.mark.parametrize("verbosity", ["--verbose", "--debug"])

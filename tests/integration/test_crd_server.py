@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,10 +18,10 @@ RESOURCE = "connectors.xpander.ai/v1alpha1/connectorcredentials"
 
 
 @pytest.fixture
-def namespace(cluster: Cluster) -> Iterator[str]:
+def namespace(cluster: Cluster) -> str:
     name = f"crd-{uuid.uuid4().hex[:8]}"
     cluster.create_namespace(name)
-    yield name
+    return name
 
 
 def manifest(name: str, namespace: str, **spec: Any) -> str:

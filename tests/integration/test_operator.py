@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-from tests.support.runner import wait_until
 from tests.integration.conftest import ROLE_ARN, World
+from tests.support.runner import wait_until
 
 
 def test_readable_secret_is_verified_with_status_and_event(world: World) -> None:

@@ -70,8 +70,10 @@ def test_the_operator_uses_every_verb_it_is_granted_and_nothing_else(world: Worl
 
     requests = [seen for seen in world.kube.seen if seen.at >= started and not _DISCOVERY.match(seen.path)]
     used = {permission(seen) for seen in requests}
-    assert used == granted(world.namespace), {"used but not granted": used - granted(world.namespace),
-                                              "granted but unused": granted(world.namespace) - used}
+    assert used == granted(world.namespace), {
+        "used but not granted": used - granted(world.namespace),
+        "granted but unused": granted(world.namespace) - used,
+    }
     refused = [seen for seen in world.kube.seen if seen.at >= started and seen.status == 403]
     assert not refused, refused
 
@@ -90,7 +92,11 @@ def test_the_role_grants_no_secrets_and_nothing_cluster_wide(world: World) -> No
             "kind": "SubjectAccessReview",
             "spec": {
                 "user": f"system:serviceaccount:{world.namespace}:xpander-controller",
-                "groups": ["system:serviceaccounts", f"system:serviceaccounts:{world.namespace}", "system:authenticated"],
+                "groups": [
+                    "system:serviceaccounts",
+                    f"system:serviceaccounts:{world.namespace}",
+                    "system:authenticated",
+                ],
                 "resourceAttributes": {"namespace": world.namespace, "verb": "get", "resource": "secrets"},
             },
         },
@@ -107,7 +113,9 @@ def bare_plane() -> Iterator[ControlPlane]:
     shutil.rmtree(workdir, ignore_errors=True)
 
 
-def test_unhealthy_until_the_crd_is_applied_then_watching(bare_plane: ControlPlane, proxy: FaultProxy, world: World) -> None:
+def test_unhealthy_until_the_crd_is_applied_then_watching(
+    bare_plane: ControlPlane, proxy: FaultProxy, world: World
+) -> None:
     # The world's AWS side and helpers, but the operator talks to a cluster without the CRD.
     cluster = Cluster(bare_plane)
     namespace = world.namespace

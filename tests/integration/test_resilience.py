@@ -21,9 +21,9 @@ from typing import Any, Self
 import pytest
 
 from connector_credentials.client import CredentialClient, CredentialUnavailable
+from tests.integration.conftest import RESOURCE, World
 from tests.support.awsproxy import FaultProxy
 from tests.support.runner import wait_until
-from tests.integration.conftest import RESOURCE, World
 
 INTERVAL = 5.0
 STALENESS = 5.0

@@ -26,8 +26,8 @@ from typing import Any
 import pytest
 
 from connector_credentials.client import CredentialClient
-from tests.support.runner import console_script, hermetic_env
 from tests.integration.conftest import World
+from tests.support.runner import console_script, hermetic_env
 
 NOBODY = 65534
 

@@ -22,13 +22,13 @@ from pathlib import Path
 import pytest
 
 from connector_credentials.client import CredentialClient, ServerUnreachable
-from tests.support.awsemu import AwsEmulator
-from tests.support.kube import Cluster
-from tests.support.kubeproxy import KubeFaultProxy
-from tests.support.awsproxy import FaultProxy
-from tests.support.runner import OperatorProcess, wait_until
 from tests.integration.conftest import World
 from tests.integration.test_socket import Reply, exchange, parse_reply, request
+from tests.support.awsemu import AwsEmulator
+from tests.support.awsproxy import FaultProxy
+from tests.support.kube import Cluster
+from tests.support.kubeproxy import KubeFaultProxy
+from tests.support.runner import OperatorProcess, wait_until
 
 
 class Hostile:

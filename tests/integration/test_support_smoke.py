@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
+import os
 import re
-import shutil
 import subprocess
 import sys
 import textwrap
-import os
-import urllib.parse
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,10 +19,10 @@ from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
 from tests.support.awsemu import AwsEmulator, irsa_env
+from tests.support.awsproxy import FaultProxy
 from tests.support.controlplane import ControlPlane
 from tests.support.kube import Cluster
 from tests.support.kubeproxy import KubeFaultProxy
-from tests.support.awsproxy import FaultProxy
 from tests.support.runner import OperatorProcess, hermetic_env, wait_until
 
 RESOURCE = "connectors.xpander.ai/v1alpha1/connectorcredentials"
@@ -40,15 +37,24 @@ def aws() -> Iterator[AwsEmulator]:
 # -- The control plane and the Kubernetes fault proxy ------------------------------------------------
 
 
-def test_control_plane_is_ready_quickly_and_enforces_rbac(plane: ControlPlane, cluster: Cluster, tmp_path: Path) -> None:
+def test_control_plane_is_ready_quickly_and_enforces_rbac(
+    plane: ControlPlane, cluster: Cluster, tmp_path: Path
+) -> None:
     assert plane.started_in < 30, f"the control plane took {plane.started_in:.1f}s to become ready"
     namespace = f"smoke-{uuid.uuid4().hex[:8]}"
     cluster.create_namespace(namespace)
     cluster.install_operator_identity(namespace)
-    kubeconfig = cluster.write_kubeconfig(tmp_path / "kc", token=cluster.service_account_token(namespace), namespace=namespace)
+    kubeconfig = cluster.write_kubeconfig(
+        tmp_path / "kc", token=cluster.service_account_token(namespace), namespace=namespace
+    )
     with config.new_client_from_config(config_file=str(kubeconfig)) as api_client:
         custom = client.CustomObjectsApi(api_client)
-        assert custom.list_namespaced_custom_object("connectors.xpander.ai", "v1alpha1", namespace, "connectorcredentials")["items"] == []
+        assert (
+            custom.list_namespaced_custom_object(
+                "connectors.xpander.ai", "v1alpha1", namespace, "connectorcredentials"
+            )["items"]
+            == []
+        )
         with pytest.raises(ApiException) as secrets:
             client.CoreV1Api(api_client).list_namespaced_secret(namespace)
         assert secrets.value.status == 403
@@ -72,8 +78,12 @@ def test_kube_fault_proxy_injects_and_drops(cluster: Cluster, kube: KubeFaultPro
     cluster.install_operator_identity(namespace)
     token = cluster.service_account_token(namespace)
     kubeconfig = cluster.write_kubeconfig(tmp_path / "kc", token=token, namespace=namespace, server=kube.url)
-    body = {"apiVersion": "connectors.xpander.ai/v1alpha1", "kind": "ConnectorCredential",
-            "metadata": {"name": "w"}, "spec": {"secretArn": "arn:aws:secretsmanager:us-east-1:123456789012:secret:a-AbCdEf"}}
+    body = {
+        "apiVersion": "connectors.xpander.ai/v1alpha1",
+        "kind": "ConnectorCredential",
+        "metadata": {"name": "w"},
+        "spec": {"secretArn": "arn:aws:secretsmanager:us-east-1:123456789012:secret:a-AbCdEf"},
+    }
     cluster.create(RESOURCE, namespace, body)
     with config.new_client_from_config(config_file=str(kubeconfig)) as api_client:
         custom = client.CustomObjectsApi(api_client)

@@ -49,7 +49,7 @@ def build_binaries() -> Path:
     """
     if bin_dir := os.environ.get("CCRED_CONTROLPLANE_BIN"):
         return Path(bin_dir)
-    result = subprocess.run(  # noqa: S603 - our own script
+    result = subprocess.run(
         ["bash", str(BUILD_SCRIPT)], stdout=subprocess.PIPE, stderr=sys.stderr, text=True, check=False
     )
     if result.returncode != 0:
@@ -63,10 +63,12 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+_PR_SET_PDEATHSIG = 1
+
+
 def _die_with_parent() -> None:
     # Linux: the child gets SIGKILL when the test process dies, even by SIGKILL: nothing is left behind.
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class _Pki:
@@ -79,7 +81,20 @@ class _Pki:
         self._ca = (
             self._builder(name, name, self._ca_key.public_key())
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(*[False] * 5, True, True, False, False), critical=True)  # type: ignore[arg-type]
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
             .sign(self._ca_key, hashes.SHA256())
         )
         self.ca_file = self._write("ca.crt", self._ca.public_bytes(serialization.Encoding.PEM))
@@ -103,7 +118,9 @@ class _Pki:
         path.chmod(0o600)
         return path
 
-    def issue(self, name: str, common_name: str, *, groups: tuple[str, ...] = (), server: bool = False) -> tuple[Path, Path]:
+    def issue(
+        self, name: str, common_name: str, *, groups: tuple[str, ...] = (), server: bool = False
+    ) -> tuple[Path, Path]:
         key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name(
             [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
@@ -222,7 +239,7 @@ class ControlPlane(Service):
         log = (self.workdir / f"{name}.log").open("wb")
         self._logs.append(log)
         self._procs.append(
-            subprocess.Popen(  # noqa: S603 - our own binaries
+            subprocess.Popen(
                 command,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -241,13 +258,11 @@ class ControlPlane(Service):
         context = self.ssl_context()
         last = "no answer yet"
         while time.monotonic() < deadline:
-            for proc in self._procs:
+            for name, proc in zip(("etcd", "kube-apiserver"), self._procs, strict=False):
                 if proc.poll() is not None:
-                    raise ControlPlaneUnavailable(
-                        f"{proc.args[0]} exited with {proc.returncode}: {self.log_tail(Path(str(proc.args[0])).name)}"
-                    )
+                    raise ControlPlaneUnavailable(f"{name} exited with {proc.returncode}: {self.log_tail(name)}")
             try:
-                with urllib.request.urlopen(f"{self.url}/readyz", context=context, timeout=2) as answer:  # noqa: S310
+                with urllib.request.urlopen(f"{self.url}/readyz", context=context, timeout=2) as answer:
                     if answer.status == 200:
                         return
             except OSError as exc:
@@ -288,7 +303,9 @@ class ControlPlane(Service):
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def kubeconfig(*, server: str, ca_file: Path | None, user: dict[str, str], name: str, namespace: str = "default") -> str:
+def kubeconfig(
+    *, server: str, ca_file: Path | None, user: dict[str, str], name: str, namespace: str = "default"
+) -> str:
     """A one-context kubeconfig (YAML is a superset of JSON: written as JSON)."""
     import json
 

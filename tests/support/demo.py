@@ -32,9 +32,9 @@ import yaml
 from connector_credentials.client import CredentialClient, CredentialError
 from connector_credentials.models import API_VERSION, GROUP, KIND, PLURAL, VERSION, SecretArn
 from tests.support.awsemu import AwsEmulator, irsa_env
+from tests.support.awsproxy import FaultProxy
 from tests.support.controlplane import ControlPlane, ControlPlaneUnavailable
 from tests.support.kube import SERVICE_ACCOUNT, Cluster, KubeApiError, existing_cluster
-from tests.support.awsproxy import FaultProxy
 from tests.support.runner import OperatorProcess, console_script
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,6 +7,7 @@ CEL validation, RBAC, dry-run, selectors and watch semantics are the server's ow
 
 from __future__ import annotations
 
+import builtins
 import copy
 import functools
 import http.client
@@ -73,7 +74,12 @@ class Cluster:
         headers: Mapping[str, str] | None = None,
     ) -> None:
         if plane is not None:
-            server, ssl_context, ca_file, admin_kubeconfig = plane.url, plane.ssl_context(), plane.ca_file, plane.kubeconfig
+            server, ssl_context, ca_file, admin_kubeconfig = (
+                plane.url,
+                plane.ssl_context(),
+                plane.ca_file,
+                plane.kubeconfig,
+            )
         assert server is not None and ssl_context is not None and admin_kubeconfig is not None
         self.url = server.rstrip("/")
         split = urllib.parse.urlsplit(self.url)
@@ -82,7 +88,7 @@ class Cluster:
         self.ca_file = ca_file
         self.admin_kubeconfig = admin_kubeconfig
         self._headers = dict(headers or {})
-        self._listable: list[str] | None = None
+        self._listable: builtins.list[str] | None = None
 
     # -- raw REST --------------------------------------------------------------------------
 
@@ -138,7 +144,9 @@ class Cluster:
         path = resource_path(resource, namespace, name, subresource)
         return dict(self.checked("PATCH", path, patch, content_type=patch_type))
 
-    def apply(self, resource: str, namespace: str | None, body: Mapping[str, Any], *, manager: str = "ccred-tests") -> dict[str, Any]:
+    def apply(
+        self, resource: str, namespace: str | None, body: Mapping[str, Any], *, manager: str = "ccred-tests"
+    ) -> dict[str, Any]:
         """Server-side apply (create or update): idempotent, as ``kubectl apply --server-side``."""
         path = resource_path(resource, namespace, str(body["metadata"]["name"]))
         query = {"fieldManager": manager, "force": "true"}
@@ -160,26 +168,26 @@ class Cluster:
             raise KubeApiError(status, parsed)
         return dict(parsed)
 
-    def list(self, resource: str, namespace: str | None = None, **query: str) -> list[dict[str, Any]]:
+    def list(self, resource: str, namespace: str | None = None, **query: str) -> builtins.list[dict[str, Any]]:
         answer = self.checked("GET", resource_path(resource, namespace), query=query or None)
         return [dict(item) for item in answer.get("items") or []]
 
-    def events(self, namespace: str) -> list[dict[str, Any]]:
+    def events(self, namespace: str) -> builtins.list[dict[str, Any]]:
         return self.list("v1/events", namespace)
 
     def create_namespace(self, name: str) -> dict[str, Any]:
         return self.create("v1/namespaces", None, {"metadata": {"name": name}})
 
-    def list_objects(self) -> list[dict[str, Any]]:
+    def list_objects(self) -> builtins.list[dict[str, Any]]:
         """Every object of every listable resource in the cluster (Secrets and Events included)."""
-        found: list[dict[str, Any]] = []
+        found: builtins.list[dict[str, Any]] = []
         for resource in self.listable_resources():
             status, answer = self.request("GET", resource_path(resource, None))
             if status == 200 and isinstance(answer, dict):
                 found.extend(answer.get("items") or [])
         return found
 
-    def listable_resources(self) -> list[str]:
+    def listable_resources(self) -> builtins.list[str]:
         if self._listable is None:
             self._listable = list(self._discover())
         return self._listable
@@ -198,7 +206,7 @@ class Cluster:
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run kubectl as the admin."""
-        return subprocess.run(  # noqa: S603
+        return subprocess.run(
             [kubectl(), f"--kubeconfig={self.admin_kubeconfig}", *args],
             input=input,
             capture_output=True,
@@ -209,11 +217,17 @@ class Cluster:
 
     def apply_crds(self) -> None:
         self.kubectl("apply", "--server-side", "-f", str(ROOT / "crds" / "connectorcredentials.yaml"))
-        self.kubectl("wait", "--for=condition=Established", "--timeout=30s", "crd/connectorcredentials.connectors.xpander.ai")
+        self.kubectl(
+            "wait", "--for=condition=Established", "--timeout=30s", "crd/connectorcredentials.connectors.xpander.ai"
+        )
 
     def install_operator_identity(self, namespace: str, service_account: str = SERVICE_ACCOUNT) -> None:
         """The ServiceAccount and the shipped Role and RoleBinding (rendered from deploy/) in ``namespace``."""
-        self.apply("v1/serviceaccounts", namespace, {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": service_account}})
+        self.apply(
+            "v1/serviceaccounts",
+            namespace,
+            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": service_account}},
+        )
         for doc in shipped_rbac(namespace):
             for subject in doc.get("subjects") or []:
                 subject["name"] = service_account
@@ -232,7 +246,9 @@ class Cluster:
     ) -> Path:
         """A kubeconfig holding a bearer token (a service account's), pointing at ``server``."""
         path.write_text(
-            kubeconfig(server=server or self.url, ca_file=self.ca_file, user={"token": token}, name=name, namespace=namespace)
+            kubeconfig(
+                server=server or self.url, ca_file=self.ca_file, user={"token": token}, name=name, namespace=namespace
+            )
         )
         path.chmod(0o600)
         return path
@@ -251,7 +267,9 @@ def existing_cluster(path: Path) -> Cluster:
     if token := (configuration.api_key or {}).get("authorization"):
         headers["Authorization"] = token
     ca_file = Path(configuration.ssl_ca_cert) if configuration.ssl_ca_cert else None
-    return Cluster(server=configuration.host, ssl_context=context, ca_file=ca_file, admin_kubeconfig=path, headers=headers)
+    return Cluster(
+        server=configuration.host, ssl_context=context, ca_file=ca_file, admin_kubeconfig=path, headers=headers
+    )
 
 
 def render(directory: Path) -> list[dict[str, Any]]:
@@ -261,7 +279,7 @@ def render(directory: Path) -> list[dict[str, Any]]:
 
 @functools.cache
 def _render(directory: str) -> list[dict[str, Any]]:
-    output = subprocess.run(  # noqa: S603
+    output = subprocess.run(
         [kubectl(), "kustomize", str(directory)], capture_output=True, text=True, check=True, timeout=60
     ).stdout
     return [doc for doc in yaml.safe_load_all(output) if doc]
@@ -269,7 +287,11 @@ def _render(directory: str) -> list[dict[str, Any]]:
 
 def shipped_rbac(namespace: str) -> list[dict[str, Any]]:
     """The Role and RoleBinding exactly as ``deploy/`` ships them, moved to ``namespace``."""
-    docs = [doc for doc in render(ROOT / "deploy") if doc["kind"] in ("Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding")]
+    docs = [
+        doc
+        for doc in render(ROOT / "deploy")
+        if doc["kind"] in ("Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding")
+    ]
     for doc in docs:
         doc["metadata"]["namespace"] = namespace
         for subject in doc.get("subjects") or []:

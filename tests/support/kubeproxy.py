@@ -76,7 +76,7 @@ class KubeFaultProxy(Service):
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="kube-proxy", daemon=True)
-        self._runner: aiohttp.web.AppRunner | None = None
+        self._runner: aiohttp.web.ServerRunner | None = None
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -105,9 +105,9 @@ class KubeFaultProxy(Service):
         )
         # A client that goes away cancels its handler: its watch stream ends here too.
         server = aiohttp.web.Server(self._handle, handler_cancellation=True)
-        self._runner = aiohttp.web.ServerRunner(server, handle_signals=False)  # type: ignore[assignment]
-        await self._runner.setup()
-        site = aiohttp.web.TCPSite(self._runner, "127.0.0.1", 0)
+        runner = self._runner = aiohttp.web.ServerRunner(server, handle_signals=False)
+        await runner.setup()
+        site = aiohttp.web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
@@ -120,7 +120,9 @@ class KubeFaultProxy(Service):
 
     # -- faults ------------------------------------------------------------------------------
 
-    def fail_requests(self, method: str | None, path: str | re.Pattern[str], *, status: int, times: int | None = 1) -> Fault:
+    def fail_requests(
+        self, method: str | None, path: str | re.Pattern[str], *, status: int, times: int | None = 1
+    ) -> Fault:
         fault = Fault(method, re.compile(path) if isinstance(path, str) else path, status, times)
         with self._lock:
             self._faults.append(fault)
@@ -166,7 +168,9 @@ class KubeFaultProxy(Service):
     # -- forwarding --------------------------------------------------------------------------
 
     async def _handle(self, request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
-        seen = Seen(request.method, request.path, request.query_string, time.monotonic(), content_type=request.content_type)
+        seen = Seen(
+            request.method, request.path, request.query_string, time.monotonic(), content_type=request.content_type
+        )
         with self._lock:
             self.seen.append(seen)
             fault = next((f for f in self._faults if f.take(request.method, request.path)), None)
@@ -196,7 +200,9 @@ class KubeFaultProxy(Service):
             return aiohttp.web.Response(status=upstream.status, body=payload, headers=_copy(upstream.headers))
         return await self._stream(request, upstream)
 
-    async def _stream(self, request: aiohttp.web.BaseRequest, upstream: aiohttp.ClientResponse) -> aiohttp.web.StreamResponse:
+    async def _stream(
+        self, request: aiohttp.web.BaseRequest, upstream: aiohttp.ClientResponse
+    ) -> aiohttp.web.StreamResponse:
         response = aiohttp.web.StreamResponse(status=upstream.status, headers=_copy(upstream.headers))
         stream = _Stream(response, stalled=self._stall_new)
         self._streams.append(stream)
