@@ -41,6 +41,7 @@ from connector_credentials.models import (
 )
 from connector_credentials.settings import OperatorSettings
 from connector_credentials.values import JsonKeyError, SecretValue, extract
+from connector_credentials.wire import render_credential, rfc3339
 
 logger = logging.getLogger(__name__)
 
@@ -639,7 +640,7 @@ class Engine:
                     "reason": outcome.reason if outcome else (ready or {}).get("reason", PENDING_REASON),
                     "message": outcome.message if outcome else (ready or {}).get("message", ""),
                     "versionId": entry.version_id,
-                    "fetchedAt": _rfc3339(entry.fetched_at),
+                    "fetchedAt": rfc3339(entry.fetched_at),
                 }
             )
         return result
@@ -656,18 +657,6 @@ class Engine:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._entries.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-def render_credential(value: SecretValue, version_id: str, arn: str, fetched_at: datetime.datetime) -> bytes:
-    """The socket's 200 body for a credential."""
-    payload = {
-        "value": value.wire_text(),
-        "encoding": value.encoding,
-        "versionId": version_id,
-        "arn": arn,
-        "fetchedAt": _rfc3339(fetched_at),
-    }
-    return json.dumps(payload).encode()
 
 
 def _consume(task: asyncio.Future[None]) -> None:
@@ -707,10 +696,6 @@ def _older_than(timestamp: Any, seconds: float) -> bool:
         return True
     age = (datetime.datetime.now(datetime.UTC) - moment).total_seconds()
     return age >= seconds
-
-
-def _rfc3339(moment: datetime.datetime | None) -> str | None:
-    return None if moment is None else moment.astimezone(datetime.UTC).isoformat().replace("+00:00", "Z")
 
 
 def _short_error(exc: BaseException) -> str:

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import datetime
 import errno
-import json
 import logging
 import os
 import re
@@ -25,16 +24,15 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from connector_credentials.engine import Engine, Served, render_credential
+from connector_credentials.engine import Engine, Served
 from connector_credentials.settings import OperatorSettings
+from connector_credentials.wire import HEADERS, JSON_HEADERS, error_body, json_body, render_credential
 
 logger = logging.getLogger(__name__)
 
 _NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 _PEERCRED = struct.Struct("3i")
-_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
-_JSON_HEADERS = {"Content-Type": "application/json; charset=utf-8", **_HEADERS}
 _PREFIX = "/v1/credentials/"
 _REFUSAL_LOG_INTERVAL = 10.0
 
@@ -68,14 +66,16 @@ class SocketInUseError(RuntimeError):
 
 
 def _error(status: int, reason: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    body = json.dumps({"error": {"reason": reason, "message": message}})
     return web.Response(
-        status=status, text=body, content_type="application/json", headers={**_HEADERS, **(headers or {})}
+        status=status,
+        text=error_body(reason, message),
+        content_type="application/json",
+        headers={**HEADERS, **(headers or {})},
     )
 
 
 def _json(payload: dict[str, Any], status: int = 200) -> web.Response:
-    return web.Response(status=status, text=json.dumps(payload), content_type="application/json", headers=_HEADERS)
+    return web.Response(status=status, text=json_body(payload), content_type="application/json", headers=HEADERS)
 
 
 def peer_credentials(request: web.BaseRequest) -> tuple[int, int] | None:
@@ -240,7 +240,7 @@ class CredentialServer:
                 namespace, _, name = path[len(_PREFIX) :].partition("/")
                 body = self._engine.cached_body(namespace, name)
                 if body is not None:
-                    return web.Response(body=body, headers=_JSON_HEADERS)
+                    return web.Response(body=body, headers=JSON_HEADERS)
             parts = path[len(_PREFIX) :].split("/")
             if len(parts) != 2:
                 return _error(400, "BadRequest", "Use /v1/credentials/{namespace}/{name}.")
@@ -269,6 +269,6 @@ class CredentialServer:
                 served.arn or "",
                 served.fetched_at or datetime.datetime.now(datetime.UTC),
             )
-            return web.Response(body=body, headers=_JSON_HEADERS)
+            return web.Response(body=body, headers=JSON_HEADERS)
         headers = {"Retry-After": str(served.retry_after)} if served.retry_after is not None else None
         return _error(served.status, served.reason or "Unknown", served.message or "", headers)

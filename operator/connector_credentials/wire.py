@@ -1,0 +1,41 @@
+"""The socket's wire format: the bodies the credential server sends (one place, next to the server).
+
+A credential's 200 body is rendered once per fetch (by the engine, through :func:`render_credential`)
+and served as bytes afterwards; errors have one shape, ``{"error": {"reason", "message"}}``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from typing import Any
+
+from connector_credentials.values import SecretValue
+
+#: Every response: never cached by anyone, never sniffed.
+HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+JSON_HEADERS = {"Content-Type": "application/json; charset=utf-8", **HEADERS}
+
+
+def render_credential(value: SecretValue, version_id: str, arn: str, fetched_at: datetime.datetime) -> bytes:
+    """The 200 body for a credential."""
+    payload = {
+        "value": value.wire_text(),
+        "encoding": value.encoding,
+        "versionId": version_id,
+        "arn": arn,
+        "fetchedAt": rfc3339(fetched_at),
+    }
+    return json.dumps(payload).encode()
+
+
+def error_body(reason: str, message: str) -> str:
+    return json.dumps({"error": {"reason": reason, "message": message}})
+
+
+def json_body(payload: dict[str, Any]) -> str:
+    return json.dumps(payload)
+
+
+def rfc3339(moment: datetime.datetime | None) -> str | None:
+    return None if moment is None else moment.astimezone(datetime.UTC).isoformat().replace("+00:00", "Z")
