@@ -96,14 +96,17 @@ class FetchedSecret:
 class AwsFailure(Exception):
     """A check failed; ``reason`` is the condition reason, ``message`` says what to fix."""
 
-    def __init__(self, reason: Reason, message: str) -> None:
+    def __init__(self, reason: Reason, message: str, *, transient: bool | None = None) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
+        # Usually the reason decides; a few answers (an expired token) name a reason that is
+        # normally final but clear up by themselves, and are retried soon.
+        self._transient = transient
 
     @property
     def transient(self) -> bool:
-        return self.reason.transient
+        return self.reason.transient if self._transient is None else self._transient
 
 
 class SecretsPort(Protocol):
@@ -166,6 +169,8 @@ def classify(exc: BaseException, *, arn: SecretArn, role: str | None, version: s
         aws_said = scrub(str(error.get("Message", "")))
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
         said = f" AWS said: {code}: {aws_said}" if aws_said else f" AWS said: {code}"
+        if special := _credential_problem(code, aws_said, said, exc.operation_name, arn=arn, role=role_text):
+            return special
         if exc.operation_name in _STS_OPERATIONS and code not in _THROTTLE_CODES | _UNAVAILABLE_CODES:
             return AwsFailure(
                 Reason.ASSUME_ROLE_FAILED,
@@ -248,6 +253,46 @@ def classify(exc: BaseException, *, arn: SecretArn, role: str | None, version: s
     return AwsFailure(
         Reason.AWS_UNAVAILABLE, f"Unexpected error reading {arn.arn}: {type(exc).__name__}; see the operator's log"
     )
+
+
+_EXPIRED_TOKEN_CODES = frozenset({"ExpiredTokenException", "ExpiredToken", "RequestExpired"})
+_SIGNATURE_CODES = frozenset({"InvalidSignatureException", "SignatureDoesNotMatch"})
+_CLOCK_SKEW = re.compile(r"clock|skew|signature expired|not yet current|too skewed", re.IGNORECASE)
+
+
+def _credential_problem(
+    code: str, aws_said: str, said: str, operation: str, *, arn: SecretArn, role: str
+) -> AwsFailure | None:
+    """Answers about the credentials themselves, which need words of their own."""
+    if code in _EXPIRED_TOKEN_CODES:
+        # Usually the kubelet refreshing the projected token a little late, or a session that
+        # expired a moment before the SDK renewed it: it clears up by itself.
+        return AwsFailure(
+            Reason.ASSUME_ROLE_FAILED if operation in _STS_OPERATIONS else Reason.AWS_UNAVAILABLE,
+            f"AWS refused {operation} for role {role} because a token had expired.{said} This usually clears "
+            "up by itself (the kubelet refreshes the projected token, the SDK renews the session); the operator "
+            "keeps serving the value verified before and retries soon. If it persists, check that the pod's "
+            "projected service-account token is mounted and refreshed (AWS_WEB_IDENTITY_TOKEN_FILE) and that "
+            "the node's clock is right.",
+            transient=True,
+        )
+    if code == "RequestTimeTooSkewed" or code in _SIGNATURE_CODES or _CLOCK_SKEW.search(aws_said):
+        return AwsFailure(
+            Reason.AWS_UNAVAILABLE,
+            f"AWS refused the signature of {operation} for {arn.arn}.{said} This is almost always clock skew: "
+            "the node's clock differs from AWS's by more than 5 minutes. Check time sync on the node "
+            "(chronyd / Amazon Time Sync Service, `chronyc tracking`). The operator retries with backoff.",
+            transient=True,
+        )
+    if code == "UnrecognizedClientException":
+        return AwsFailure(
+            Reason.ASSUME_ROLE_FAILED,
+            f"AWS does not recognise the credentials used for {operation} on {arn.arn} (role {role}).{said} "
+            "Check that no static keys (AWS_ACCESS_KEY_ID, a credentials file) override the pod's role, that the "
+            f"region {arn.region} is enabled in the account (opt-in regions reject tokens from the global STS "
+            "endpoint: set AWS_STS_REGIONAL_ENDPOINTS=regional), and that the ARN's partition matches.",
+        )
+    return None
 
 
 class Boto3SecretsPort:

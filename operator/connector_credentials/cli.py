@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 from typing import Any
@@ -97,7 +98,8 @@ async def _run(settings: OperatorSettings) -> None:
     def healthy() -> bool:
         watching = any(r.group == GROUP and r.plural == PLURAL for r in insights.watched_resources)
         return (
-            ready.is_set()
+            not engine.draining
+            and ready.is_set()
             and watching
             and engine.synced.is_set()
             and operator_task is not None
@@ -137,9 +139,23 @@ async def _run(settings: OperatorSettings) -> None:
         operator_task = asyncio.create_task(watch())
         await operator_task
     finally:
-        await engine.close()
+        await _drain(engine, settings.shutdown_drain)
         await server.close()
+        await engine.close()  # only now, with the socket closed, are the values dropped
         sink.close()
+
+
+async def _drain(engine: Any, seconds: float) -> None:
+    """/healthz says 503 and no AWS read starts; what is held is served for ``seconds`` more.
+
+    A controller shutting down beside the sidecar keeps reading its credentials meanwhile, and
+    never hears 404 for a credential that is still declared.
+    """
+    await engine.drain()
+    if seconds > 0:
+        logger.info("Shutting down: serving the values held for %.0fs more, then closing the socket.", seconds)
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(seconds)
 
 
 async def _wait_for_crd(sink: Any) -> None:

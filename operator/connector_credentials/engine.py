@@ -2,8 +2,8 @@
 
 It learns which credentials exist from watch events (:meth:`Engine.upsert` /
 :meth:`Engine.remove`), checks each one against AWS on its own schedule, keeps the value
-in memory, writes the status through a :class:`StatusSink`, and answers the socket
-server. The refresh path lives in :meth:`Engine._check_once` only.
+in memory, reports verdicts to the :class:`~connector_credentials.status.StatusWriter`, and
+answers the socket server. The refresh path lives in :meth:`Engine._check_once` only.
 
 Nothing here depends on kopf: a paused or slow handler cannot stop a sidecar from
 serving what it already knows.
@@ -20,18 +20,10 @@ import random
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from connector_credentials.aws import AwsFailure, FetchedSecret, SecretsPort
-from connector_credentials.conditions import (
-    EVENT_ROTATED,
-    PENDING_REASON,
-    Reason,
-    find_condition,
-    now_rfc3339,
-    same_condition,
-    set_condition,
-)
+from connector_credentials.conditions import EVENT_ROTATED, PENDING_REASON, Reason, find_condition
 from connector_credentials.models import (
     ConnectorCredentialSpec,
     InvalidSpecError,
@@ -40,36 +32,23 @@ from connector_credentials.models import (
     parse_spec,
 )
 from connector_credentials.settings import OperatorSettings
+from connector_credentials.status import (
+    Reporting,
+    StatusConflict,
+    StatusSink,
+    StatusWriter,
+    older_version,
+    stable_identity,
+)
 from connector_credentials.values import JsonKeyError, SecretValue, extract
-from connector_credentials.wire import render_credential, rfc3339
+from connector_credentials.wire import RenderedBody, render_credential, rfc3339
 
 logger = logging.getLogger(__name__)
 
 Key = tuple[str, str]
+SHUTTING_DOWN = "ShuttingDown"
 
-
-class StatusConflict(Exception):
-    """The object changed since the resourceVersion a status write was based on (HTTP 409)."""
-
-
-class StatusSink(Protocol):
-    """Where status and events go (the Kubernetes API in production)."""
-
-    async def patch_status(
-        self, namespace: str, name: str, status: dict[str, Any], resource_version: str | None
-    ) -> dict[str, Any] | None:
-        """Merge-patch the status subresource, on the condition that the object is still at
-        ``resource_version`` (raise :class:`StatusConflict` if not); return the new object,
-        ``None`` if it is gone."""
-        ...
-
-    async def get(self, namespace: str, name: str) -> dict[str, Any] | None:
-        """The object as the API has it now, ``None`` if it is gone."""
-        ...
-
-    async def post_event(
-        self, namespace: str, name: str, uid: str | None, *, warning: bool, reason: str, message: str
-    ) -> None: ...
+__all__ = ["Engine", "Entry", "Outcome", "Served", "StatusConflict", "StatusSink", "stable_identity"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,11 +62,9 @@ class Outcome:
 
 
 @dataclass
-class Entry:
-    """One declared credential: what the API says and what this replica resolved."""
+class ApiView:
+    """What the API says about the credential."""
 
-    namespace: str
-    name: str
     uid: str | None = None
     generation: int | None = None
     raw_spec: Any = None
@@ -98,43 +75,67 @@ class Entry:
     live_status: dict[str, Any] = field(default_factory=dict)
     resource_version: str | None = None
 
+
+@dataclass(repr=False)
+class Held:
+    """The value this replica resolved, and when. Its ``repr`` never shows the value."""
+
     value: SecretValue | None = None
     #: The 200 body, rendered once per fetch: the hot path serves these bytes as they are.
-    wire: bytes | None = None
+    body: RenderedBody | None = None
     version_id: str | None = None
     fetched_at: datetime.datetime | None = None
     fetched_mono: float | None = None
     verified_mono: float | None = None
     identity: str | None = None
 
+    def drop(self) -> None:
+        self.value = self.body = None
+        self.version_id = self.fetched_at = self.fetched_mono = None
+
+    def __repr__(self) -> str:
+        held = "<masked>" if self.value is not None else None
+        return f"Held(value={held}, version_id={self.version_id!r}, fetched_at={self.fetched_at!r})"
+
+
+@dataclass
+class Schedule:
+    """When the credential is checked next, and how the last checks went."""
+
     outcome: Outcome | None = None
     failures: int = 0
-    served: bool = False
-
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
     due: float = 0.0
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
     worker: asyncio.Task[None] | None = None
     inflight: asyncio.Future[None] | None = None
-    status_task: asyncio.Task[None] | None = None
-    pending_status: dict[str, Any] | None = None
-    pending_events: list[tuple[bool, str, str]] = field(default_factory=list)
-    reported: tuple[str, bool] | None = None
+    #: Loop time of the last AWS read that started (refresh requests share reads closer than the gap).
+    last_read: float | None = None
+    served: bool = False
+
+
+@dataclass(repr=False)
+class Entry:
+    """One declared credential: the API's view, the value held, the schedule, the writer's state."""
+
+    namespace: str
+    name: str
+    api: ApiView = field(default_factory=ApiView)
+    held: Held = field(default_factory=Held)
+    schedule: Schedule = field(default_factory=Schedule)
+    reporting: Reporting = field(default_factory=Reporting)
 
     @property
     def key(self) -> Key:
         return (self.namespace, self.name)
 
-    def drop_value(self) -> None:
-        self.value = None
-        self.wire = None
-        self.version_id = None
-        self.fetched_at = None
-        self.fetched_mono = None
+    def __repr__(self) -> str:
+        outcome = self.schedule.outcome
+        return f"Entry({self.namespace}/{self.name}, reason={outcome.reason if outcome else None}, held={self.held!r})"
 
 
 @dataclass(frozen=True, slots=True)
 class Served:
-    """The engine's answer to a socket request."""
+    """The engine's answer to a socket request (its value and body are masked in ``repr``)."""
 
     status: int
     value: SecretValue | None = None
@@ -145,7 +146,7 @@ class Served:
     message: str | None = None
     retry_after: int | None = None
     #: The rendered 200 body, when the engine has it already.
-    wire: bytes | None = None
+    body: RenderedBody | None = None
 
 
 class Engine:
@@ -154,11 +155,13 @@ class Engine:
     def __init__(self, settings: OperatorSettings, port: SecretsPort, sink: StatusSink) -> None:
         self.settings = settings
         self._port = port
-        self._sink = sink
         self._entries: dict[Key, Entry] = {}
         self._executor = ThreadPoolExecutor(max_workers=settings.aws_max_workers, thread_name_prefix="aws")
         self._random = random.Random()  # noqa: S311 - jitter, not cryptography
+        self._writer = StatusWriter(sink, interval_of=self.interval, forget=self._forget_gone)
         self._closed = False
+        self._draining = False
+        self._needles: tuple[str, ...] | None = ()
         #: Set once the declared credentials were listed: before that, "unknown" may just mean "not yet".
         self.synced = asyncio.Event()
 
@@ -172,7 +175,7 @@ class Engine:
 
     def upsert(self, body: dict[str, Any]) -> None:
         """A watch event saw this object (added, modified, or listed at start)."""
-        if self._closed:
+        if self._closed or self._draining:
             return
         meta = body.get("metadata") or {}
         namespace, name = str(meta.get("namespace") or ""), str(meta.get("name") or "")
@@ -182,7 +185,7 @@ class Engine:
             self.remove(namespace, name)
             return
         entry = self._entries.get((namespace, name))
-        if entry is not None and entry.uid and meta.get("uid") and entry.uid != meta.get("uid"):
+        if entry is not None and entry.api.uid and meta.get("uid") and entry.api.uid != meta.get("uid"):
             # Deleted and recreated under the same name while we were not looking.
             self.remove(namespace, name)
             entry = None
@@ -190,55 +193,105 @@ class Engine:
         if entry is None:
             entry = Entry(namespace=namespace, name=name)
             self._entries[entry.key] = entry
-        if not created and _older(meta.get("resourceVersion"), entry.resource_version):
+        api = entry.api
+        if not created and older_version(meta.get("resourceVersion"), api.resource_version):
             # A body older than one already seen (a late listing, a queued event): it would
             # roll the live status back and make the next write move lastTransitionTime.
             return
-        entry.resource_version = meta.get("resourceVersion") or entry.resource_version
-        entry.uid = meta.get("uid") or entry.uid
-        entry.generation = meta.get("generation") if isinstance(meta.get("generation"), int) else None
+        api.resource_version = meta.get("resourceVersion") or api.resource_version
+        api.uid = meta.get("uid") or api.uid
+        api.generation = meta.get("generation") if isinstance(meta.get("generation"), int) else None
         status = body.get("status")
-        entry.live_status = dict(status) if isinstance(status, dict) else {}
+        api.live_status = dict(status) if isinstance(status, dict) else {}
         raw_spec = body.get("spec")
-        if created or _canonical(raw_spec) != _canonical(entry.raw_spec):
-            if not created:
-                logger.info("Spec of %s/%s changed; re-checking now.", namespace, name)
-            entry.raw_spec = raw_spec
-            try:
-                entry.spec, entry.spec_error = parse_spec(raw_spec), None
-                entry.interval = entry.spec.refresh_seconds(self.settings.default_refresh_interval)
-            except InvalidSpecError as exc:
-                entry.spec, entry.spec_error, entry.interval = None, str(exc), None
-            entry.drop_value()
-            entry.verified_mono = None
-            entry.outcome = None
-            entry.failures = 0
-            entry.due = 0.0
-            entry.wake.set()
-        if entry.worker is None:
-            entry.worker = asyncio.get_running_loop().create_task(
+        if created or _canonical(raw_spec) != _canonical(api.raw_spec):
+            self._new_spec(entry, raw_spec, created=created)
+        if entry.schedule.worker is None:
+            entry.schedule.worker = asyncio.get_running_loop().create_task(
                 self._worker(entry), name=f"ccred-worker:{namespace}/{name}"
             )
+
+    def _new_spec(self, entry: Entry, raw_spec: Any, *, created: bool) -> None:
+        api, schedule = entry.api, entry.schedule
+        before = api.spec
+        api.raw_spec = raw_spec
+        try:
+            api.spec, api.spec_error = parse_spec(raw_spec), None
+            api.interval = api.spec.refresh_seconds(self.settings.default_refresh_interval)
+        except InvalidSpecError as exc:
+            api.spec, api.spec_error, api.interval = None, str(exc), None
+        if not created and before is not None and api.spec is not None and _reads(before) == _reads(api.spec):
+            # Only how often it is checked changed: what is read, and so the value and verdict, stay.
+            logger.info(
+                "Spec of %s/%s changed (not what is read); re-checked every %s now.",
+                *entry.key,
+                format_duration(self.interval(entry)),
+            )
+            self._reschedule(entry)
+            return
+        if not created:
+            logger.info("Spec of %s/%s changed; re-checking now.", *entry.key)
+        self._drop_value(entry)
+        entry.held.verified_mono = None
+        schedule.outcome = None
+        schedule.failures = 0
+        schedule.due = 0.0
+        schedule.wake.set()
+
+    def _reschedule(self, entry: Entry) -> None:
+        """A new interval for a kept verdict: the next check and the status message follow it."""
+        loop = asyncio.get_running_loop()
+        schedule, interval = entry.schedule, self.interval(entry)
+        if schedule.outcome is None or schedule.failures:
+            return  # never checked, or backing off: the schedule in place stands
+        checked = entry.held.fetched_mono if entry.held.fetched_mono is not None else loop.time()
+        schedule.due = checked + self._jittered(interval)
+        schedule.wake.set()
+        outcome = schedule.outcome
+        if outcome.ready and not outcome.transient and entry.api.spec is not None and entry.held.identity:
+            outcome = schedule.outcome = self._verified(entry.api.spec, entry.held.identity, interval)
+        self._writer.report(entry, outcome, interval)
 
     def remove(self, namespace: str, name: str) -> None:
         entry = self._entries.pop((namespace, name), None)
         if entry is None:
             return
-        entry.drop_value()
-        for task in (entry.worker, entry.status_task):
+        self._drop_value(entry)
+        for task in (entry.schedule.worker, entry.reporting.task):
             if task is not None:
                 task.cancel()
         logger.info("Forgot %s/%s: the resource was deleted.", namespace, name)
 
+    def _forget_gone(self, entry: Entry) -> None:
+        # The status writer found the object gone (404); it is its own task: do not cancel it.
+        if self._entries.get(entry.key) is entry:
+            self.remove(*entry.key)
+
     def values(self) -> Iterator[SecretValue]:
         for entry in list(self._entries.values()):
-            if entry.value is not None:
-                yield entry.value
+            if entry.held.value is not None:
+                yield entry.held.value
+
+    def needles(self) -> tuple[str, ...]:
+        """Every form of every held value a log line could contain; rebuilt only when values change."""
+        if self._needles is None:
+            self._needles = tuple({n for value in self.values() for n in value.needles()})
+        return self._needles
+
+    def _hold(self, entry: Entry, value: SecretValue) -> None:
+        if entry.held.value != value:
+            self._needles = None
+        entry.held.value = value
+
+    def _drop_value(self, entry: Entry) -> None:
+        if entry.held.value is not None:
+            self._needles = None
+        entry.held.drop()
 
     # --- the schedule ------------------------------------------------------------------
 
     def interval(self, entry: Entry) -> float:
-        return entry.interval if entry.interval is not None else self.settings.default_refresh_interval
+        return entry.api.interval if entry.api.interval is not None else self.settings.default_refresh_interval
 
     def _jittered(self, seconds: float) -> float:
         spread = seconds * self.settings.jitter
@@ -251,33 +304,44 @@ class Engine:
 
     async def _worker(self, entry: Entry) -> None:
         loop = asyncio.get_running_loop()
+        schedule = entry.schedule
         while True:
-            delay = entry.due - loop.time()
+            delay = schedule.due - loop.time()
             if delay > 0:
-                entry.wake.clear()
+                schedule.wake.clear()
                 with contextlib.suppress(TimeoutError):
                     # An invalid spec waits (due = inf) until a spec change wakes it.
-                    await asyncio.wait_for(entry.wake.wait(), timeout=None if delay == float("inf") else delay)
-                if loop.time() < entry.due:
+                    await asyncio.wait_for(schedule.wake.wait(), timeout=None if delay == float("inf") else delay)
+                if loop.time() < schedule.due:
                     continue
-            entry.wake.clear()
+            schedule.wake.clear()
             try:
                 await self.check(entry)
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                logger.exception("Check of %s/%s failed unexpectedly; retrying later.", *entry.key)
-                entry.due = loop.time() + self._backoff(entry.failures + 1)
+            except Exception as exc:  # noqa: BLE001 - a bug must not become a hot loop
+                # Counted like any failure: backoff up to the cap; the last verdict stays as it is.
+                schedule.failures += 1
+                retry_in = self._backoff(schedule.failures)
+                schedule.due = loop.time() + retry_in
+                # No traceback: its frames and message could hold what was being parsed (the secret).
+                logger.error(  # noqa: TRY400
+                    "Check of %s/%s failed unexpectedly (%s); retrying in %.1fs.",
+                    *entry.key,
+                    type(exc).__name__,
+                    retry_in,
+                )
 
     # --- checking ----------------------------------------------------------------------
 
     async def check(self, entry: Entry) -> None:
         """Check now, or join the check already under way (one AWS read per credential at a time)."""
-        if entry.inflight is not None:
-            await asyncio.shield(entry.inflight)
+        schedule = entry.schedule
+        if schedule.inflight is not None:
+            await asyncio.shield(schedule.inflight)
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry.inflight = future
+        schedule.inflight = future
         try:
             await self._check_once(entry)
             future.set_result(None)
@@ -286,26 +350,28 @@ class Engine:
             future.exception()  # mark retrieved: joiners re-raise it, nobody else must
             raise
         finally:
-            entry.inflight = None
+            schedule.inflight = None
 
     async def _check_once(self, entry: Entry) -> None:
         loop = asyncio.get_running_loop()
         interval = self.interval(entry)
-        previous_version = entry.version_id
+        schedule, held = entry.schedule, entry.held
+        previous_version = held.version_id
         outcome: Outcome
-        if entry.spec is None:
-            outcome = Outcome(False, Reason.INVALID_SPEC, f"Invalid spec: {entry.spec_error}. Fix the resource.")
-            entry.drop_value()
-            entry.due = float("inf")  # nothing to do until the spec changes
+        spec = entry.api.spec
+        if spec is None:
+            outcome = Outcome(False, Reason.INVALID_SPEC, f"Invalid spec: {entry.api.spec_error}. Fix the resource.")
+            self._drop_value(entry)
+            schedule.due = float("inf")  # nothing to do until the spec changes
         else:
-            spec = entry.spec
             arn = spec.arn
             answer: tuple[str, FetchedSecret] | AwsFailure
+            schedule.last_read = loop.time()
             try:
                 answer = await loop.run_in_executor(self._executor, self._read, spec, arn)
             except AwsFailure as exc:
                 answer = exc
-            if entry.spec is not spec:
+            if entry.api.spec is not spec:
                 # The spec changed while AWS answered: that answer is about the old spec.
                 await self._check_once(entry)
                 return
@@ -323,54 +389,55 @@ class Engine:
                     f"Read {arn.arn} but jsonKey {spec.json_key!r} does not apply: {exc}. "
                     "Fix spec.jsonKey or the secret's content.",
                 )
-                entry.drop_value()
-                entry.failures = 0
-                entry.due = loop.time() + self._jittered(interval)
+                self._drop_value(entry)
+                schedule.failures = 0
+                schedule.due = loop.time() + self._jittered(interval)
             else:
                 now = datetime.datetime.now(datetime.UTC)
-                entry.value = value
-                entry.version_id = fetched.version_id
-                entry.fetched_at = now
-                entry.wire = render_credential(value, fetched.version_id, spec.secret_arn, now)
-                entry.fetched_mono = entry.verified_mono = loop.time()
-                entry.identity = identity
-                entry.failures = 0
-                entry.due = loop.time() + self._jittered(interval)
-                selector = f"versionId {spec.version_id}" if spec.version_id else f"stage {spec.effective_stage}"
-                key_text = f", key {spec.json_key!r}" if spec.json_key else ""
-                outcome = Outcome(
-                    True,
-                    Reason.ACCESS_VERIFIED,
-                    f"Read {arn.arn} ({selector}{key_text}) as {stable_identity(identity)}; re-checked every "
-                    f"{format_duration(interval)}.",
-                )
+                self._hold(entry, value)
+                held.version_id = fetched.version_id
+                held.fetched_at = now
+                held.body = render_credential(value, fetched.version_id, spec.secret_arn, now)
+                held.fetched_mono = held.verified_mono = loop.time()
+                held.identity = identity
+                schedule.failures = 0
+                schedule.due = loop.time() + self._jittered(interval)
+                outcome = self._verified(spec, identity, interval)
                 if (
                     previous_version
                     and previous_version != fetched.version_id
                     # Another replica that noticed first has written the new version already.
-                    and entry.live_status.get("versionId") != fetched.version_id
+                    and entry.api.live_status.get("versionId") != fetched.version_id
                 ):
                     logger.info(
                         "Secret of %s/%s rotated: version %s -> %s.", *entry.key, previous_version, fetched.version_id
                     )
-                    self._queue_event(
+                    self._writer.event(
                         entry,
                         warning=False,
                         reason=EVENT_ROTATED,
                         message=f"Secret {arn.arn} rotated: version {previous_version} -> {fetched.version_id}.",
                     )
-        previous_outcome = entry.outcome
-        entry.outcome = outcome
-        if previous_outcome is None or (previous_outcome.reason, previous_outcome.ready) != (
-            outcome.reason,
-            outcome.ready,
-        ):
+        previous = schedule.outcome
+        schedule.outcome = outcome
+        if previous is None or (previous.reason, previous.ready) != (outcome.reason, outcome.ready):
             log = logger.info if outcome.ready else logger.warning
             log("%s/%s: %s: %s", *entry.key, outcome.reason, outcome.message)
         elif outcome.transient:
             # Repeated transient failures are logged each time (their pace is the backoff's).
             logger.warning("%s/%s: %s: %s", *entry.key, outcome.reason, outcome.message)
-        self._write_status(entry, outcome, interval)
+        self._writer.report(entry, outcome, interval)
+
+    @staticmethod
+    def _verified(spec: ConnectorCredentialSpec, identity: str, interval: float) -> Outcome:
+        selector = f"versionId {spec.version_id}" if spec.version_id else f"stage {spec.effective_stage}"
+        key_text = f", key {spec.json_key!r}" if spec.json_key else ""
+        return Outcome(
+            True,
+            Reason.ACCESS_VERIFIED,
+            f"Read {spec.arn.arn} ({selector}{key_text}) as {stable_identity(identity)}; re-checked every "
+            f"{format_duration(interval)}.",
+        )
 
     def _read(self, spec: ConnectorCredentialSpec, arn: SecretArn) -> tuple[str, FetchedSecret]:
         """Runs in a worker thread: who we are, then the real read (not a proxy of it)."""
@@ -380,22 +447,23 @@ class Engine:
 
     def _on_failure(self, entry: Entry, failure: AwsFailure, interval: float) -> Outcome:
         loop = asyncio.get_running_loop()
+        schedule = entry.schedule
         if not failure.transient:
             # Permanent answers are re-checked at refreshInterval, and the value stops being served.
-            entry.drop_value()
-            entry.verified_mono = None
-            entry.failures = 0
-            entry.due = loop.time() + self._jittered(interval)
+            self._drop_value(entry)
+            entry.held.verified_mono = None
+            schedule.failures = 0
+            schedule.due = loop.time() + self._jittered(interval)
             return Outcome(False, failure.reason, failure.message)
-        entry.failures += 1
-        retry_in = self._backoff(entry.failures)
+        schedule.failures += 1
+        retry_in = self._backoff(schedule.failures)
         staleness = self.settings.max_staleness
-        verified = entry.verified_mono
+        verified = entry.held.verified_mono
         # Tolerance counts from when the value was due for refresh, so long intervals keep it too.
         if verified is not None and loop.time() - verified < interval + staleness:
             # Keep serving the verified value and stay Ready; re-check before it grows too old.
             stale_at = verified + interval + staleness
-            entry.due = min(loop.time() + retry_in, stale_at + 0.01)
+            schedule.due = min(loop.time() + retry_in, stale_at + 0.01)
             return Outcome(
                 True,
                 Reason.ACCESS_VERIFIED,
@@ -403,159 +471,14 @@ class Engine:
                 f"before is still served, for at most {format_duration(staleness)} past its scheduled refresh.",
                 transient=True,
             )
-        entry.drop_value()
-        entry.verified_mono = None
-        entry.due = loop.time() + retry_in
+        self._drop_value(entry)
+        entry.held.verified_mono = None
+        schedule.due = loop.time() + retry_in
         return Outcome(False, failure.reason, failure.message, transient=True)
 
-    # --- status ------------------------------------------------------------------------
-
     def desired_status(self, entry: Entry, outcome: Outcome, interval: float) -> dict[str, Any] | None:
-        """The status patch to write, or ``None`` when the live status already says it."""
-        live = entry.live_status
-        now = now_rfc3339()
-        conditions = set_condition(
-            live.get("conditions"),
-            status=outcome.ready,
-            reason=outcome.reason,
-            message=outcome.message,
-            observed_generation=entry.generation,
-            now=now,
-        )
-        new_ready = find_condition(conditions)
-        patch: dict[str, Any] = {}
-        if not same_condition(find_condition(live.get("conditions")), new_ready):
-            patch["conditions"] = conditions
-        if entry.generation is not None and live.get("observedGeneration") != entry.generation:
-            patch["observedGeneration"] = entry.generation
-        if outcome.ready and entry.version_id and live.get("versionId") != entry.version_id:
-            patch["versionId"] = entry.version_id
-        live_identity = live.get("identityArn")
-        if entry.identity and (
-            not isinstance(live_identity, str) or stable_identity(live_identity) != stable_identity(entry.identity)
-        ):
-            # Compared without the STS session name, which differs per replica and per refresh.
-            patch["identityArn"] = entry.identity
-        if patch or _older_than(live.get("lastCheckedTime"), interval / 2):
-            # Replicas that reach the same verdict skip the write while the last check is recent.
-            patch["lastCheckedTime"] = now
-        return patch or None
-
-    async def _reconsider(self, entry: Entry) -> None:
-        fresh = await self._sink.get(entry.namespace, entry.name)
-        if fresh is None:
-            entry.pending_status = None
-            return  # the next write sees the 404 and forgets the credential
-        meta = fresh.get("metadata") or {}
-        status = fresh.get("status")
-        entry.live_status = dict(status) if isinstance(status, dict) else {}
-        entry.resource_version = meta.get("resourceVersion") or entry.resource_version
-        outcome = entry.outcome
-        if outcome is None:
-            entry.pending_status = None
-            return
-        entry.pending_status = self.desired_status(entry, outcome, self.interval(entry))
-        live = find_condition(entry.live_status.get("conditions"))
-        if live is not None and (live.get("reason"), live.get("status") == "True") == (
-            str(outcome.reason),
-            outcome.ready,
-        ):
-            entry.pending_events = [e for e in entry.pending_events if e[1] == EVENT_ROTATED]
-
-    def _correction(self, entry: Entry, outcome: Outcome) -> dict[str, Any] | None:
-        """A patch only if the live status contradicts the latest verdict (not for lastCheckedTime)."""
-        patch = self.desired_status(entry, outcome, self.interval(entry))
-        if patch is None or set(patch) <= {"lastCheckedTime"}:
-            return None
-        return patch
-
-    def _write_status(self, entry: Entry, outcome: Outcome, interval: float) -> None:
-        patch = self.desired_status(entry, outcome, interval)
-        old = find_condition(entry.live_status.get("conditions"))
-        verdict = (str(outcome.reason), outcome.ready)
-        live_verdict = None if old is None else (old.get("reason"), old.get("status") == "True")
-        if verdict == live_verdict:
-            # Back to what the API shows: transitions queued meanwhile (e.g. during an API outage)
-            # never became visible and are no longer true. Rotation events stay.
-            entry.pending_events = [e for e in entry.pending_events if e[1] == EVENT_ROTATED]
-        elif verdict != entry.reported:
-            # A transition: one Event per change, so `kubectl describe` shows the history.
-            self._queue_event(entry, warning=not outcome.ready, reason=outcome.reason, message=outcome.message)
-        entry.reported = verdict
-        # The newest verdict replaces any write still pending (None: the live status already says it).
-        entry.pending_status = patch
-        if patch is None and not entry.pending_events:
-            return
-        if entry.status_task is None or entry.status_task.done():
-            entry.status_task = asyncio.get_running_loop().create_task(
-                self._flush(entry), name=f"ccred-status:{entry.namespace}/{entry.name}"
-            )
-
-    def _queue_event(self, entry: Entry, *, warning: bool, reason: str, message: str) -> None:
-        entry.pending_events.append((warning, reason, message))
-        if entry.status_task is None or entry.status_task.done():
-            entry.status_task = asyncio.get_running_loop().create_task(
-                self._flush(entry), name=f"ccred-status:{entry.namespace}/{entry.name}"
-            )
-
-    async def _flush(self, entry: Entry) -> None:
-        """Write the latest desired status (and event) until the API accepts it."""
-        attempt = 0
-        while entry.pending_status is not None or entry.pending_events:
-            patch = entry.pending_status
-            event = entry.pending_events[0] if entry.pending_events else None
-            try:
-                if patch is not None:
-                    try:
-                        body = await self._sink.patch_status(entry.namespace, entry.name, patch, entry.resource_version)
-                    except StatusConflict:
-                        # Someone wrote first (another replica, a spec edit): decide again from
-                        # what the API says now. If it already says our verdict, so does its Event.
-                        logger.info(
-                            "The status of %s/%s changed since it was read (HTTP 409 Conflict); re-reading it.",
-                            *entry.key,
-                        )
-                        await self._reconsider(entry)
-                        continue
-                    if entry.pending_status is patch:
-                        entry.pending_status = None
-                    if body is None:
-                        # Gone, though no DELETED event came (e.g. deleted while the watch was down).
-                        entry.pending_events.clear()
-                        entry.status_task = None  # this task: do not cancel it from remove()
-                        if self._entries.get(entry.key) is entry:
-                            self.remove(*entry.key)
-                        return
-                    status = body.get("status")
-                    if isinstance(status, dict):
-                        entry.live_status = dict(status)
-                    version = (body.get("metadata") or {}).get("resourceVersion")
-                    if not _older(version, entry.resource_version):
-                        entry.resource_version = version or entry.resource_version
-                    if entry.pending_status is None and entry.outcome is not None:
-                        # A newer verdict may have found the old live status agreeing with it while
-                        # this write was in flight: make sure the API ends up saying the newest one.
-                        entry.pending_status = self._correction(entry, entry.outcome)
-                if event is not None:
-                    warning, reason, message = event
-                    await self._sink.post_event(
-                        entry.namespace, entry.name, entry.uid, warning=warning, reason=reason, message=message
-                    )
-                    if entry.pending_events and entry.pending_events[0] is event:
-                        entry.pending_events.pop(0)
-                attempt = 0
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - any API failure is retried
-                attempt += 1
-                delay = min(30.0, 0.5 * 2 ** (attempt - 1))
-                logger.warning(
-                    "Writing the status of %s/%s failed (%s); retrying in %.1fs.",
-                    *entry.key,
-                    _short_error(exc),
-                    delay,
-                )
-                await asyncio.sleep(delay)
+        """The status patch a verdict calls for (``None``: the live status already says it)."""
+        return self._writer.desired_status(entry, outcome, interval)
 
     # --- serving -----------------------------------------------------------------------
 
@@ -575,15 +498,22 @@ class Engine:
                 message=f"No ConnectorCredential {namespace}/{name} is declared (or it is in a namespace this "
                 "operator does not watch).",
             )
-        if refresh or entry.outcome is None:
-            # Asked to, or never checked: read from AWS now and wait for the answer.
+        if self._draining:
+            return self._answer_draining(entry, refresh=refresh)
+        schedule = entry.schedule
+        loop = asyncio.get_running_loop()
+        backing_off = schedule.outcome is not None and schedule.outcome.transient and loop.time() < schedule.due
+        if schedule.outcome is None:
+            # Never checked: read from AWS now and wait for the answer.
             await self.check(entry)
-        elif (
-            entry.value is not None
-            and (not entry.served or not self._fresh(entry))
-            # While a transient failure backs off, reads serve the verified value and leave AWS alone.
-            and not (entry.outcome.transient and asyncio.get_running_loop().time() < entry.due)
-        ):
+        elif refresh and not backing_off:
+            # Asked to: one read per credential per CCRED_MIN_REFRESH_GAP, shared by every request.
+            recent = schedule.last_read is not None and loop.time() - schedule.last_read < self.settings.min_refresh_gap
+            if schedule.inflight is not None:
+                await asyncio.shield(schedule.inflight)
+            elif not recent:
+                await self.check(entry)
+        elif entry.held.value is not None and (not schedule.served or not self._fresh(entry)) and not backing_off:
             # First read, or older than refreshInterval: read now, but do not make the controller
             # wait out an AWS outage when a verified value is there to serve.
             await self._check_within(entry, self.settings.serve_wait)
@@ -593,12 +523,14 @@ class Engine:
     def cached_body(self, namespace: str, name: str) -> bytes | None:
         """The hot path: the rendered 200 body while it may be served without asking AWS."""
         entry = self._entries.get((namespace, name))
-        if entry is None or entry.wire is None or not entry.served or not self._fresh(entry):
+        if entry is None or entry.held.body is None:
             return None
-        return entry.wire
+        if self._draining or (entry.schedule.served and self._fresh(entry)):
+            return entry.held.body.data
+        return None
 
     def _fresh(self, entry: Entry) -> bool:
-        fetched = entry.fetched_mono
+        fetched = entry.held.fetched_mono
         return fetched is not None and asyncio.get_running_loop().time() - fetched < self.interval(entry)
 
     async def _check_within(self, entry: Entry, seconds: float) -> None:
@@ -607,56 +539,88 @@ class Engine:
         await asyncio.wait({task}, timeout=seconds)
 
     def _answer(self, entry: Entry) -> Served:
-        outcome = entry.outcome
-        if entry.value is not None and entry.spec is not None:
-            entry.served = True
+        outcome, held = entry.schedule.outcome, entry.held
+        if held.value is not None and entry.api.spec is not None:
+            entry.schedule.served = True
             return Served(
                 200,
-                value=entry.value,
-                wire=entry.wire,
-                version_id=entry.version_id,
-                arn=entry.spec.secret_arn,
-                fetched_at=entry.fetched_at,
+                value=held.value,
+                body=held.body,
+                version_id=held.version_id,
+                arn=entry.api.spec.secret_arn,
+                fetched_at=held.fetched_at,
             )
         if outcome is None:
             return Served(503, reason=PENDING_REASON, message="Not checked yet; retry shortly.", retry_after=1)
         if outcome.transient:
-            retry = max(1, int(entry.due - asyncio.get_running_loop().time()) + 1)
+            retry = max(1, int(entry.schedule.due - asyncio.get_running_loop().time()) + 1)
             return Served(503, reason=outcome.reason, message=outcome.message, retry_after=min(retry, 300))
         return Served(502, reason=outcome.reason, message=outcome.message)
+
+    def _answer_draining(self, entry: Entry, *, refresh: bool) -> Served:
+        """While the operator drains: what it holds, as it is; nothing that needs AWS."""
+        outcome = entry.schedule.outcome
+        if not refresh and (entry.held.value is not None or (outcome is not None and not outcome.transient)):
+            return self._answer(entry)
+        return Served(
+            503,
+            reason=SHUTTING_DOWN,
+            message="The operator is shutting down and no longer reads from AWS; retry on the next replica.",
+            retry_after=1,
+        )
 
     def describe(self) -> list[dict[str, Any]]:
         """The declared credentials and their readiness, never values."""
         result = []
         for entry in sorted(self._entries.values(), key=lambda e: e.key):
-            outcome = entry.outcome
-            ready = find_condition(entry.live_status.get("conditions")) if outcome is None else None
+            outcome = entry.schedule.outcome
+            ready = find_condition(entry.api.live_status.get("conditions")) if outcome is None else None
             result.append(
                 {
                     "namespace": entry.namespace,
                     "name": entry.name,
-                    "arn": entry.spec.secret_arn if entry.spec else None,
+                    "arn": entry.api.spec.secret_arn if entry.api.spec else None,
                     "ready": bool(outcome.ready) if outcome else (ready or {}).get("status") == "True",
                     "reason": outcome.reason if outcome else (ready or {}).get("reason", PENDING_REASON),
                     "message": outcome.message if outcome else (ready or {}).get("message", ""),
-                    "versionId": entry.version_id,
-                    "fetchedAt": rfc3339(entry.fetched_at),
+                    "versionId": entry.held.version_id,
+                    "fetchedAt": rfc3339(entry.held.fetched_at),
                 }
             )
         return result
 
-    async def close(self) -> None:
-        self._closed = True
+    # --- shutting down ---------------------------------------------------------------------
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    async def drain(self) -> None:
+        """Stop checking and writing; keep serving what is held (the socket is still open)."""
+        if self._draining:
+            return
+        self._draining = True
         tasks = []
         for entry in self._entries.values():
-            entry.drop_value()
-            for task in (entry.worker, entry.status_task):
+            for task in (entry.schedule.worker, entry.reporting.task):
                 if task is not None:
                     task.cancel()
                     tasks.append(task)
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def close(self) -> None:
+        """Drop every value and stop every task (after the socket has closed)."""
+        await self.drain()
+        self._closed = True
+        for entry in self._entries.values():
+            self._drop_value(entry)
         self._entries.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _reads(spec: ConnectorCredentialSpec) -> tuple[Any, ...]:
+    """What a spec makes the operator read: a change here invalidates the value held."""
+    return (spec.secret_arn, spec.version_id, spec.effective_stage, spec.json_key)
 
 
 def _consume(task: asyncio.Future[None]) -> None:
@@ -664,43 +628,5 @@ def _consume(task: asyncio.Future[None]) -> None:
         logger.debug("A background check failed: %s", type(task.exception()).__name__)
 
 
-def stable_identity(arn: str) -> str:
-    """An assumed-role ARN without its session name: the same for every replica."""
-    head, sep, tail = arn.partition(":assumed-role/")
-    if not sep:
-        return arn
-    role = tail.split("/", 1)[0]
-    return f"{head}{sep}{role}"
-
-
-def _older(version: Any, than: str | None) -> bool:
-    """Whether resourceVersion ``version`` is older than ``than`` (numeric, as etcd's are)."""
-    if not isinstance(version, str) or than is None:
-        return False
-    try:
-        return int(version) < int(than)
-    except ValueError:
-        return False  # opaque versions: cannot tell, accept
-
-
 def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
-
-
-def _older_than(timestamp: Any, seconds: float) -> bool:
-    if not isinstance(timestamp, str):
-        return True
-    try:
-        moment = datetime.datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
-    except ValueError:
-        return True
-    age = (datetime.datetime.now(datetime.UTC) - moment).total_seconds()
-    return age >= seconds
-
-
-def _short_error(exc: BaseException) -> str:
-    status = getattr(exc, "status", None)
-    reason = getattr(exc, "reason", None)
-    if status is not None:
-        return f"HTTP {status} {reason or ''}".strip()
-    return type(exc).__name__

@@ -13,10 +13,11 @@ from connector_credentials.models import ANNOTATION_PREFIX, GROUP, PLURAL, VERSI
 def register(registry: kopf.OperatorRegistry, engine: Engine) -> None:
     """Add this operator's handlers to ``registry``."""
 
-    @kopf.on.cleanup(registry=registry, id="forget")
-    async def forget(**_: Any) -> None:
-        # Drop every value and stop the per-credential tasks before kopf waits for "hung" tasks.
-        await engine.close()
+    @kopf.on.cleanup(registry=registry, id="drain")
+    async def drain(**_: Any) -> None:
+        # kopf is stopping (SIGTERM): stop checking, keep serving what is held. The command line
+        # closes the socket after CCRED_SHUTDOWN_DRAIN and only then drops the values.
+        await engine.drain()
 
     @kopf.on.startup(registry=registry, id="settings")
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:

@@ -14,8 +14,8 @@ import kubernetes.client
 import kubernetes.config
 from kubernetes.client.exceptions import ApiException
 
-from connector_credentials.engine import StatusConflict
 from connector_credentials.models import API_VERSION, GROUP, KIND, PLURAL, VERSION
+from connector_credentials.status import StatusConflict
 
 logger = logging.getLogger(__name__)
 
@@ -124,11 +124,11 @@ class KubeStatusSink:
         }
 
         def call() -> None:
-            event = kubernetes.client.CoreV1Event.from_dict(body)
-            # Say the body is JSON: this client sends no Content-Type here unless told.
+            # A plain dict: the client serialises it as is (CoreV1Event.from_dict is not in every
+            # client version). Say it is JSON: this client sends no Content-Type here unless told.
             self._core.create_namespaced_event(
                 namespace,
-                event,  # type: ignore[arg-type]
+                body,  # type: ignore[arg-type]
                 _request_timeout=(5, 15),
                 _content_type="application/json",
             )

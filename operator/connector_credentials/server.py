@@ -263,12 +263,12 @@ class CredentialServer:
     @staticmethod
     def _credential(served: Served) -> web.Response:
         if served.status == 200 and served.value is not None:
-            body = served.wire or render_credential(
+            body = served.body or render_credential(
                 served.value,
                 served.version_id or "",
                 served.arn or "",
                 served.fetched_at or datetime.datetime.now(datetime.UTC),
             )
-            return web.Response(body=body, headers=JSON_HEADERS)
+            return web.Response(body=body.data, headers=JSON_HEADERS)
         headers = {"Retry-After": str(served.retry_after)} if served.retry_after is not None else None
         return _error(served.status, served.reason or "Unknown", served.message or "", headers)

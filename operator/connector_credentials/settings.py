@@ -47,6 +47,10 @@ class OperatorSettings(BaseSettings):
     identity_cache_seconds: float = Field(default=600.0, ge=0)
     #: How long a read of a stale-but-valid value waits for AWS before serving what it has.
     serve_wait: float = Field(default=2.0, ge=0)
+    #: ?refresh=true reads AWS at most once per credential per this gap; requests within it share the read.
+    min_refresh_gap: float = Field(default=1.0, ge=0)
+    #: From SIGTERM on, cached values are still served this long (the controller drains meanwhile).
+    shutdown_drain: float = Field(default=5.0, ge=0)
 
     #: First retry delay after a transient failure; doubles up to the cap.
     backoff_base: float = Field(default=1.0, gt=0)
@@ -80,7 +84,15 @@ class OperatorSettings(BaseSettings):
             raise ValueError(f"socket mode {mode:04o} is not a plain permission mode")
         return mode
 
-    @field_validator("backoff_base", "backoff_cap", "serve_wait", "identity_cache_seconds", mode="before")
+    @field_validator(
+        "backoff_base",
+        "backoff_cap",
+        "serve_wait",
+        "identity_cache_seconds",
+        "min_refresh_gap",
+        "shutdown_drain",
+        mode="before",
+    )
     @classmethod
     def _seconds(cls, value: Any) -> Any:
         # Plain seconds or a duration with a unit (CCRED_BACKOFF_CAP=5s or =5).

@@ -88,7 +88,8 @@ def extract(raw: str | bytes, json_key: str | None) -> SecretValue:
         text = raw
     try:
         document = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
+        # RecursionError: nested deeper than the decoder goes ("[" * 5000) is not usable JSON either.
         # Never chain: the decoder's exception keeps the document (the secret) around.
         raise JsonKeyError(
             "the secret is not JSON, so jsonKey cannot apply; remove jsonKey or store a JSON object"

@@ -17,7 +17,31 @@ HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
 JSON_HEADERS = {"Content-Type": "application/json; charset=utf-8", **HEADERS}
 
 
-def render_credential(value: SecretValue, version_id: str, arn: str, fetched_at: datetime.datetime) -> bytes:
+class RenderedBody:
+    """A rendered 200 body. It holds a value, so it never shows it: not in ``repr``, ``str``, or
+    pytest's comparison output (which prints the ``repr`` of what it compares)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __repr__(self) -> str:
+        return f"RenderedBody(<{len(self.data)} bytes, masked>)"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RenderedBody) and other.data == self.data
+
+    def __hash__(self) -> int:
+        return hash(self.data)
+
+    def __reduce__(self) -> Any:
+        raise TypeError("rendered credential bodies are not picklable")
+
+
+def render_credential(value: SecretValue, version_id: str, arn: str, fetched_at: datetime.datetime) -> RenderedBody:
     """The 200 body for a credential."""
     payload = {
         "value": value.wire_text(),
@@ -26,7 +50,7 @@ def render_credential(value: SecretValue, version_id: str, arn: str, fetched_at:
         "arn": arn,
         "fetchedAt": rfc3339(fetched_at),
     }
-    return json.dumps(payload).encode()
+    return RenderedBody(json.dumps(payload).encode())
 
 
 def error_body(reason: str, message: str) -> str:

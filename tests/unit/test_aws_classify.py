@@ -74,11 +74,6 @@ def verdict(exc: BaseException, version: str = "stage AWSCURRENT") -> AwsFailure
             Reason.ASSUME_ROLE_FAILED,
             ["OIDC provider"],
         ),
-        (
-            client_error("ExpiredTokenException", "Token expired", "AssumeRoleWithWebIdentity"),
-            Reason.ASSUME_ROLE_FAILED,
-            ["projected token"],
-        ),
         (client_error("ThrottlingException", "Rate exceeded"), Reason.THROTTLED, ["backs off"]),
         (client_error("ThrottlingException", "Rate exceeded", "AssumeRoleWithWebIdentity"), Reason.THROTTLED, []),
         (client_error("InternalServiceError", "oops", status=500), Reason.AWS_UNAVAILABLE, ["eu-west-1"]),
@@ -161,3 +156,57 @@ def test_session_names_are_scrubbed_so_replicas_agree() -> None:
     b = scrub("User: arn:aws:sts::123456789012:assumed-role/xpander-controller/botocore-session-2 is not authorized")
     assert a == b
     assert "assumed-role/xpander-controller is not authorized" in a
+
+
+@pytest.mark.parametrize(
+    ("exc", "reason"),
+    [
+        (
+            client_error("ExpiredTokenException", "Token expired", "AssumeRoleWithWebIdentity"),
+            Reason.ASSUME_ROLE_FAILED,
+        ),
+        (
+            client_error("ExpiredToken", "The security token included in the request is expired", "GetCallerIdentity"),
+            Reason.ASSUME_ROLE_FAILED,
+        ),
+        (
+            client_error("ExpiredTokenException", "The security token included in the request is expired"),
+            Reason.AWS_UNAVAILABLE,
+        ),
+    ],
+)
+def test_an_expired_token_is_transient_and_says_so(exc: Exception, reason: Reason) -> None:
+    failure = verdict(exc)
+    assert (failure.reason, failure.transient) == (reason, True)
+    assert "token had expired" in failure.message and "retries soon" in failure.message
+    assert "projected service-account token" in failure.message
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        client_error("InvalidSignatureException", "The request signature we calculated does not match"),
+        client_error(
+            "SignatureDoesNotMatch",
+            "Signature not yet current: 20260101T000000Z is still later than ...",
+            "GetCallerIdentity",
+        ),
+        client_error("InvalidSignatureException", "Signature expired: 20200101T000000Z is now earlier than ..."),
+        client_error(
+            "RequestTimeTooSkewed", "The difference between the request time and the current time is too large"
+        ),
+    ],
+)
+def test_signature_refusals_name_clock_skew(exc: Exception) -> None:
+    failure = verdict(exc)
+    assert failure.reason == Reason.AWS_UNAVAILABLE and failure.transient
+    assert "clock skew" in failure.message and "chronyc" in failure.message
+
+
+def test_unrecognized_client_names_credentials_aws_does_not_know() -> None:
+    failure = verdict(
+        client_error("UnrecognizedClientException", "The security token included in the request is invalid")
+    )
+    assert (failure.reason, failure.transient) == (Reason.ASSUME_ROLE_FAILED, False)
+    assert "does not recognise the credentials" in failure.message
+    assert "AWS_STS_REGIONAL_ENDPOINTS=regional" in failure.message

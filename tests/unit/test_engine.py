@@ -86,8 +86,15 @@ def body(spec: dict[str, Any], status: dict[str, Any] | None = None, generation:
 
 @pytest.fixture
 def settings() -> OperatorSettings:
+    # min_refresh_gap=0: these tests ask for one refresh right after another and expect each to read;
+    # the gap itself is tested in test_engine_hardening.py.
     return OperatorSettings(
-        default_refresh_interval=300, max_staleness=900, backoff_base=1, backoff_cap=60, socket_path="/nonexistent"
+        default_refresh_interval=300,
+        max_staleness=900,
+        backoff_base=1,
+        backoff_cap=60,
+        min_refresh_gap=0,
+        socket_path="/nonexistent",
     )
 
 
@@ -104,7 +111,7 @@ async def settle(engine: Engine) -> None:
     for _ in range(50):
         await asyncio.sleep(0.01)
         entries = engine.entries()
-        if all(e.inflight is None and (e.status_task is None or e.status_task.done()) for e in entries):
+        if all(e.schedule.inflight is None and (e.reporting.task is None or e.reporting.task.done()) for e in entries):
             return
 
 
@@ -220,7 +227,7 @@ async def test_transient_failure_beyond_max_staleness_turns_false_and_503(setup:
     engine.upsert(body({"secretArn": ARN}))
     await settle(engine)
     entry = engine.get_entry("team-a", "slack")
-    entry.verified_mono -= 1300  # verified longer ago than interval (300s) + max_staleness (900s)
+    entry.held.verified_mono -= 1300  # verified longer ago than interval (300s) + max_staleness (900s)
     port.answer = AwsFailure(Reason.AWS_UNAVAILABLE, "Secrets Manager failed to answer")
     served = await engine.serve("team-a", "slack", refresh=True)
     assert (served.status, served.reason) == (503, "AWSUnavailable")
@@ -228,8 +235,13 @@ async def test_transient_failure_beyond_max_staleness_turns_false_and_503(setup:
     await settle(engine)
     ready = find_condition(sink.objects["team-a", "slack"]["status"]["conditions"])
     assert (ready["status"], ready["reason"]) == ("False", "AWSUnavailable")  # type: ignore[index]
-    # Recovery returns to AccessVerified without a restart.
+    # A refresh while the backoff runs does not call AWS (it answers the 503 again)...
     port.answer = FetchedSecret("v1", VALUE, ("AWSCURRENT",))
+    calls = port.calls
+    assert (await engine.serve("team-a", "slack", refresh=True)).status == 503
+    assert port.calls == calls
+    # ...and once it has run out, recovery returns to AccessVerified without a restart.
+    entry.schedule.due = asyncio.get_running_loop().time()
     assert (await engine.serve("team-a", "slack", refresh=True)).status == 200
     await settle(engine)
     ready = find_condition(sink.objects["team-a", "slack"]["status"]["conditions"])
@@ -332,7 +344,7 @@ async def test_a_stale_read_during_an_outage_serves_the_verified_value_quickly(s
     await settle(engine)
     await engine.serve("team-a", "slack", refresh=False)
     entry = engine.get_entry("team-a", "slack")
-    entry.fetched_mono -= 400  # older than refreshInterval (300s)
+    entry.held.fetched_mono -= 400  # older than refreshInterval (300s)
     release = asyncio.Event()
     original = engine._read
 
@@ -397,7 +409,7 @@ async def test_the_newest_verdict_wins_over_a_write_in_flight(setup: Any) -> Non
     for _ in range(100):
         await asyncio.sleep(0.01)
         ready = find_condition(sink.objects["team-a", "slack"]["status"]["conditions"])
-        if ready["reason"] == "AccessVerified" and entry.status_task.done():  # type: ignore[index,union-attr]
+        if ready["reason"] == "AccessVerified" and entry.reporting.task.done():  # type: ignore[index,union-attr]
             break
     ready = find_condition(sink.objects["team-a", "slack"]["status"]["conditions"])
     assert (ready["status"], ready["reason"]) == ("True", "AccessVerified")  # type: ignore[index]
@@ -425,7 +437,7 @@ async def test_replicas_starting_together_post_one_event(settings: OperatorSetti
         second.upsert(json.loads(json.dumps(seen)))
         for _ in range(300):
             await asyncio.sleep(0.01)
-            tasks = [e.status_task for engine in (first, second) for e in engine.entries()]
+            tasks = [e.reporting.task for engine in (first, second) for e in engine.entries()]
             if all(t is not None and t.done() for t in tasks):
                 break
         else:
