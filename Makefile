@@ -38,8 +38,9 @@ lint: $(STAMP) ## ruff (lint and format check)
 typecheck: $(STAMP) ## mypy --strict on the package
 	$(VENV)/bin/mypy
 
-bench: $(STAMP) ## Benchmark the socket against a bare aiohttp server (prints a table)
+bench: $(STAMP) controlplane ## Benchmarks: the socket vs a bare aiohttp server, the log filter's cost (tables)
 	$(PY) bench/socket_bench.py
+	$(PY) bench/redact_bench.py
 
 e2e: $(STAMP) ## End-to-end on kind (needs Docker and kind; skips otherwise)
 	bash tests/e2e/run.sh

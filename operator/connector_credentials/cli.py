@@ -82,7 +82,7 @@ async def _run(settings: OperatorSettings) -> None:
     logs.configure(
         verbose=settings.verbose,
         debug=settings.debug,
-        values=lambda: engine_ref[0].values() if engine_ref else iter(()),
+        needles=lambda: engine_ref[0].needles() if engine_ref else (),
     )
     sink = KubeStatusSink()
     engine = Engine(settings, Boto3SecretsPort(settings), sink)

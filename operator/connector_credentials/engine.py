@@ -40,7 +40,7 @@ from connector_credentials.status import (
     older_version,
     stable_identity,
 )
-from connector_credentials.values import JsonKeyError, SecretValue, extract
+from connector_credentials.values import JsonKeyError, SecretValue, extract, needles_of
 from connector_credentials.wire import RenderedBody, render_credential, rfc3339
 
 logger = logging.getLogger(__name__)
@@ -275,7 +275,7 @@ class Engine:
     def needles(self) -> tuple[str, ...]:
         """Every form of every held value a log line could contain; rebuilt only when values change."""
         if self._needles is None:
-            self._needles = tuple({n for value in self.values() for n in value.needles()})
+            self._needles = needles_of(self.values())
         return self._needles
 
     def _hold(self, entry: Entry, value: SecretValue) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Iterable
 from typing import Any, Final, Literal
 
 Encoding = Literal["text", "base64"]
@@ -69,6 +70,11 @@ class SecretValue:
 
     def __reduce__(self) -> Any:
         raise TypeError("secret values are not picklable")
+
+
+def needles_of(values: Iterable[SecretValue]) -> tuple[str, ...]:
+    """Every form of ``values`` a log line could contain (for the redacting filter)."""
+    return tuple({needle for value in values for needle in value.needles()})
 
 
 def extract(raw: str | bytes, json_key: str | None) -> SecretValue:

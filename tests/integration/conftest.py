@@ -162,6 +162,8 @@ class World:
         direct: bool = False,
     ) -> OperatorProcess:
         index = len(self.operators)
+        # No drain at shutdown unless a test asks for one: every test stops its operators.
+        extra_env = {"CCRED_SHUTDOWN_DRAIN": "0", **(extra_env or {})}
         process = OperatorProcess(
             namespace=self.namespace,
             kubeconfig=self.operator_kubeconfig(direct=direct),

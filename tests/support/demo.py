@@ -431,6 +431,8 @@ def run(
         socket_path=socket_path,
         log_path=log_path,
         home=workdir / "home",
+        # Stop at once when the demo ends: no controller beside it needs the shutdown drain.
+        extra_env={"CCRED_SHUTDOWN_DRAIN": "0"},
     )
     operators.append(operator)
     stack.callback(operator.stop)

@@ -215,6 +215,7 @@ class KubeFaultProxy(Service):
                     done, _ = await asyncio.wait({chunk_task, closed}, return_when=asyncio.FIRST_COMPLETED)
                     if chunk_task not in done:
                         chunk_task.cancel()
+                        chunk_task.add_done_callback(_consume)
                         break
                     chunk = chunk_task.result()
                     if not chunk:
@@ -235,6 +236,12 @@ class KubeFaultProxy(Service):
         with contextlib.suppress(ConnectionError):  # the client went away first
             await response.write_eof()
         return response
+
+
+def _consume(task: asyncio.Task[Any]) -> None:
+    # A read abandoned when the stream was dropped may still end in an error: nobody needs it.
+    if not task.cancelled():
+        task.exception()
 
 
 def _copy(headers: Any) -> dict[str, str]:

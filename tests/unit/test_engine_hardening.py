@@ -341,3 +341,19 @@ async def test_a_refused_write_is_logged_once_and_retried_at_the_interval(
         assert all(delay < 1 for delay in transient)
     finally:
         await engine.close()
+
+
+async def test_needles_are_rebuilt_only_when_a_value_changes() -> None:
+    engine, port, _ = make(base_settings(min_refresh_gap=0))
+    try:
+        engine.upsert(body({"secretArn": ARN}))
+        await settle(engine)
+        first = engine.needles()
+        assert VALUE in first
+        await engine.serve("team-a", "slack", refresh=True)  # same value read again
+        assert engine.needles() is first
+        port.answer = FetchedSecret("v2", "CANARY-rotated-value", ("AWSCURRENT",))
+        await engine.serve("team-a", "slack", refresh=True)
+        assert "CANARY-rotated-value" in engine.needles() and VALUE not in engine.needles()
+    finally:
+        await engine.close()
