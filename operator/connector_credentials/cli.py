@@ -264,6 +264,24 @@ def list_(socket_path: str | None) -> None:
         click.echo("   ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
+@main.command("healthz")
+@click.option("--socket-path", default=None, envvar="CCRED_SOCKET_PATH", help="The operator's socket.")
+def healthz(socket_path: str | None) -> None:
+    """Exit 0 if the operator's socket answers /healthz with 200 (for a startup or exec probe)."""
+    from connector_credentials.client import CredentialError
+
+    try:
+        with _client(socket_path) as client:
+            healthy = client.healthy()
+    except (CredentialError, OSError, ValueError) as exc:
+        click.echo(f"not healthy: {exc}", err=True)
+        sys.exit(1)
+    if not healthy:
+        click.echo("not healthy: the operator is not watching yet or is shutting down (see its log)", err=True)
+        sys.exit(1)
+    click.echo("ok")
+
+
 def _mask(value: str) -> str:
     # Only the length: even a few characters narrow a guess.
     return f"******** ({len(value)} chars; --show prints it)"

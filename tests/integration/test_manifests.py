@@ -26,7 +26,10 @@ def one(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
 
 
 def containers(deployment: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {c["name"]: c for c in deployment["spec"]["template"]["spec"]["containers"]}
+    """The pod's containers and its native sidecars (init containers with restartPolicy Always)."""
+    spec = deployment["spec"]["template"]["spec"]
+    sidecars = [c for c in spec.get("initContainers") or [] if c.get("restartPolicy") == "Always"]
+    return {c["name"]: c for c in [*spec["containers"], *sidecars]}
 
 
 def assert_hardened(container: dict[str, Any]) -> None:
@@ -58,6 +61,9 @@ def assert_sidecar_wired(deployment: dict[str, Any], controller: str = "controll
     assert "--namespace=$(POD_NAMESPACE)" in sidecar["args"]
     assert "--liveness=http://0.0.0.0:8080/healthz" in sidecar["args"]
     assert sidecar["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    # A native sidecar: started before the controller, once its socket says healthy; stopped after it.
+    assert sidecar in spec["initContainers"] and sidecar["restartPolicy"] == "Always"
+    assert sidecar["startupProbe"]["exec"]["command"] == ["connector-credentials", "healthz"]
     assert_hardened(sidecar)
 
 

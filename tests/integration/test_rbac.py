@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
 import tempfile
 import time
 import urllib.parse
@@ -20,7 +21,7 @@ from tests.support.awsproxy import FaultProxy
 from tests.support.controlplane import ControlPlane
 from tests.support.kube import Cluster, shipped_rbac
 from tests.support.kubeproxy import Seen
-from tests.support.runner import wait_until
+from tests.support.runner import console_script, wait_until
 
 _CORE = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/(?P<resource>[^/]+)(?:/(?P<name>[^/]+))?(?:/(?P<sub>[^/]+))?$")
 _GROUP = re.compile(
@@ -104,6 +105,17 @@ def test_the_role_grants_no_secrets_and_nothing_cluster_wide(world: World) -> No
     assert review["status"]["allowed"] is False
 
 
+def probe(socket_path: str) -> subprocess.CompletedProcess[str]:
+    """`connector-credentials healthz`, what the sidecar's startup probe runs."""
+    return subprocess.run(
+        [console_script(), "healthz", "--socket-path", socket_path],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
 @pytest.fixture
 def bare_plane() -> Iterator[ControlPlane]:
     """A control plane of its own, without the CRD (the shared one has it for every test)."""
@@ -128,8 +140,11 @@ def test_unhealthy_until_the_crd_is_applied_then_watching(
     operator.wait_for_log("the CRD is not installed (kubectl apply -f crds/)", timeout=15)
     with CredentialClient(world.socket_path, timeout=5) as client:
         assert client.healthy() is False
+        assert probe(world.socket_path).returncode == 1  # the native sidecar's startup probe fails
         cluster.apply_crds()
         wait_until(client.healthy, timeout=30, message="/healthz never answered 200 after the CRD was applied")
+        passed = probe(world.socket_path)
+        assert (passed.returncode, passed.stdout.strip()) == (0, "ok")
         operator.wait_for_log("The ConnectorCredential CRD is installed now; starting the watch.", timeout=5)
         arn = world.secret("late")
         body = {
