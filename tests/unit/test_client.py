@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -13,6 +14,7 @@ import shutil
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -646,6 +648,55 @@ def test_sync_client_is_thread_safe(server: ContractServer) -> None:
     assert shared.closed
 
 
+@pytest.mark.parametrize("room_after", [0.3, None], ids=["room-made", "stays-full"])
+def test_full_listen_backlog_is_waited_out(
+    make_client: ClientFactory, sock_dir: Path, room_after: float | None
+) -> None:
+    # A full backlog fails a Unix connect at once (EAGAIN): the client waits for room, within its timeout.
+    path = str(sock_dir / "full.sock")
+    body = b'{"value": "v", "versionId": "1", "arn": "a", "fetchedAt": "2024-05-06T07:08:09Z"}'
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    with contextlib.ExitStack() as stack:
+        listener = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+        listener.bind(path)
+        listener.listen(1)
+        queued: list[socket.socket] = []
+        while True:
+            filler = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+            filler.setblocking(False)
+            try:
+                filler.connect(path)
+            except BlockingIOError:
+                break
+            queued.append(filler)
+
+        def make_room() -> None:
+            time.sleep(room_after or 0)
+            for filler in queued:
+                filler.close()  # accepted below, they read as hung up at once
+            listener.settimeout(5)
+            while True:
+                conn, _ = listener.accept()
+                with conn:
+                    if conn.recv(4096):
+                        conn.sendall(answer)
+                        return
+
+        if room_after is not None:
+            server = threading.Thread(target=make_room, daemon=True)
+            server.start()
+            stack.callback(server.join, 5)
+        client = make_client(path, timeout=2.0)
+        started = time.monotonic()
+        if room_after is None:
+            with pytest.raises(CredentialTimeout):
+                client.get("default", "db-password")
+            assert time.monotonic() - started >= 1.5
+        else:
+            assert client.get("default", "db-password").value == "v"
+            assert time.monotonic() - started >= room_after / 2  # it waited: the backlog was full
+
+
 # --------------------------------------------------------------------------- raw HTTP edge cases
 
 
@@ -676,12 +727,10 @@ def _chunked(body: bytes) -> bytes:
 @pytest.mark.parametrize(
     "answer",
     [
-        _answer(_chunked(GOOD_BODY), "Transfer-Encoding: chunked", "Content-Type: application/json"),
-        _answer(GOOD_BODY, "Connection: close"),
         _answer(GOOD_BODY, f"Content-Length: {len(GOOD_BODY)}", version="HTTP/1.0"),
         _answer(GOOD_BODY, f"content-length: {len(GOOD_BODY)}", "X-Dup: a", "X-Dup: b"),
     ],
-    ids=["chunked", "close-delimited", "http10", "lowercase-headers"],
+    ids=["http10", "lowercase-headers"],
 )
 def test_raw_http_framings(make_client: ClientFactory, sock_dir: Path, answer: bytes) -> None:
     raw = RawServer(str(sock_dir / "raw.sock"), [answer])
@@ -698,11 +747,9 @@ def test_raw_http_framings(make_client: ClientFactory, sock_dir: Path, answer: b
         b"SPDY/9 200 OK\r\n\r\n",
         b"HTTP/1.1 2OO OK\r\nContent-Length: 0\r\n\r\n",
         _answer(b"", "Content-Length: 1", "Content-Length: 2"),
-        _answer(b"zz\r\n", "Transfer-Encoding: chunked"),
         _answer(b"", "Content-Length: 999999999999"),
         _answer(b"", "Content-Length: \xb2"),
         "HTTP/1.1 \xb200 OK\r\nContent-Length: 0\r\n\r\n".encode("latin-1"),
-        _answer(b"", "Transfer-Encoding: gzip"),
         _answer(b"", "no colon here"),
     ],
     ids=[
@@ -710,11 +757,9 @@ def test_raw_http_framings(make_client: ClientFactory, sock_dir: Path, answer: b
         "not-http",
         "bad-status",
         "conflicting-length",
-        "bad-chunk",
         "huge",
         "unicode-length",
         "unicode-status",
-        "unknown-transfer-encoding",
         "bad-header",
     ],
 )
@@ -726,6 +771,32 @@ def test_raw_http_malformed(make_client: ClientFactory, sock_dir: Path, answer: 
         # A partial read keeps the bytes it got (maybe a value): it must not hang off the error.
         assert caught.value.__context__ is None
         assert caught.value.__cause__ is None
+    finally:
+        raw.stop()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        _answer(_chunked(GOOD_BODY), "Transfer-Encoding: chunked", "Content-Type: application/json"),
+        _answer(GOOD_BODY, "Connection: close"),
+        _answer(GOOD_BODY, "Transfer-Encoding: gzip"),
+        _answer(_chunked(GOOD_BODY), f"Content-Length: {len(GOOD_BODY)}", "Transfer-Encoding: chunked"),
+    ],
+    ids=["chunked", "close-delimited", "unknown-transfer-encoding", "length-and-chunked"],
+)
+def test_answer_without_content_length_is_refused(make_client: ClientFactory, sock_dir: Path, answer: bytes) -> None:
+    # The operator always sends Content-Length; anything else is refused at once, not read to the end.
+    # The second (never requested) answer keeps the server holding the connection open meanwhile,
+    # so waiting for the body's end would surface as a timeout instead.
+    raw = RawServer(str(sock_dir / "raw.sock"), [answer, b"never sent"], close=False)
+    try:
+        with pytest.raises(ProtocolError, match="Content-Length") as caught:
+            make_client(raw.path, timeout=2.0).get("default", "db-password")
+        assert "operator always sends" in str(caught.value)
+        assert caught.value.status == 200
+        assert VALUE not in str(caught.value)
+        assert caught.value.__context__ is None
     finally:
         raw.stop()
 
@@ -826,13 +897,12 @@ def test_credential_rejects_bad_base64_without_echoing_it() -> None:
     ("text", "expected"),
     [
         ("2024-05-06T07:08:09Z", datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)),
-        ("2024-05-06t07:08:09z", datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)),
+        ("2024-05-06T07:08:09.123456Z", datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)),
         ("2024-05-06T07:08:09.5+02:00", datetime(2024, 5, 6, 7, 8, 9, 500000, tzinfo=timezone(timedelta(hours=2)))),
         (
             "2024-05-06 07:08:09.123456789-05:30",
             datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=timezone(-timedelta(hours=5, minutes=30))),
         ),
-        ("2016-12-31T23:59:60Z", datetime(2016, 12, 31, 23, 59, 59, tzinfo=UTC)),
     ],
 )
 def test_rfc3339(text: str, expected: datetime) -> None:
@@ -841,9 +911,7 @@ def test_rfc3339(text: str, expected: datetime) -> None:
     assert parsed.utcoffset() == expected.utcoffset()
 
 
-@pytest.mark.parametrize(
-    "text", ["2024-05-06T07:08:09", "20240506T070809Z", "2024-W01-1T00:00:00Z", "2024-13-01T00:00:00Z", ""]
-)
+@pytest.mark.parametrize("text", ["2024-05-06T07:08:09", "2024-05-06", "2024-13-01T00:00:00Z", "yesterday", ""])
 def test_rfc3339_rejects(text: str) -> None:
     with pytest.raises(ValueError):
         parse_rfc3339(text)
