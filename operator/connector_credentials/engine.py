@@ -19,11 +19,11 @@ import logging
 import random
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 from connector_credentials.aws import AwsFailure, FetchedSecret, SecretsPort
 from connector_credentials.conditions import EVENT_ROTATED, PENDING_REASON, Reason, find_condition
+from connector_credentials.entry import ApiView, Entry, Held, Key, Outcome, Schedule, Served
 from connector_credentials.models import (
     ConnectorCredentialSpec,
     InvalidSpecError,
@@ -33,7 +33,6 @@ from connector_credentials.models import (
 )
 from connector_credentials.settings import OperatorSettings
 from connector_credentials.status import (
-    Reporting,
     StatusConflict,
     StatusSink,
     StatusWriter,
@@ -41,112 +40,26 @@ from connector_credentials.status import (
     stable_identity,
 )
 from connector_credentials.values import JsonKeyError, SecretValue, extract, needles_of
-from connector_credentials.wire import RenderedBody, render_credential, rfc3339
+from connector_credentials.wire import render_credential, rfc3339
 
 logger = logging.getLogger(__name__)
 
-Key = tuple[str, str]
 SHUTTING_DOWN = "ShuttingDown"
 
-__all__ = ["Engine", "Entry", "Outcome", "Served", "StatusConflict", "StatusSink", "stable_identity"]
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """The verdict of one check."""
-
-    ready: bool
-    reason: str
-    message: str
-    transient: bool = False
-
-
-@dataclass
-class ApiView:
-    """What the API says about the credential."""
-
-    uid: str | None = None
-    generation: int | None = None
-    raw_spec: Any = None
-    spec: ConnectorCredentialSpec | None = None
-    spec_error: str | None = None
-    #: refreshInterval in seconds, parsed once per spec (the hot path asks for it on every read).
-    interval: float | None = None
-    live_status: dict[str, Any] = field(default_factory=dict)
-    resource_version: str | None = None
-
-
-@dataclass(repr=False)
-class Held:
-    """The value this replica resolved, and when. Its ``repr`` never shows the value."""
-
-    value: SecretValue | None = None
-    #: The 200 body, rendered once per fetch: the hot path serves these bytes as they are.
-    body: RenderedBody | None = None
-    version_id: str | None = None
-    fetched_at: datetime.datetime | None = None
-    fetched_mono: float | None = None
-    verified_mono: float | None = None
-    identity: str | None = None
-
-    def drop(self) -> None:
-        self.value = self.body = None
-        self.version_id = self.fetched_at = self.fetched_mono = None
-
-    def __repr__(self) -> str:
-        held = "<masked>" if self.value is not None else None
-        return f"Held(value={held}, version_id={self.version_id!r}, fetched_at={self.fetched_at!r})"
-
-
-@dataclass
-class Schedule:
-    """When the credential is checked next, and how the last checks went."""
-
-    outcome: Outcome | None = None
-    failures: int = 0
-    due: float = 0.0
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    worker: asyncio.Task[None] | None = None
-    inflight: asyncio.Future[None] | None = None
-    #: Loop time of the last AWS read that started (refresh requests share reads closer than the gap).
-    last_read: float | None = None
-    served: bool = False
-
-
-@dataclass(repr=False)
-class Entry:
-    """One declared credential: the API's view, the value held, the schedule, the writer's state."""
-
-    namespace: str
-    name: str
-    api: ApiView = field(default_factory=ApiView)
-    held: Held = field(default_factory=Held)
-    schedule: Schedule = field(default_factory=Schedule)
-    reporting: Reporting = field(default_factory=Reporting)
-
-    @property
-    def key(self) -> Key:
-        return (self.namespace, self.name)
-
-    def __repr__(self) -> str:
-        outcome = self.schedule.outcome
-        return f"Entry({self.namespace}/{self.name}, reason={outcome.reason if outcome else None}, held={self.held!r})"
-
-
-@dataclass(frozen=True, slots=True)
-class Served:
-    """The engine's answer to a socket request (its value and body are masked in ``repr``)."""
-
-    status: int
-    value: SecretValue | None = None
-    version_id: str | None = None
-    arn: str | None = None
-    fetched_at: datetime.datetime | None = None
-    reason: str | None = None
-    message: str | None = None
-    retry_after: int | None = None
-    #: The rendered 200 body, when the engine has it already.
-    body: RenderedBody | None = None
+__all__ = [
+    "SHUTTING_DOWN",
+    "ApiView",
+    "Engine",
+    "Entry",
+    "Held",
+    "Key",
+    "Outcome",
+    "Schedule",
+    "Served",
+    "StatusConflict",
+    "StatusSink",
+    "stable_identity",
+]
 
 
 class Engine:
@@ -475,10 +388,6 @@ class Engine:
         entry.held.verified_mono = None
         schedule.due = loop.time() + retry_in
         return Outcome(False, failure.reason, failure.message, transient=True)
-
-    def desired_status(self, entry: Entry, outcome: Outcome, interval: float) -> dict[str, Any] | None:
-        """The status patch a verdict calls for (``None``: the live status already says it)."""
-        return self._writer.desired_status(entry, outcome, interval)
 
     # --- serving -----------------------------------------------------------------------
 
