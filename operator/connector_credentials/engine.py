@@ -416,18 +416,27 @@ class Engine:
             # Never checked: read from AWS now and wait for the answer.
             await self.check(entry)
         elif refresh and not backing_off:
-            # Asked to: one read per credential per CCRED_MIN_REFRESH_GAP, shared by every request.
-            recent = schedule.last_read is not None and loop.time() - schedule.last_read < self.settings.min_refresh_gap
-            if schedule.inflight is not None:
-                await asyncio.shield(schedule.inflight)
-            elif not recent:
-                await self.check(entry)
+            await self._refresh(entry)
         elif entry.held.value is not None and (not schedule.served or not self._fresh(entry)) and not backing_off:
             # First read, or older than refreshInterval: read now, but do not make the controller
             # wait out an AWS outage when a verified value is there to serve.
             await self._check_within(entry, self.settings.serve_wait)
         # Otherwise: fresh, or known failing (permanent: 502; transient: 503 until the backoff retries).
         return self._answer(entry)
+
+    async def _refresh(self, entry: Entry) -> None:
+        """A read from AWS that started after this request arrived, at most one per credential per
+        CCRED_MIN_REFRESH_GAP: a request within the gap waits for its end, and every request
+        waiting then shares the one read that starts (or the one in flight)."""
+        schedule, loop = entry.schedule, asyncio.get_running_loop()
+        if schedule.inflight is not None:
+            await asyncio.shield(schedule.inflight)
+            return
+        if schedule.last_read is not None:
+            wait = schedule.last_read + self.settings.min_refresh_gap - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+        await self.check(entry)  # joins the read another waiter started a moment earlier, if any
 
     def cached_body(self, namespace: str, name: str) -> bytes | None:
         """The hot path: the rendered 200 body while it may be served without asking AWS."""

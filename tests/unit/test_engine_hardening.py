@@ -125,26 +125,26 @@ class GatedPort(FakePort):
 
 async def test_refresh_requests_share_one_read_per_gap() -> None:
     port = GatedPort()
-    engine, _, _ = make(base_settings(min_refresh_gap=1.0), port)
+    engine, _, _ = make(base_settings(min_refresh_gap=0.5), port)
     try:
         engine.upsert(body({"secretArn": ARN}))
         await settle(engine)
         assert port.calls == 1
-        # Right after a read: a refresh within the gap serves that read.
-        assert (await engine.serve("team-a", "slack", refresh=True)).status == 200
-        assert port.calls == 1
-        entry = engine.get_entry("team-a", "slack")
-        assert entry is not None and entry.schedule.last_read is not None
-        entry.schedule.last_read -= 2  # the gap has passed
-        port.gate, port.loop = asyncio.Event(), asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
+        # Right after a read: a refresh waits for the end of the gap, then reads (a value read after it asked).
+        began = loop.time()
+        port.answer = FetchedSecret("v2", "CANARY-after-the-gap", ("AWSCURRENT",))
+        served = await engine.serve("team-a", "slack", refresh=True)
+        assert served.value is not None and served.value.reveal() == "CANARY-after-the-gap"
+        assert port.calls == 2 and loop.time() - began >= 0.4
+        # Twenty refresh requests at once, within the gap: one read, shared by all of them.
+        port.gate, port.loop = asyncio.Event(), loop
         many = [asyncio.create_task(engine.serve("team-a", "slack", refresh=True)) for _ in range(20)]
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.7)  # past the gap: the read has started and waits at the gate
         port.gate.set()
         answers = await asyncio.gather(*many)
         assert {a.status for a in answers} == {200}
-        assert port.calls == 2  # twenty refresh requests, one read
-        assert (await engine.serve("team-a", "slack", refresh=True)).status == 200
-        assert port.calls == 2
+        assert port.calls == 3
     finally:
         await engine.close()
 
