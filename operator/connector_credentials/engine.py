@@ -222,9 +222,12 @@ class Engine:
             delay = schedule.due - loop.time()
             if delay > 0:
                 schedule.wake.clear()
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+                # arrives as the event is set, and the worker would then never stop.
                 with contextlib.suppress(TimeoutError):
                     # An invalid spec waits (due = inf) until a spec change wakes it.
-                    await asyncio.wait_for(schedule.wake.wait(), timeout=None if delay == float("inf") else delay)
+                    async with asyncio.timeout(None if delay == float("inf") else delay):
+                        await schedule.wake.wait()
                 if loop.time() < schedule.due:
                     continue
             schedule.wake.clear()
@@ -331,6 +334,9 @@ class Engine:
                         reason=EVENT_ROTATED,
                         message=f"Secret {arn.arn} rotated: version {previous_version} -> {fetched.version_id}.",
                     )
+        # The worker may be asleep on an older due time (this check came from a socket read): wake
+        # it so that it sleeps until the new one (a backoff retry may be due much sooner).
+        schedule.wake.set()
         previous = schedule.outcome
         schedule.outcome = outcome
         if previous is None or (previous.reason, previous.ready) != (outcome.reason, outcome.ready):
