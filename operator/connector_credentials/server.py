@@ -1,7 +1,9 @@
 """The credential server: HTTP/1.1 on a Unix socket shared with the controller container.
 
-Values leave the process only here, in a 200 response body. Every request is checked
-against the peer's uid (``SO_PEERCRED``); every response says ``Cache-Control: no-store``.
+Values leave the process only here, in a 200 response body. Every connection is checked
+against the peer's uid (``SO_PEERCRED``) when it is accepted, before any of its bytes are read
+(:mod:`connector_credentials.connections`); every response says ``Cache-Control: no-store``.
+No client-supplied text reaches the log.
 """
 
 from __future__ import annotations
@@ -15,30 +17,116 @@ import os
 import re
 import socket
 import stat
-import struct
-import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from connector_credentials.connections import FD_RESERVE, ConnectionPolicy, Peer, peer_of, raise_fd_limit
 from connector_credentials.engine import Engine, Served
 from connector_credentials.settings import OperatorSettings
-from connector_credentials.wire import HEADERS, JSON_HEADERS, error_body, json_body, render_credential
+from connector_credentials.wire import HEADERS, JSON_HEADERS, closing_error, error_body, json_body, render_credential
 
 logger = logging.getLogger(__name__)
 
 _NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
-_PEERCRED = struct.Struct("3i")
 _PREFIX = "/v1/credentials/"
-_REFUSAL_LOG_INTERVAL = 10.0
+_BACKLOG = 512
+#: A refused peer's bytes are read and dropped (never parsed) up to this much, then it is closed.
+_DISCARD_LIMIT = 64 * 1024
+_REFUSAL = closing_error(
+    403, "Forbidden", "PermissionDenied", "This process's uid may not read credentials (CCRED_ALLOWED_UIDS)."
+)
 
 
 class _Handler(RequestHandler):
-    """aiohttp's connection handler, answering parser errors in the API's own shape."""
+    """aiohttp's connection handler, under the accept-time policy, answering parser errors in the API's shape.
+
+    A refused peer gets :data:`_REFUSAL` and the end of the stream at once; what it sends is
+    read and dropped, and it is closed when it closes its end (or after ``CCRED_HEADER_TIMEOUT``).
+    Reading on to the peer's end lets it read the 403 instead of a reset.
+    """
+
+    def __init__(
+        self, manager: web.Server, *, policy: ConnectionPolicy, loop: asyncio.AbstractEventLoop, **kwargs: Any
+    ) -> None:
+        super().__init__(manager, loop=loop, **kwargs)
+        self._policy = policy
+        self._refused: asyncio.Transport | None = None
+        self._discarded = 0
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        stream = cast(asyncio.Transport, transport)
+        peer = peer_of(stream)
+        allowed = self._policy.allows(peer)
+        if not self._policy.table.admit(self, refused=not allowed):
+            stream.abort()  # at CCRED_MAX_CONNECTIONS with none idle (counted in the log)
+            return
+        if not allowed:
+            self._refuse(stream, peer)
+            return
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def _refuse(self, transport: asyncio.Transport, peer: Peer | None) -> None:
+        self._refused = transport
+        self._policy.log_refusal(peer)
+        transport.write(_REFUSAL)
+        if not transport.is_closing() and transport.can_write_eof():
+            transport.write_eof()
+        self._head_timer = self._loop.call_later(self._policy.header_timeout, self.evict)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused is not None:
+            self._discarded += len(data)
+            if self._discarded > _DISCARD_LIMIT:
+                self.evict()
+            return
+        parsed = self._request_count
+        super().data_received(data)
+        if self._request_count != parsed:
+            # A complete request head (or a parse error, answered 400): in flight until answered.
+            self._cancel_head_timer()
+            self._policy.table.busy(self)
+        elif data and self._head_timer is None and not self._policy.table.is_busy(self) and self.transport:
+            self._arm_head_timer()  # the first bytes of the next request on a kept-alive connection
+
+    def answered(self) -> None:
+        """The handler returned: idle again unless pipelined requests wait."""
+        if not self._messages:
+            self._policy.table.idle(self)
+
+    def evict(self) -> None:
+        self._cancel_head_timer()
+        transport = self._refused or self.transport
+        self.force_close()
+        if transport is not None:
+            transport.abort()  # drops what a peer that does not read left in the buffer
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._policy.table.discard(self)
+        self._cancel_head_timer()
+        self._refused = None
+        super().connection_lost(exc)
+
+    def _arm_head_timer(self) -> None:
+        self._head_timer = self._loop.call_later(self._policy.header_timeout, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if not self._policy.table.is_busy(self):
+            self._policy.report.add("header_timeout")
+            self.evict()
 
     def handle_error(
         self,
@@ -57,8 +145,12 @@ class _Handler(RequestHandler):
 
 
 class _Server(web.Server):
+    def __init__(self, handler: Any, *, policy: ConnectionPolicy, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.policy = policy
+
     def __call__(self) -> RequestHandler:
-        return _Handler(self, loop=self._loop, **self._kwargs)
+        return _Handler(self, policy=self.policy, loop=self._loop, **self._kwargs)
 
 
 class SocketInUseError(RuntimeError):
@@ -78,17 +170,11 @@ def _json(payload: dict[str, Any], status: int = 200) -> web.Response:
     return web.Response(status=status, text=json_body(payload), content_type="application/json", headers=HEADERS)
 
 
-def peer_credentials(request: web.BaseRequest) -> tuple[int, int] | None:
-    """(pid, uid) of the process on the other end of the Unix socket."""
-    transport = request.transport
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is None:
-        return None
-    try:
-        pid, uid, _gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
-    except OSError:
-        return None
-    return pid, uid
+def _failure(exc: BaseException) -> str:
+    """An exception for the log without its message (which may quote the request): type and where."""
+    frames = traceback.extract_tb(exc.__traceback__)[-4:]
+    where = " <- ".join(f"{Path(frame.filename).name}:{frame.lineno} {frame.name}" for frame in reversed(frames))
+    return f"{type(exc).__name__} at {where or 'unknown'}"
 
 
 class CredentialServer:
@@ -99,11 +185,10 @@ class CredentialServer:
         self._engine = engine
         self._healthy = healthy
         self._allowed = frozenset(settings.allowed_uids)
+        self._policy = ConnectionPolicy(self._allowed, settings.max_connections, settings.header_timeout)
         self._path = Path(settings.socket_path)
         self._runner: web.ServerRunner | None = None
         self._inode: int | None = None
-        self._refusal_logged: dict[int, float] = {}
-        self._refusals_unlogged = 0
 
     @property
     def path(self) -> Path:
@@ -113,6 +198,7 @@ class CredentialServer:
         # The low-level server: every request reaches _handle (no router to bypass it).
         return _Server(
             self._handle,
+            policy=self._policy,
             max_line_size=4096,
             max_field_size=4096,
             max_headers=64,
@@ -121,19 +207,39 @@ class CredentialServer:
         )
 
     async def start(self) -> None:
+        self._fit_fd_limit()
         sock = self._bind()
         self._runner = web.ServerRunner(self.make_server(), handle_signals=False, shutdown_timeout=2.0)
         await self._runner.setup()
-        site = web.SockSite(self._runner, sock, backlog=512)
+        site = web.SockSite(self._runner, sock, backlog=_BACKLOG)
         await site.start()
         logger.info(
-            "Serving credentials on %s (mode %04o, allowed uids %s).",
+            "Serving credentials on %s (mode %04o, allowed uids %s, at most %d connections).",
             self._path,
             self._settings.socket_mode,
             ",".join(map(str, sorted(self._allowed))),
+            self._policy.table.limit,
         )
 
+    def _fit_fd_limit(self) -> None:
+        """Room for every connection, a full backlog accepted at once, and the rest of the process.
+
+        Out of descriptors, asyncio stops accepting for a second at a time: the soft limit is
+        raised (up to the hard one), or else the connection limit lowered to fit under it.
+        """
+        wanted = self._settings.max_connections
+        available = raise_fd_limit(wanted + _BACKLOG + FD_RESERVE) - _BACKLOG - FD_RESERVE
+        if available < wanted:
+            self._policy.table.limit = max(16, available)
+            logger.warning(
+                "The file descriptor limit (RLIMIT_NOFILE) leaves room for %d socket connections, "
+                "not CCRED_MAX_CONNECTIONS=%d; raise the hard limit to hold more.",
+                self._policy.table.limit,
+                wanted,
+            )
+
     async def close(self) -> None:
+        self._policy.close()
         if self._runner is not None:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._runner.cleanup())
@@ -157,7 +263,7 @@ class CredentialServer:
         finally:
             os.umask(old_umask)
         os.chmod(path, self._settings.socket_mode)
-        sock.listen(512)
+        sock.listen(_BACKLOG)
         sock.setblocking(False)
         self._inode = os.stat(path).st_ino
         return sock
@@ -194,37 +300,16 @@ class CredentialServer:
 
     # --- requests ----------------------------------------------------------------------
 
-    def _refuse(self, peer: tuple[int, int] | None, path: str) -> web.Response:
-        """403 for a peer whose uid is not allowed; logged with uid and pid, once per uid every 10s."""
-        pid, uid = peer if peer else (-1, -1)
-        now = time.monotonic()
-        if now - self._refusal_logged.get(uid, -_REFUSAL_LOG_INTERVAL) >= _REFUSAL_LOG_INTERVAL:
-            if len(self._refusal_logged) > 1024:
-                self._refusal_logged.clear()  # bounded: a flood of distinct uids cannot grow it
-            suppressed = (
-                f" ({self._refusals_unlogged} more refused since the last report)" if self._refusals_unlogged else ""
-            )
-            logger.warning(
-                "Refused a request for %s from pid %d uid %d: uid not in CCRED_ALLOWED_UIDS%s.",
-                path[:200],
-                pid,
-                uid,
-                suppressed,
-            )
-            self._refusal_logged[uid], self._refusals_unlogged = now, 0
-        else:
-            self._refusals_unlogged += 1
-        return _error(403, "PermissionDenied", "This process's uid may not read credentials (CCRED_ALLOWED_UIDS).")
-
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        peer = peer_credentials(request)
-        if peer is None or peer[1] not in self._allowed:
-            return self._refuse(peer, request.path)
+        # Only allowed peers get here: the uid was checked when the connection was accepted.
         try:
             return await self._route(request)
-        except Exception:
-            logger.exception("Failed to answer a %s request.", request.method)
+        except Exception as exc:  # noqa: BLE001 - any failure is a 500, logged without the request's text
+            logger.error("Failed to answer a request: %s.", _failure(exc))  # noqa: TRY400 - no message, no text
             return _error(500, "InternalError", "The operator failed to answer; see its log.")
+        finally:
+            if isinstance(request.protocol, _Handler):
+                request.protocol.answered()
 
     async def _route(self, request: web.BaseRequest) -> web.StreamResponse:
         if request.version not in ((1, 0), (1, 1)):

@@ -33,6 +33,15 @@ class OperatorSettings(BaseSettings):
     socket_path: str = DEFAULT_SOCKET_PATH
     socket_mode: Annotated[int, NoDecode] = 0o660
     allowed_uids: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [os.getuid()])
+    #: Connections held on the socket at once; at the limit a new one replaces the one idle longest.
+    max_connections: int = Field(default=256, ge=1, le=65536)
+    #: Seconds a connection has to send a complete request head (after accept, or after its next request's first byte).
+    header_timeout: float = Field(default=5.0, gt=0, le=3600)
+
+    @field_validator("header_timeout", mode="before")
+    @classmethod
+    def _header_timeout(cls, value: Any) -> Any:
+        return parse_duration(value) if isinstance(value, str) and not _is_number(value) else value
 
     default_refresh_interval: float = 300.0
     max_staleness: float = 900.0

@@ -57,6 +57,19 @@ def error_body(reason: str, message: str) -> str:
     return json.dumps({"error": {"reason": reason, "message": message}})
 
 
+def closing_error(status: int, phrase: str, reason: str, message: str) -> bytes:
+    """A whole HTTP/1.1 error answer that ends the connection, for a peer refused before it sent anything."""
+    body = error_body(reason, message).encode()
+    head = [
+        f"HTTP/1.1 {status} {phrase}",
+        "Content-Type: application/json; charset=utf-8",
+        f"Content-Length: {len(body)}",
+        *(f"{name}: {value}" for name, value in HEADERS.items()),
+        "Connection: close",
+    ]
+    return ("\r\n".join(head) + "\r\n\r\n").encode("ascii") + body
+
+
 def json_body(payload: dict[str, Any]) -> str:
     return json.dumps(payload)
 
