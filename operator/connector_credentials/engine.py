@@ -71,7 +71,9 @@ class Engine:
         self._entries: dict[Key, Entry] = {}
         self._executor = ThreadPoolExecutor(max_workers=settings.aws_max_workers, thread_name_prefix="aws")
         self._random = random.Random()  # noqa: S311 - jitter, not cryptography
-        self._writer = StatusWriter(sink, interval_of=self.interval, forget=self._forget_gone)
+        self._writer = StatusWriter(
+            sink, interval_of=self.interval, forget=self._forget_gone, heartbeat=settings.status_heartbeat
+        )
         self._closed = False
         self._draining = False
         self._needles: tuple[str, ...] | None = ()

@@ -60,6 +60,8 @@ class OperatorSettings(BaseSettings):
     min_refresh_gap: float = Field(default=1.0, ge=0)
     #: From SIGTERM on, cached values are still served this long (the controller drains meanwhile).
     shutdown_drain: float = Field(default=5.0, ge=0)
+    #: A check that changes nothing still refreshes status.lastCheckedTime, at most this often.
+    status_heartbeat: float = Field(default=600.0, gt=0)
 
     #: First retry delay after a transient failure; doubles up to the cap.
     backoff_base: float = Field(default=1.0, gt=0)
@@ -100,6 +102,7 @@ class OperatorSettings(BaseSettings):
         "identity_cache_seconds",
         "min_refresh_gap",
         "shutdown_drain",
+        "status_heartbeat",
         mode="before",
     )
     @classmethod

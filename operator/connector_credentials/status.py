@@ -75,10 +75,12 @@ class StatusWriter:
         *,
         interval_of: Callable[[Entry], float],
         forget: Callable[[Entry], None],
+        heartbeat: float = 600.0,
     ) -> None:
         self._sink = sink
         self._interval_of = interval_of
         self._forget = forget
+        self._heartbeat = heartbeat
 
     # --- what the status should say -------------------------------------------------------
 
@@ -109,8 +111,9 @@ class StatusWriter:
         ):
             # Compared without the STS session name, which differs per replica and per refresh.
             patch["identityArn"] = held.identity
-        if patch or _older_than(live.get("lastCheckedTime"), interval / 2):
-            # Replicas that reach the same verdict skip the write while the last check is recent.
+        if patch or _older_than(live.get("lastCheckedTime"), self._heartbeat):
+            # A check that changes nothing writes nothing but this heartbeat (CCRED_STATUS_HEARTBEAT):
+            # status writes per cycle stay at the changed credentials, whatever N and the replicas.
             patch["lastCheckedTime"] = now
         return patch or None
 

@@ -357,3 +357,25 @@ async def test_needles_are_rebuilt_only_when_a_value_changes() -> None:
         assert "CANARY-rotated-value" in engine.needles() and VALUE not in engine.needles()
     finally:
         await engine.close()
+
+
+async def test_a_check_that_changes_nothing_writes_only_the_heartbeat() -> None:
+    engine, _, sink = make(base_settings(min_refresh_gap=0, status_heartbeat=600))
+    try:
+        engine.upsert(body({"secretArn": ARN}))
+        await settle(engine)
+        writes = len(sink.patches)
+        for _ in range(3):
+            await engine.serve("team-a", "slack", refresh=True)  # the same verdict again
+        await settle(engine)
+        assert len(sink.patches) == writes  # nothing changed: nothing written
+        # Ten minutes later (the live lastCheckedTime is older than the heartbeat): that alone is written.
+        old = (datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=11)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        entry = engine.get_entry("team-a", "slack")
+        assert entry is not None
+        entry.api.live_status["lastCheckedTime"] = old
+        await engine.serve("team-a", "slack", refresh=True)
+        await settle(engine)
+        assert len(sink.patches) == writes + 1 and set(sink.patches[-1]) == {"lastCheckedTime"}
+    finally:
+        await engine.close()
