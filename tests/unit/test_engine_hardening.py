@@ -65,28 +65,31 @@ class ExplodingPort(FakePort):
 
 async def test_an_unexpected_failure_counts_backs_off_and_keeps_the_verdict(caplog: pytest.LogCaptureFixture) -> None:
     port = ExplodingPort()
-    engine, _, sink = make(base_settings(backoff_base=0.04, backoff_cap=10), port)
+    engine, _, sink = make(base_settings(backoff_base=1, backoff_cap=60), port)
     try:
         engine.upsert(body({"secretArn": ARN, "refreshInterval": "5s"}))
         await settle(engine)
         entry = engine.get_entry("team-a", "slack")
         assert entry is not None
-        entry.schedule.due = 0.0  # due now: the next check raises
-        entry.schedule.wake.set()
-        deadline = time.monotonic() + 5
-        while len(port.times) < 5 and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        gaps = [b - a for a, b in zip(port.times[1:], port.times[2:], strict=False)]
-        assert len(gaps) >= 3, port.times
-        # Equal-jitter backoff: the 3rd retry waits at least 2x what the 1st one could.
-        assert gaps[2] >= 0.04 * 2 and gaps[2] >= gaps[0], gaps
-        assert entry.schedule.failures >= 3
+        delays = []
+        for failures in range(1, 5):
+            entry.schedule.due = 0.0  # due now (instead of waiting the backoff out): the check raises
+            entry.schedule.wake.set()
+            deadline = time.monotonic() + 5
+            while entry.schedule.failures < failures and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert entry.schedule.failures == failures
+            delays.append(entry.schedule.due - asyncio.get_running_loop().time())
+        # Equal-jitter exponential backoff: [0.5, 1], [1, 2], [2, 4], [4, 8] seconds.
+        for failures, delay in enumerate(delays, start=1):
+            step = 2.0 ** (failures - 1)
+            assert step / 2 - 0.1 <= delay <= step, (failures, delays)
         assert entry.schedule.outcome is not None and entry.schedule.outcome.reason == Reason.ACCESS_VERIFIED
         ready = find_condition(sink.objects["team-a", "slack"]["status"]["conditions"])
         assert ready is not None and ready["reason"] == "AccessVerified"
-        lines = [r.getMessage() for r in caplog.records if "failed unexpectedly" in r.getMessage()]
-        assert lines and all("ZeroDivisionError" in line for line in lines)
-        assert all(r.exc_info is None for r in caplog.records if "failed unexpectedly" in r.getMessage())
+        lines = [r for r in caplog.records if "failed unexpectedly" in r.getMessage()]
+        assert len(lines) == 4 and all("ZeroDivisionError" in r.getMessage() for r in lines)
+        assert all(r.exc_info is None for r in lines)
         assert CANARY not in caplog.text
     finally:
         await engine.close()
