@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from connector_credentials.aws import AwsFailure, FetchedSecret, SecretsPort
-from connector_credentials.conditions import EVENT_ROTATED, PENDING_REASON, Reason, find_condition
+from connector_credentials.conditions import EVENT_ROTATED, PENDING_REASON, Reason
 from connector_credentials.entry import ApiView, Entry, Held, Key, Outcome, Schedule, Served
 from connector_credentials.models import (
     ConnectorCredentialSpec,
@@ -31,6 +31,7 @@ from connector_credentials.models import (
     format_duration,
     parse_spec,
 )
+from connector_credentials.serving import SHUTTING_DOWN, answer, answer_draining, describe
 from connector_credentials.settings import OperatorSettings
 from connector_credentials.status import (
     StatusConflict,
@@ -40,11 +41,10 @@ from connector_credentials.status import (
     stable_identity,
 )
 from connector_credentials.values import JsonKeyError, SecretValue, extract, needles_of
-from connector_credentials.wire import render_credential, rfc3339
+from connector_credentials.wire import render_credential
 
 logger = logging.getLogger(__name__)
 
-SHUTTING_DOWN = "ShuttingDown"
 
 __all__ = [
     "SHUTTING_DOWN",
@@ -416,7 +416,7 @@ class Engine:
                 "operator does not watch).",
             )
         if self._draining:
-            return self._answer_draining(entry, refresh=refresh)
+            return answer_draining(entry, asyncio.get_running_loop().time(), refresh=refresh)
         schedule = entry.schedule
         loop = asyncio.get_running_loop()
         backing_off = schedule.outcome is not None and schedule.outcome.transient and loop.time() < schedule.due
@@ -465,55 +465,11 @@ class Engine:
         await asyncio.wait({task}, timeout=seconds)
 
     def _answer(self, entry: Entry) -> Served:
-        outcome, held = entry.schedule.outcome, entry.held
-        if held.value is not None and entry.api.spec is not None:
-            entry.schedule.served = True
-            return Served(
-                200,
-                value=held.value,
-                body=held.body,
-                version_id=held.version_id,
-                arn=entry.api.spec.secret_arn,
-                fetched_at=held.fetched_at,
-            )
-        if outcome is None:
-            return Served(503, reason=PENDING_REASON, message="Not checked yet; retry shortly.", retry_after=1)
-        if outcome.transient:
-            retry = max(1, int(entry.schedule.due - asyncio.get_running_loop().time()) + 1)
-            return Served(503, reason=outcome.reason, message=outcome.message, retry_after=min(retry, 300))
-        return Served(502, reason=outcome.reason, message=outcome.message)
-
-    def _answer_draining(self, entry: Entry, *, refresh: bool) -> Served:
-        """While the operator drains: what it holds, as it is; nothing that needs AWS."""
-        outcome = entry.schedule.outcome
-        if not refresh and (entry.held.value is not None or (outcome is not None and not outcome.transient)):
-            return self._answer(entry)
-        return Served(
-            503,
-            reason=SHUTTING_DOWN,
-            message="The operator is shutting down and no longer reads from AWS; retry on the next replica.",
-            retry_after=1,
-        )
+        return answer(entry, asyncio.get_running_loop().time())
 
     def describe(self) -> list[dict[str, Any]]:
         """The declared credentials and their readiness, never values."""
-        result = []
-        for entry in sorted(self._entries.values(), key=lambda e: e.key):
-            outcome = entry.schedule.outcome
-            ready = find_condition(entry.api.live_status.get("conditions")) if outcome is None else None
-            result.append(
-                {
-                    "namespace": entry.namespace,
-                    "name": entry.name,
-                    "arn": entry.api.spec.secret_arn if entry.api.spec else None,
-                    "ready": bool(outcome.ready) if outcome else (ready or {}).get("status") == "True",
-                    "reason": outcome.reason if outcome else (ready or {}).get("reason", PENDING_REASON),
-                    "message": outcome.message if outcome else (ready or {}).get("message", ""),
-                    "versionId": entry.held.version_id,
-                    "fetchedAt": rfc3339(entry.held.fetched_at),
-                }
-            )
-        return result
+        return describe(sorted(self._entries.values(), key=lambda e: e.key))
 
     # --- shutting down ---------------------------------------------------------------------
 
