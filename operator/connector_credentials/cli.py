@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -117,11 +118,16 @@ async def _run(settings: OperatorSettings) -> None:
         logger.warning("No --namespace given: watching all namespaces (pass -n NS to limit it).")
     namespaces = None if clusterwide else settings.namespace
 
+    stop = asyncio.Event()
+    shutdown = _Shutdown(engine, server, settings.shutdown_drain, then=stop.set)
+    shutdown.take_signals()  # until kopf runs, and again once it has installed its own handlers
+
     async def watch() -> None:
         # kopf scans the API's resources once (scanning is off: watching CRDs would need a
         # ClusterRole), so it must start only once the CRD is served, or it never watches.
         await _wait_for_crd(sink)
         sync_task = asyncio.create_task(_sync(engine, sink, namespaces))
+        signals_task = asyncio.create_task(_take_signals_when(ready, shutdown))
         try:
             await kopf.operator(
                 registry=registry,
@@ -129,33 +135,78 @@ async def _run(settings: OperatorSettings) -> None:
                 clusterwide=clusterwide,
                 namespaces=[] if clusterwide else settings.namespace,
                 ready_flag=ready,
+                stop_flag=stop,
                 insights=insights,
                 liveness_endpoint=settings.liveness,
             )
         finally:
             sync_task.cancel()
+            signals_task.cancel()
 
     try:
         operator_task = asyncio.create_task(watch())
-        await operator_task
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait({operator_task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not operator_task.done():
+            await operator_task  # kopf stops after the drain (stop flag), with nothing of ours left to wait for
+        stopped.cancel()
+        operator_task.result()
     finally:
-        await _drain(engine, settings.shutdown_drain)
-        await server.close()
+        await shutdown.run()  # a no-op if a signal already drained; else (kopf failed) drain now
         await engine.close()  # only now, with the socket closed, are the values dropped
         sink.close()
 
 
-async def _drain(engine: Any, seconds: float) -> None:
-    """/healthz says 503 and no AWS read starts; what is held is served for ``seconds`` more.
+class _Shutdown:
+    """SIGTERM/SIGINT: drain, close the socket, then let kopf stop.
 
-    A controller shutting down beside the sidecar keeps reading its credentials meanwhile, and
-    never hears 404 for a credential that is still declared.
+    kopf, when it stops by itself on a signal, waits up to 5 s for every task started since it
+    started (our socket connections among them) and then cancels them: the drain would start late
+    and cut connections. So the operator takes the signals (again, after kopf installed its own),
+    drains first, and stops kopf with its stop flag when nothing of its own is left running.
     """
-    await engine.drain()
-    if seconds > 0:
-        logger.info("Shutting down: serving the values held for %.0fs more, then closing the socket.", seconds)
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.sleep(seconds)
+
+    def __init__(self, engine: Any, server: Any, seconds: float, *, then: Callable[[], None]) -> None:
+        self._engine, self._server, self._seconds, self._then = engine, server, seconds, then
+        self._task: asyncio.Task[None] | None = None
+
+    def take_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.begin, sig)
+
+    def begin(self, sig: signal.Signals | None = None) -> None:
+        if self._task is None:
+            if sig is not None:
+                logger.info("Signal %s received: shutting down.", sig.name)
+            self._task = asyncio.get_running_loop().create_task(self._drain(), name="ccred-shutdown")
+
+    async def run(self) -> None:
+        self.begin()
+        assert self._task is not None
+        await asyncio.shield(self._task)
+
+    async def _drain(self) -> None:
+        """/healthz says 503 and no AWS read starts; what is held is served for the drain period.
+
+        A controller shutting down beside the sidecar keeps reading its credentials meanwhile, and
+        never hears 404 for a credential that is still declared.
+        """
+        try:
+            await self._engine.drain()
+            if self._seconds > 0:
+                logger.info(
+                    "Shutting down: serving the values held for %.0fs more, then closing the socket.", self._seconds
+                )
+                await asyncio.sleep(self._seconds)
+            await self._server.close()
+        finally:
+            self._then()
+
+
+async def _take_signals_when(ready: asyncio.Event, shutdown: _Shutdown) -> None:
+    await ready.wait()  # kopf has installed its signal handlers by now: put ours back
+    shutdown.take_signals()
 
 
 async def _wait_for_crd(sink: Any) -> None:

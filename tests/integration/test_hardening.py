@@ -70,7 +70,9 @@ def test_sigterm_drains_serves_what_is_held_and_never_says_not_declared(world: W
         stop.set()
         reader.join(5)
     assert code == 0
-    assert 2.5 <= elapsed < 10, elapsed
+    # The drain, then a prompt exit: kopf is stopped after it, with nothing of ours left to wait for
+    # (stopping on the signal itself, it would wait 5 s for our open connections first).
+    assert 2.5 <= elapsed < 6, elapsed
     statuses = Counter(type(item).__name__ if not isinstance(item, str) else "value" for item in seen)
     assert statuses["value"] >= 10, statuses  # served through the drain
     assert not [item for item in seen if isinstance(item, CredentialError) and item.status == 404], statuses

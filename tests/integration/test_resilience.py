@@ -413,7 +413,12 @@ def test_kubernetes_api_faults_and_restart_lose_no_update_and_nothing_flaps(worl
             assert denied.value.status == 502
             world.wait_reason("alpha", "AccessDenied", timeout=10)
             first.wait_for_log(re.compile(r"The status of \S+ changed since it was read \(HTTP 409"), timeout=5)
-            assert events_of(world, "alpha") == [("Normal", "AccessVerified"), ("Warning", "AccessDenied")]
+            # The Event follows the status write that got through: wait for it rather than race it.
+            wait_until(
+                lambda: events_of(world, "alpha") == [("Normal", "AccessVerified"), ("Warning", "AccessDenied")],
+                timeout=10,
+                message=f"alpha's Events: {events_of(world, 'alpha')}",
+            )
 
             # 3. An API server restart: every watch drops and a burst of requests fails with 503,
             #    while AWS recovers for alpha and gamma's spec changes.
@@ -431,11 +436,12 @@ def test_kubernetes_api_faults_and_restart_lose_no_update_and_nothing_flaps(worl
             )
             wait_until(lambda: kube.active_watches >= 1, timeout=10, message="no watch after the API restart")
             assert "re-checked every 6s" in (world.ready("gamma") or {})["message"]
-            assert events_of(world, "alpha") == [
-                ("Normal", "AccessVerified"),
-                ("Warning", "AccessDenied"),
-                ("Normal", "AccessVerified"),
-            ]
+            wanted = [("Normal", "AccessVerified"), ("Warning", "AccessDenied"), ("Normal", "AccessVerified")]
+            wait_until(
+                lambda: events_of(world, "alpha") == wanted,
+                timeout=10,
+                message=f"alpha's Events: {events_of(world, 'alpha')}",
+            )
 
             # 4. A transition whose status write never gets through before the operator stops
             #    is written by the next operator: nothing is lost across a restart.
