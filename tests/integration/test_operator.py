@@ -180,7 +180,12 @@ def test_rotation_is_noticed_within_refresh_interval(world: World) -> None:
     wait_until(lambda: world.status("rotating").get("versionId") == new_version, timeout=12, message="rotation")
     assert new_version != before
     assert world.ready("rotating")["lastTransitionTime"] == transition  # type: ignore[index]
-    rotated = [e for e in world.events("rotating") if e["reason"] == "Rotated"]
+    # The Event follows the status write: wait for it rather than race it.
+    rotated = wait_until(
+        lambda: [e for e in world.events("rotating") if e["reason"] == "Rotated"],
+        timeout=10,
+        message="no Rotated Event",
+    )
     assert len(rotated) == 1
     assert new_version in rotated[0]["message"]
     with world.client() as client:

@@ -428,10 +428,11 @@ def test_kubernetes_api_faults_and_restart_lose_no_update_and_nothing_flaps(worl
             assert client.get(ns, "alpha", refresh=True).arn == arns["alpha"]  # AWS does not need the API
             world.update_spec("gamma", {"secretArn": arns["gamma"], "refreshInterval": "6s"})
             generation = (world.get("gamma") or {})["metadata"]["generation"]
-            world.wait_reason("alpha", "AccessVerified", timeout=20)
+            # After a burst of 503s the status writer's backoff may stand at 8-16 s (0.5 s doubling).
+            world.wait_reason("alpha", "AccessVerified", timeout=45)
             wait_until(
                 lambda: (world.ready("gamma") or {}).get("observedGeneration") == generation,
-                timeout=20,
+                timeout=45,
                 message="gamma's spec change made during the API restart was never observed",
             )
             wait_until(lambda: kube.active_watches >= 1, timeout=10, message="no watch after the API restart")
