@@ -126,6 +126,8 @@ async def _run(settings: OperatorSettings) -> None:
         # kopf scans the API's resources once (scanning is off: watching CRDs would need a
         # ClusterRole), so it must start only once the CRD is served, or it never watches.
         await _wait_for_crd(sink)
+        if stop.is_set():
+            return  # shut down while waiting
         sync_task = asyncio.create_task(_sync(engine, sink, namespaces))
         signals_task = asyncio.create_task(_take_signals_when(ready, shutdown))
         try:
@@ -147,10 +149,14 @@ async def _run(settings: OperatorSettings) -> None:
         operator_task = asyncio.create_task(watch())
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait({operator_task, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        if not operator_task.done():
+        if not operator_task.done() and not ready.is_set():
+            operator_task.cancel()  # stopped before kopf ever started (e.g. still waiting for the CRD)
+            await asyncio.gather(operator_task, return_exceptions=True)
+        elif not operator_task.done():
             await operator_task  # kopf stops after the drain (stop flag), with nothing of ours left to wait for
         stopped.cancel()
-        operator_task.result()
+        if not operator_task.cancelled():
+            operator_task.result()
     finally:
         await shutdown.run()  # a no-op if a signal already drained; else (kopf failed) drain now
         await engine.close()  # only now, with the socket closed, are the values dropped

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -161,3 +162,20 @@ def test_unhealthy_until_the_crd_is_applied_then_watching(
             message="the credential created after the CRD was applied never got a verdict",
         )
         assert client.get(namespace, "late").arn == arn
+
+
+def test_sigterm_while_waiting_for_the_crd_exits_promptly(bare_plane: ControlPlane, world: World) -> None:
+    cluster = Cluster(bare_plane)
+    namespace = world.namespace
+    cluster.create_namespace(namespace)
+    cluster.install_operator_identity(namespace)
+    kubeconfig = cluster.write_kubeconfig(
+        world.workdir / "bare.kubeconfig", token=cluster.service_account_token(namespace), namespace=namespace
+    )
+    operator = world.start_operator(extra_env={"KUBECONFIG": str(kubeconfig)})
+    operator.wait_for_log("the CRD is not installed", timeout=15)
+    began = time.monotonic()
+    operator.send_signal(signal.SIGTERM)
+    assert operator.wait(timeout=15) == 0
+    assert time.monotonic() - began < 5
+    assert "Starting Kopf" not in operator.output  # it never started watching a CRD that never came

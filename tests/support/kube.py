@@ -15,6 +15,7 @@ import json
 import shutil
 import ssl
 import subprocess
+import time
 import urllib.parse
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -215,11 +216,18 @@ class Cluster:
             timeout=60,
         )
 
-    def apply_crds(self) -> None:
+    def apply_crds(self, timeout: float = 60.0) -> None:
         self.kubectl("apply", "--server-side", "-f", str(ROOT / "crds" / "connectorcredentials.yaml"))
-        self.kubectl(
-            "wait", "--for=condition=Established", "--timeout=30s", "crd/connectorcredentials.connectors.xpander.ai"
-        )
+        path = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/connectorcredentials.connectors.xpander.ai"
+        deadline = time.monotonic() + timeout
+        while True:
+            status, crd = self.request("GET", path)
+            conditions = (crd or {}).get("status", {}).get("conditions") or [] if status == 200 else []
+            if any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the CRD is not Established after {timeout:.0f}s: HTTP {status} {conditions}")
+            time.sleep(0.1)
 
     def install_operator_identity(self, namespace: str, service_account: str = SERVICE_ACCOUNT) -> None:
         """The ServiceAccount and the shipped Role and RoleBinding (rendered from deploy/) in ``namespace``."""
