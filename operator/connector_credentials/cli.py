@@ -84,7 +84,10 @@ async def _run(settings: OperatorSettings) -> None:
         debug=settings.debug,
         needles=lambda: engine_ref[0].needles() if engine_ref else (),
     )
-    sink = KubeStatusSink()
+    try:
+        sink = KubeStatusSink()
+    except (kopf.LoginError, OSError) as exc:  # OSError: e.g. the CA file of the kubeconfig
+        raise click.ClickException(f"cannot log in to the Kubernetes API: {exc}") from None
     engine = Engine(settings, Boto3SecretsPort(settings), sink)
     engine_ref.append(engine)
     registry = kopf.OperatorRegistry()
@@ -110,7 +113,7 @@ async def _run(settings: OperatorSettings) -> None:
     try:
         await server.start()
     except (SocketInUseError, OSError) as exc:
-        sink.close()
+        await sink.close()
         raise click.ClickException(f"cannot serve on {settings.socket_path}: {exc}") from None
     clusterwide = settings.all_namespaces or not settings.namespace
     if clusterwide and not settings.all_namespaces:
@@ -142,7 +145,7 @@ async def _run(settings: OperatorSettings) -> None:
         await _drain(engine, settings.shutdown_drain)
         await server.close()
         await engine.close()  # only now, with the socket closed, are the values dropped
-        sink.close()
+        await sink.close()
 
 
 async def _drain(engine: Any, seconds: float) -> None:
