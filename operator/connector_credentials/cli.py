@@ -85,7 +85,10 @@ async def _run(settings: OperatorSettings) -> None:
         debug=settings.debug,
         needles=lambda: engine_ref[0].needles() if engine_ref else (),
     )
-    sink = KubeStatusSink()
+    try:
+        sink = KubeStatusSink()
+    except (kopf.LoginError, OSError) as exc:  # OSError: e.g. the CA file of the kubeconfig
+        raise click.ClickException(f"cannot log in to the Kubernetes API: {exc}") from None
     engine = Engine(settings, Boto3SecretsPort(settings), sink)
     engine_ref.append(engine)
     registry = kopf.OperatorRegistry()
@@ -111,7 +114,7 @@ async def _run(settings: OperatorSettings) -> None:
     try:
         await server.start()
     except (SocketInUseError, OSError) as exc:
-        sink.close()
+        await sink.close()
         raise click.ClickException(f"cannot serve on {settings.socket_path}: {exc}") from None
     clusterwide = settings.all_namespaces or not settings.namespace
     if clusterwide and not settings.all_namespaces:
@@ -160,7 +163,7 @@ async def _run(settings: OperatorSettings) -> None:
     finally:
         await shutdown.run()  # a no-op if a signal already drained; else (kopf failed) drain now
         await engine.close()  # only now, with the socket closed, are the values dropped
-        sink.close()
+        await sink.close()
 
 
 class _Shutdown:

@@ -1,19 +1,30 @@
-"""Status and Event writes through the Kubernetes API (the official client, off the event loop)."""
+"""Status and Event writes through the Kubernetes API: plain REST calls with aiohttp, on the event loop.
+
+The credentials come from kopf's own login functions (the service account in a pod, else the
+kubeconfig), the same ones its watch uses (``handlers.login``). The official ``kubernetes``
+client is not used: it costs about 20 MiB of the process's memory for the five calls made here,
+and kopf imports it whenever it is installed, so it is not a dependency either (docs/design.md).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
+import json
 import logging
 import os
 import secrets
-from concurrent.futures import ThreadPoolExecutor
+import ssl
+import time
+import urllib.parse
+from collections.abc import Callable
 from typing import Any
 
-import kubernetes.client
-import kubernetes.config
-from kubernetes.client.exceptions import ApiException
+import aiohttp
+import kopf
 
+from connector_credentials import __version__
 from connector_credentials.models import API_VERSION, GROUP, KIND, PLURAL, VERSION
 from connector_credentials.status import StatusConflict
 
@@ -21,28 +32,77 @@ logger = logging.getLogger(__name__)
 
 COMPONENT = "connector-credential-operator"
 MAX_EVENT_MESSAGE = 1024
+#: Seconds to open a connection (TCP and TLS), and for a whole request (a listing gets longer).
+CONNECT_TIMEOUT = 5.0
+REQUEST_TIMEOUT = 15.0
+LIST_TIMEOUT = 30.0
+#: How often the credentials are read again: the kubelet rotates a service account's token
+#: file (the official client re-reads it every minute too). A 401 reads them again at once.
+RELOGIN_INTERVAL = 60.0
+#: Requests in flight at once (what the old client's thread pool allowed).
+MAX_IN_FLIGHT = 4
+#: How much of the API server's message an error keeps.
+MAX_ERROR_MESSAGE = 300
+
+Login = Callable[[], kopf.ConnectionInfo]
 
 
-def load_api_client() -> kubernetes.client.ApiClient:
-    """In-cluster configuration in a pod, else the current kubeconfig (``KUBECONFIG``)."""
-    configuration = kubernetes.client.Configuration()
+class KubeApiError(Exception):
+    """A non-2xx answer of the API server: ``status`` (the HTTP code), ``reason`` (its phrase)
+    and ``message`` (the API server's explanation, from its Status object, shortened)."""
+
+    def __init__(self, status: int, reason: str, message: str = "") -> None:
+        self.status = status
+        self.reason = reason
+        self.message = message
+        super().__init__(f"HTTP {status} {reason}".strip() + (f": {message}" if message else ""))
+
+
+def default_login() -> kopf.ConnectionInfo:
+    """In a pod: its service account; elsewhere: the current kubeconfig (``KUBECONFIG``).
+
+    kopf's own minimal logins, as ``handlers.login`` does for the watch: a token, a client
+    certificate or a username and password. Kubeconfig ``exec`` plugins and auth providers that
+    need refreshing are not run (kopf's watch has the same limit).
+    """
+    settings = kopf.OperatorSettings()
     try:
-        kubernetes.config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-    except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-    return kubernetes.client.ApiClient(configuration)
+        info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
+    except kopf.LoginError:
+        raise
+    except Exception as exc:  # a kubeconfig that is missing, unreadable or lacks its context
+        raise kopf.LoginError(f"cannot use the kubeconfig: {type(exc).__name__}: {exc}") from exc
+    if info is None:
+        raise kopf.LoginError("no service account token (not in a pod?) and no kubeconfig (KUBECONFIG, ~/.kube/config)")
+    return info
+
+
+@dataclasses.dataclass(frozen=True)
+class _Credentials:
+    info: kopf.ConnectionInfo
+    base: str
+    headers: dict[str, str]
+    tls: ssl.SSLContext
+    at: float
 
 
 class KubeStatusSink:
-    """Implements :class:`connector_credentials.engine.StatusSink` with the official client."""
+    """Implements :class:`connector_credentials.status.StatusSink` (and the start-up calls of the CLI).
 
-    def __init__(self, api_client: kubernetes.client.ApiClient | None = None) -> None:
-        self._api_client = api_client or load_api_client()
-        self._custom = kubernetes.client.CustomObjectsApi(self._api_client)
-        self._core = kubernetes.client.CoreV1Api(self._api_client)
-        # The client is blocking; a few threads keep status writes off the event loop.
-        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kube")
+    Create it and close it (``await sink.close()``) on the running event loop; the HTTP session
+    is opened with the first request.
+    """
+
+    def __init__(self, login: Login = default_login, *, max_in_flight: int = MAX_IN_FLIGHT) -> None:
+        self._login = login
+        self._max_in_flight = max_in_flight
+        # Logged in at once: without any credentials the operator cannot start at all.
+        self._credentials = self._fresh(None, tls=True)
+        self._session: aiohttp.ClientSession | None = None
+        self._slots = asyncio.Semaphore(max_in_flight)
         self._instance = os.environ.get("POD_NAME") or os.environ.get("HOSTNAME") or COMPONENT
+
+    # --- the StatusSink protocol --------------------------------------------------------------
 
     async def patch_status(
         self, namespace: str, name: str, status: dict[str, Any], resource_version: str | None
@@ -51,44 +111,29 @@ class KubeStatusSink:
         body: dict[str, Any] = {"status": status}
         if resource_version:
             body["metadata"] = {"resourceVersion": resource_version}
-
-        def call() -> dict[str, Any] | None:
-            try:
-                result = self._custom.patch_namespaced_custom_object_status(
-                    GROUP,
-                    VERSION,
-                    namespace,
-                    PLURAL,
-                    name,
-                    body,
-                    _request_timeout=(5, 15),
-                    _content_type="application/merge-patch+json",
-                )
-            except ApiException as exc:
-                if exc.status == 404:
-                    return None
-                if exc.status == 409:
-                    raise StatusConflict(
-                        f"{namespace}/{name} changed since resourceVersion {resource_version}"
-                    ) from None
-                raise
-            return result if isinstance(result, dict) else {}
-
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        try:
+            result = await self._request(
+                "PATCH",
+                _object_path(namespace, name) + "/status",
+                body=body,
+                content_type="application/merge-patch+json",
+            )
+        except KubeApiError as exc:
+            if exc.status == 404:
+                return None
+            if exc.status == 409:
+                raise StatusConflict(f"{namespace}/{name} changed since resourceVersion {resource_version}") from None
+            raise
+        return result if isinstance(result, dict) else {}
 
     async def get(self, namespace: str, name: str) -> dict[str, Any] | None:
-        def call() -> dict[str, Any] | None:
-            try:
-                result = self._custom.get_namespaced_custom_object(
-                    GROUP, VERSION, namespace, PLURAL, name, _request_timeout=(5, 15)
-                )
-            except ApiException as exc:
-                if exc.status == 404:
-                    return None
-                raise
-            return result if isinstance(result, dict) else None
-
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        try:
+            result = await self._request("GET", _object_path(namespace, name))
+        except KubeApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return result if isinstance(result, dict) else None
 
     async def post_event(
         self, namespace: str, name: str, uid: str | None, *, warning: bool, reason: str, message: str
@@ -122,52 +167,156 @@ class KubeStatusSink:
             "reportingComponent": f"{GROUP}/operator",
             "reportingInstance": self._instance[:128],
         }
+        await self._request("POST", f"/api/v1/namespaces/{_quote(namespace)}/events", body=body)
 
-        def call() -> None:
-            # A plain dict: the client serialises it as is (CoreV1Event.from_dict is not in every
-            # client version). Say it is JSON: this client sends no Content-Type here unless told.
-            self._core.create_namespaced_event(
-                namespace,
-                body,  # type: ignore[arg-type]
-                _request_timeout=(5, 15),
-                _content_type="application/json",
-            )
-
-        await asyncio.get_running_loop().run_in_executor(self._executor, call)
+    # --- start-up -------------------------------------------------------------------------------
 
     async def crd_served(self) -> bool:
         """Whether the API serves ConnectorCredentials (discovery; every authenticated user may ask)."""
-
-        def call() -> bool:
-            try:
-                answer = self._custom.get_api_resources(GROUP, VERSION, _request_timeout=(5, 15))
-            except ApiException as exc:
-                if exc.status == 404:
-                    return False
-                raise
-            return any(resource.name == PLURAL for resource in answer.resources or [])
-
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        try:
+            answer = await self._request("GET", f"/apis/{GROUP}/{VERSION}")
+        except KubeApiError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        resources = answer.get("resources") if isinstance(answer, dict) else None
+        return any(isinstance(r, dict) and r.get("name") == PLURAL for r in resources or [])
 
     async def list_credentials(self, namespaces: list[str] | None) -> list[dict[str, Any]]:
         """Every ConnectorCredential in ``namespaces`` (``None``: all namespaces)."""
+        if namespaces is None:
+            paths = [f"/apis/{GROUP}/{VERSION}/{PLURAL}"]
+        else:
+            paths = [f"/apis/{GROUP}/{VERSION}/namespaces/{_quote(ns)}/{PLURAL}" for ns in namespaces]
+        items: list[dict[str, Any]] = []
+        for path in paths:
+            answer = await self._request("GET", path, total=LIST_TIMEOUT)
+            if isinstance(answer, dict):
+                items.extend(item for item in answer.get("items") or [] if isinstance(item, dict))
+        return items
 
-        def call() -> list[dict[str, Any]]:
-            if namespaces is None:
-                answers = [self._custom.list_cluster_custom_object(GROUP, VERSION, PLURAL, _request_timeout=(5, 30))]
-            else:
-                answers = [
-                    self._custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, _request_timeout=(5, 30))
-                    for ns in namespaces
-                ]
-            items: list[dict[str, Any]] = []
-            for answer in answers:
-                if isinstance(answer, dict):
-                    items.extend(item for item in answer.get("items", []) if isinstance(item, dict))
-            return items
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+    # --- HTTP -------------------------------------------------------------------------------------
 
-    def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
-        self._api_client.close()  # type: ignore[no-untyped-call]
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        content_type: str = "application/json",
+        total: float = REQUEST_TIMEOUT,
+    ) -> Any:
+        """The parsed JSON of a 2xx answer (``None`` if there is none); :class:`KubeApiError` otherwise."""
+        data = None if body is None else json.dumps(body).encode("utf-8")
+        limits = aiohttp.ClientTimeout(total=total, connect=CONNECT_TIMEOUT)
+        async with self._slots:
+            session = self._open()
+            relogged = False
+            while True:
+                credentials = self._current()
+                headers = {"Accept": "application/json", **credentials.headers}
+                if data is not None:
+                    headers["Content-Type"] = content_type
+                async with session.request(
+                    method,
+                    credentials.base + path,
+                    data=data,
+                    headers=headers,
+                    ssl=credentials.tls,
+                    proxy=credentials.info.proxy_url,
+                    timeout=limits,
+                    allow_redirects=False,
+                ) as response:
+                    raw = await response.read()
+                    if response.status == 401 and not relogged:
+                        # The token was rotated (or revoked): read the credentials again, retry once.
+                        relogged = True
+                        if self._relogin():
+                            continue
+                    if 200 <= response.status < 300:
+                        return _parse(raw)
+                    raise _error(response.status, response.reason, raw)
+
+    def _open(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self._max_in_flight),
+                headers={"User-Agent": f"{COMPONENT}/{__version__}"},
+                trust_env=self._credentials.info.trust_env,
+            )
+        return self._session
+
+    def _relogin(self) -> bool:
+        logger.info("The Kubernetes API answered 401 Unauthorized; reading the credentials again.")
+        try:
+            self._credentials = self._fresh(self._credentials, tls=True)
+        except Exception as exc:  # noqa: BLE001 - the 401 is what the caller hears about
+            logger.warning("Reading the Kubernetes credentials again failed (%s).", type(exc).__name__)
+            return False
+        return True
+
+    def _current(self) -> _Credentials:
+        if time.monotonic() - self._credentials.at >= RELOGIN_INTERVAL:
+            try:
+                self._credentials = self._fresh(self._credentials, tls=False)
+            except Exception as exc:  # noqa: BLE001 - the credentials held may still work
+                logger.warning(
+                    "Reading the Kubernetes credentials again failed (%s); using the ones held.", type(exc).__name__
+                )
+                self._credentials = dataclasses.replace(self._credentials, at=time.monotonic())
+        return self._credentials
+
+    def _fresh(self, old: _Credentials | None, *, tls: bool) -> _Credentials:
+        """Log in again; the TLS context is rebuilt when asked or when more than the token changed."""
+        info = self._login()
+        if not tls and old is not None and _endpoint(old.info) == _endpoint(info):
+            context = old.tls  # the same connections go on being used
+        else:
+            context = info.as_ssl_context()
+        return _Credentials(
+            info=info,
+            base=info.server.rstrip("/"),
+            headers=info.as_http_headers(),
+            tls=context,
+            at=time.monotonic(),
+        )
+
+
+def _endpoint(info: kopf.ConnectionInfo) -> kopf.ConnectionInfo:
+    """Everything but the token and its expiry: what the TLS context and the URL come from."""
+    return dataclasses.replace(info, token=None, expiration=None)
+
+
+def _object_path(namespace: str, name: str) -> str:
+    return f"/apis/{GROUP}/{VERSION}/namespaces/{_quote(namespace)}/{PLURAL}/{_quote(name)}"
+
+
+def _quote(segment: str) -> str:
+    return urllib.parse.quote(segment, safe="")
+
+
+def _parse(raw: bytes) -> Any:
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
+def _error(status: int, reason: str | None, raw: bytes) -> KubeApiError:
+    """The API server's Status object (``{"reason": "Conflict", "message": ...}``) as an exception."""
+    answer = _parse(raw)
+    message = ""
+    if isinstance(answer, dict):
+        message = str(answer.get("message") or "")
+        reason = reason or str(answer.get("reason") or "")
+    message = " ".join(message.split())
+    if len(message) > MAX_ERROR_MESSAGE:
+        message = message[: MAX_ERROR_MESSAGE - 3] + "..."
+    return KubeApiError(status, reason or "", message)
