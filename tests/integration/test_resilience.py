@@ -551,6 +551,10 @@ def test_two_replicas_serve_and_converge_without_flapping(world: World) -> None:
             world.wait_reason(name, "AccessVerified")
         clients = [world.client(path) for path in sockets]
         try:
+            # The status shows one replica's verdicts; the other may still be listing its credentials.
+            wait_until(
+                lambda: all(client.healthy() for client in clients), timeout=20, message="a replica is not healthy"
+            )
             values = {name: clients[0].get(ns, name).value for name in names}
             assert {name: clients[1].get(ns, name).value for name in names} == values
             time.sleep(1.0)  # let both replicas' first writes land
