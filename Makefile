@@ -38,10 +38,11 @@ lint: $(STAMP) ## ruff (lint and format check)
 typecheck: $(STAMP) ## mypy --strict on the package
 	$(VENV)/bin/mypy
 
-bench: $(STAMP) controlplane ## Benchmarks: socket vs bare aiohttp, log filter cost, healthz under 1,000 idle connections
+bench: $(STAMP) controlplane ## Benchmarks: socket vs bare aiohttp, log filter cost, healthz under 1,000 idle connections, scale (100 and 1,000 credentials)
 	$(PY) bench/socket_bench.py
 	$(PY) bench/redact_bench.py
 	$(PY) bench/socket_hostile_bench.py
+	$(PY) bench/scale.py
 
 e2e: $(STAMP) ## End-to-end on kind (needs Docker and kind; skips otherwise)
 	bash tests/e2e/run.sh
