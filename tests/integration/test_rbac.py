@@ -18,11 +18,10 @@ import pytest
 
 from connector_credentials.client import CredentialClient
 from tests.integration.conftest import RESOURCE, World
-from tests.support.awsproxy import FaultProxy
 from tests.support.controlplane import ControlPlane
 from tests.support.kube import Cluster, shipped_rbac
 from tests.support.kubeproxy import Seen
-from tests.support.runner import console_script, wait_until
+from tests.support.runner import OperatorProcess, console_script, wait_until
 
 _CORE = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/(?P<resource>[^/]+)(?:/(?P<name>[^/]+))?(?:/(?P<sub>[^/]+))?$")
 _GROUP = re.compile(
@@ -126,18 +125,19 @@ def bare_plane() -> Iterator[ControlPlane]:
     shutil.rmtree(workdir, ignore_errors=True)
 
 
-def test_unhealthy_until_the_crd_is_applied_then_watching(
-    bare_plane: ControlPlane, proxy: FaultProxy, world: World
-) -> None:
-    # The world's AWS side and helpers, but the operator talks to a cluster without the CRD.
+def start_without_crd(bare_plane: ControlPlane, world: World) -> tuple[Cluster, OperatorProcess]:
+    """The world's AWS side and helpers, but the operator talks to a cluster without the CRD."""
     cluster = Cluster(bare_plane)
+    cluster.create_namespace(world.namespace)
+    cluster.install_operator_identity(world.namespace)
+    token = cluster.service_account_token(world.namespace)
+    kubeconfig = cluster.write_kubeconfig(world.workdir / "bare.kubeconfig", token=token, namespace=world.namespace)
+    return cluster, world.start_operator(extra_env={"KUBECONFIG": str(kubeconfig)})
+
+
+def test_unhealthy_until_the_crd_is_applied_then_watching(bare_plane: ControlPlane, world: World) -> None:
+    cluster, operator = start_without_crd(bare_plane, world)
     namespace = world.namespace
-    cluster.create_namespace(namespace)
-    cluster.install_operator_identity(namespace)
-    kubeconfig = cluster.write_kubeconfig(
-        world.workdir / "bare.kubeconfig", token=cluster.service_account_token(namespace), namespace=namespace
-    )
-    operator = world.start_operator(extra_env={"KUBECONFIG": str(kubeconfig)})
     operator.wait_for_log("the CRD is not installed (kubectl apply -f crds/)", timeout=15)
     with CredentialClient(world.socket_path, timeout=5) as client:
         assert client.healthy() is False
@@ -165,14 +165,7 @@ def test_unhealthy_until_the_crd_is_applied_then_watching(
 
 
 def test_sigterm_while_waiting_for_the_crd_exits_promptly(bare_plane: ControlPlane, world: World) -> None:
-    cluster = Cluster(bare_plane)
-    namespace = world.namespace
-    cluster.create_namespace(namespace)
-    cluster.install_operator_identity(namespace)
-    kubeconfig = cluster.write_kubeconfig(
-        world.workdir / "bare.kubeconfig", token=cluster.service_account_token(namespace), namespace=namespace
-    )
-    operator = world.start_operator(extra_env={"KUBECONFIG": str(kubeconfig)})
+    _, operator = start_without_crd(bare_plane, world)
     operator.wait_for_log("the CRD is not installed", timeout=15)
     began = time.monotonic()
     operator.send_signal(signal.SIGTERM)
