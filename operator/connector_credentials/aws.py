@@ -12,6 +12,7 @@ import os
 import re
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -31,6 +32,9 @@ IRSA_METHOD = "assume-role-with-web-identity"
 ROLE_ENV = "AWS_ROLE_ARN"
 TOKEN_ENV = "AWS_WEB_IDENTITY_TOKEN_FILE"
 MAX_AWS_MESSAGE = 600
+#: BatchGetSecretValue takes at most this many ids per call.
+BATCH_LIMIT = 20
+_CURRENT = "stage AWSCURRENT"
 
 _THROTTLE_CODES = frozenset(
     {
@@ -120,6 +124,20 @@ class SecretsPort(Protocol):
         """Read one secret version (raises :class:`AwsFailure`)."""
         ...
 
+    def get_current_secrets(self, region: str, arns: Sequence[SecretArn]) -> dict[str, FetchedSecret | AwsFailure]:
+        """Read the current version of up to 20 secrets of one region in one call (BatchGetSecretValue).
+
+        Keyed by ARN; a secret AWS did not mention is absent (read it alone). When the whole
+        call failed (throttling, an outage), every secret gets that failure in its own words.
+        Raises :class:`BatchRefused` when IAM denies the batch action itself, and
+        :class:`AwsFailure` when there are no usable credentials.
+        """
+        ...
+
+
+class BatchRefused(Exception):
+    """IAM denies secretsmanager:BatchGetSecretValue: read one secret at a time instead."""
+
 
 def scrub(text: str) -> str:
     """Strip request IDs and anything credential-like from an AWS message; bound its length."""
@@ -165,77 +183,16 @@ def classify(exc: BaseException, *, arn: SecretArn, role: str | None, version: s
         return exc
     if isinstance(exc, botocore.exceptions.ClientError):
         error = exc.response.get("Error", {})
-        code = str(error.get("Code", "Unknown"))
-        aws_said = scrub(str(error.get("Message", "")))
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-        said = f" AWS said: {code}: {aws_said}" if aws_said else f" AWS said: {code}"
-        if special := _credential_problem(code, aws_said, said, exc.operation_name, arn=arn, role=role_text):
-            return special
-        if exc.operation_name in _STS_OPERATIONS and code not in _THROTTLE_CODES | _UNAVAILABLE_CODES:
-            return AwsFailure(
-                Reason.ASSUME_ROLE_FAILED,
-                f"STS refused {exc.operation_name} for role {role_text}.{said} Check the role's trust policy: "
-                "it must trust the cluster's OIDC provider (a Federated principal) with the conditions "
-                "<issuer>:sub = system:serviceaccount:<namespace>:<service-account> and "
-                "<issuer>:aud = sts.amazonaws.com; that this OIDC provider exists in IAM in the role's "
-                "account; and that the projected token is current.",
-            )
-        if code in _THROTTLE_CODES or status == 429:
-            return AwsFailure(
-                Reason.THROTTLED,
-                f"AWS throttled the request for {arn.arn} in {arn.region} and retries did not get through.{said} "
-                "The operator backs off and retries; raise refreshInterval or the account's quota if it persists.",
-            )
-        if code in _UNAVAILABLE_CODES or status >= 500:
-            return AwsFailure(
-                Reason.AWS_UNAVAILABLE,
-                f"Secrets Manager in {arn.region} failed to answer for {arn.arn}.{said} "
-                "The operator backs off and retries.",
-            )
-        if code in ("AccessDeniedException", "AccessDenied"):
-            kms = "kms" in aws_said.lower()
-            what = "KMS denied the decryption of" if kms else "Secrets Manager denied secretsmanager:GetSecretValue on"
-            fix = (
-                f"Check that role {role_text} may kms:Decrypt with the secret's KMS key (in the key policy and "
-                "the role's policy) and that the key is enabled."
-                if kms
-                else "Check that the role's IAM policy allows secretsmanager:GetSecretValue on this exact ARN "
-                "(or a pattern that matches its 6-character suffix, e.g. ...:secret:<name>-??????), and that "
-                "no resource policy on the secret or SCP denies it."
-            )
-            said = said if said.endswith(".") else f"{said}."
-            return AwsFailure(Reason.ACCESS_DENIED, f"{what} {arn.arn} for role {role_text}.{said} {fix}")
-        if code == "ResourceNotFoundException":
-            if any(word in aws_said.lower() for word in ("version", "stage", "staging label")):
-                detail = f"Secret {arn.name!r} exists in {arn.region} but has no version {version}."
-                fix = "Check spec.versionId / spec.versionStage against `aws secretsmanager list-secret-version-ids`."
-            else:
-                detail = f"No secret named {arn.name!r} in account {arn.account}, region {arn.region}."
-                fix = (
-                    "Check that the secret exists in that region (the region is taken from the ARN, not "
-                    "from the cluster), that its name matches exactly (names are case-sensitive), and that the "
-                    "ARN includes the 6-character suffix AWS appends to the name."
-                )
-            return AwsFailure(Reason.SECRET_NOT_FOUND, f"{detail}{said} {fix}")
-        if code == "InvalidRequestException" and "delet" in aws_said.lower():
-            return AwsFailure(
-                Reason.SECRET_SCHEDULED_FOR_DELETION,
-                f"Secret {arn.arn} is scheduled for deletion.{said} Restore it with "
-                f"`aws secretsmanager restore-secret --region {arn.region} --secret-id {arn.arn}`, "
-                "or point spec.secretArn at another secret.",
-            )
-        if code in ("DecryptionFailure", "DecryptionFailureException"):
-            return AwsFailure(
-                Reason.DECRYPTION_FAILED,
-                f"KMS could not decrypt {arn.arn}.{said} Check that the secret's KMS key is enabled and not "
-                f"pending deletion, and that role {role_text} may kms:Decrypt with it.",
-            )
-        if code in ("InvalidParameterException", "ValidationException", "InvalidRequestException"):
-            return AwsFailure(
-                Reason.INVALID_SPEC,
-                f"Secrets Manager rejected the request for {arn.arn} ({version}).{said} Check the spec's fields.",
-            )
-        return AwsFailure(Reason.AWS_UNAVAILABLE, f"Unexpected AWS error for {arn.arn}.{said}")
+        return classify_error(
+            str(error.get("Code", "Unknown")),
+            str(error.get("Message", "")),
+            status=status,
+            operation=exc.operation_name,
+            arn=arn,
+            role=role,
+            version=version,
+        )
     if isinstance(exc, botocore.exceptions.NoCredentialsError):
         return AwsFailure(Reason.IRSA_NOT_CONFIGURED, f"No AWS credentials were found. {IRSA_CHECKS}")
     if isinstance(exc, botocore.exceptions.CredentialRetrievalError | botocore.exceptions.InvalidConfigError):
@@ -253,6 +210,82 @@ def classify(exc: BaseException, *, arn: SecretArn, role: str | None, version: s
     return AwsFailure(
         Reason.AWS_UNAVAILABLE, f"Unexpected error reading {arn.arn}: {type(exc).__name__}; see the operator's log"
     )
+
+
+def classify_error(
+    code: str, message: str, *, status: int, operation: str, arn: SecretArn, role: str | None, version: str
+) -> AwsFailure:
+    """Map an AWS error code and message (a ClientError, or one secret's entry in a batch answer)."""
+    role_text = role or "(no role: AWS_ROLE_ARN is unset)"
+    aws_said = scrub(message)
+    said = f" AWS said: {code}: {aws_said}" if aws_said else f" AWS said: {code}"
+    if special := _credential_problem(code, aws_said, said, operation, arn=arn, role=role_text):
+        return special
+    if operation in _STS_OPERATIONS and code not in _THROTTLE_CODES | _UNAVAILABLE_CODES:
+        return AwsFailure(
+            Reason.ASSUME_ROLE_FAILED,
+            f"STS refused {operation} for role {role_text}.{said} Check the role's trust policy: "
+            "it must trust the cluster's OIDC provider (a Federated principal) with the conditions "
+            "<issuer>:sub = system:serviceaccount:<namespace>:<service-account> and "
+            "<issuer>:aud = sts.amazonaws.com; that this OIDC provider exists in IAM in the role's "
+            "account; and that the projected token is current.",
+        )
+    if code in _THROTTLE_CODES or status == 429:
+        return AwsFailure(
+            Reason.THROTTLED,
+            f"AWS throttled the request for {arn.arn} in {arn.region} and retries did not get through.{said} "
+            "The operator backs off and retries; raise refreshInterval or the account's quota if it persists.",
+        )
+    if code in _UNAVAILABLE_CODES or status >= 500:
+        return AwsFailure(
+            Reason.AWS_UNAVAILABLE,
+            f"Secrets Manager in {arn.region} failed to answer for {arn.arn}.{said} "
+            "The operator backs off and retries.",
+        )
+    if code in ("AccessDeniedException", "AccessDenied"):
+        kms = "kms" in aws_said.lower()
+        what = "KMS denied the decryption of" if kms else "Secrets Manager denied secretsmanager:GetSecretValue on"
+        fix = (
+            f"Check that role {role_text} may kms:Decrypt with the secret's KMS key (in the key policy and "
+            "the role's policy) and that the key is enabled."
+            if kms
+            else "Check that the role's IAM policy allows secretsmanager:GetSecretValue on this exact ARN "
+            "(or a pattern that matches its 6-character suffix, e.g. ...:secret:<name>-??????), and that "
+            "no resource policy on the secret or SCP denies it."
+        )
+        said = said if said.endswith(".") else f"{said}."
+        return AwsFailure(Reason.ACCESS_DENIED, f"{what} {arn.arn} for role {role_text}.{said} {fix}")
+    if code == "ResourceNotFoundException":
+        if any(word in aws_said.lower() for word in ("version", "stage", "staging label")):
+            detail = f"Secret {arn.name!r} exists in {arn.region} but has no version {version}."
+            fix = "Check spec.versionId / spec.versionStage against `aws secretsmanager list-secret-version-ids`."
+        else:
+            detail = f"No secret named {arn.name!r} in account {arn.account}, region {arn.region}."
+            fix = (
+                "Check that the secret exists in that region (the region is taken from the ARN, not "
+                "from the cluster), that its name matches exactly (names are case-sensitive), and that the "
+                "ARN includes the 6-character suffix AWS appends to the name."
+            )
+        return AwsFailure(Reason.SECRET_NOT_FOUND, f"{detail}{said} {fix}")
+    if code == "InvalidRequestException" and "delet" in aws_said.lower():
+        return AwsFailure(
+            Reason.SECRET_SCHEDULED_FOR_DELETION,
+            f"Secret {arn.arn} is scheduled for deletion.{said} Restore it with "
+            f"`aws secretsmanager restore-secret --region {arn.region} --secret-id {arn.arn}`, "
+            "or point spec.secretArn at another secret.",
+        )
+    if code in ("DecryptionFailure", "DecryptionFailureException"):
+        return AwsFailure(
+            Reason.DECRYPTION_FAILED,
+            f"KMS could not decrypt {arn.arn}.{said} Check that the secret's KMS key is enabled and not "
+            f"pending deletion, and that role {role_text} may kms:Decrypt with it.",
+        )
+    if code in ("InvalidParameterException", "ValidationException", "InvalidRequestException"):
+        return AwsFailure(
+            Reason.INVALID_SPEC,
+            f"Secrets Manager rejected the request for {arn.arn} ({version}).{said} Check the spec's fields.",
+        )
+    return AwsFailure(Reason.AWS_UNAVAILABLE, f"Unexpected AWS error for {arn.arn}.{said}")
 
 
 _EXPIRED_TOKEN_CODES = frozenset({"ExpiredTokenException", "ExpiredToken", "RequestExpired"})
@@ -305,6 +338,7 @@ class Boto3SecretsPort:
         self._session: boto3.Session | None = None
         self._clients: dict[tuple[str, str], Any] = {}
         self._identity: tuple[float, str] | None = None
+        self._identity_lock = threading.Lock()
         self._config = botocore.config.Config(
             connect_timeout=settings.aws_connect_timeout,
             read_timeout=settings.aws_read_timeout,
@@ -361,6 +395,10 @@ class Boto3SecretsPort:
 
     def caller_identity(self, region: str) -> str:
         self._require_credentials()
+        with self._identity_lock:  # one thread asks STS; the others wait for its answer
+            return self._caller_identity(region)
+
+    def _caller_identity(self, region: str) -> str:
         cached = self._identity
         if cached is not None and time.monotonic() - cached[0] < self._settings.identity_cache_seconds:
             return cached[1]
@@ -387,15 +425,66 @@ class Boto3SecretsPort:
             if not isinstance(exc, botocore.exceptions.ClientError | botocore.exceptions.BotoCoreError | OSError):
                 logger.exception("Unexpected error reading %s", arn.arn)
             raise classify(exc, arn=arn, role=self.role, version=version) from None
-        raw: str | bytes
-        if answer.get("SecretString") is not None:
-            raw = answer["SecretString"]
-        elif answer.get("SecretBinary") is not None:
-            raw = bytes(answer["SecretBinary"])
-        else:
-            raise AwsFailure(Reason.SECRET_NOT_FOUND, f"Secret {arn.arn} has no value in {version}.")
-        return FetchedSecret(
-            version_id=str(answer.get("VersionId", "")),
-            raw=raw,
-            stages=tuple(answer.get("VersionStages", ())),
-        )
+        return _fetched(answer, arn, version)
+
+    def get_current_secrets(self, region: str, arns: Sequence[SecretArn]) -> dict[str, FetchedSecret | AwsFailure]:
+        self._require_credentials()
+        if len(arns) > BATCH_LIMIT:
+            raise ValueError(f"at most {BATCH_LIMIT} secrets per batch")
+        by_arn = {arn.arn: arn for arn in arns}
+        by_name = {arn.name: arn for arn in arns}
+        found: dict[str, FetchedSecret | AwsFailure] = {}
+        request: dict[str, Any] = {"SecretIdList": list(by_arn)}
+        client = self._client("secretsmanager", region)
+        while True:
+            try:
+                answer = client.batch_get_secret_value(**request)
+            except botocore.exceptions.ClientError as exc:
+                code = str(exc.response.get("Error", {}).get("Code", ""))
+                if code in ("AccessDeniedException", "AccessDenied"):
+                    raise BatchRefused(scrub(str(exc.response.get("Error", {}).get("Message", "")))) from None
+                return {arn.arn: classify(exc, arn=arn, role=self.role, version=_CURRENT) for arn in arns}
+            except Exception as exc:
+                if not isinstance(exc, botocore.exceptions.BotoCoreError | OSError):
+                    logger.exception("Unexpected error reading a batch of %d secrets", len(arns))
+                return {arn.arn: classify(exc, arn=arn, role=self.role, version=_CURRENT) for arn in arns}
+            for item in answer.get("SecretValues") or ():
+                # Answers name the secret by its full ARN; match by name too, for an ARN given without suffix.
+                arn = by_arn.get(str(item.get("ARN", ""))) or by_name.get(str(item.get("Name", "")))
+                if arn is not None:
+                    try:
+                        found[arn.arn] = _fetched(item, arn, _CURRENT)
+                    except AwsFailure as failure:
+                        found[arn.arn] = failure
+            for error in answer.get("Errors") or ():
+                arn = by_arn.get(str(error.get("SecretId", ""))) or by_name.get(str(error.get("SecretId", "")))
+                if arn is not None and arn.arn not in found:
+                    found[arn.arn] = classify_error(
+                        str(error.get("ErrorCode", "Unknown")),
+                        str(error.get("Message", "")),
+                        status=400,
+                        operation="GetSecretValue",
+                        arn=arn,
+                        role=self.role,
+                        version=_CURRENT,
+                    )
+            token = answer.get("NextToken")
+            if not token:
+                return found
+            request["NextToken"] = token
+
+
+def _fetched(answer: dict[str, Any], arn: SecretArn, version: str) -> FetchedSecret:
+    """A FetchedSecret from a GetSecretValue answer or one entry of a batch answer."""
+    raw: str | bytes
+    if answer.get("SecretString") is not None:
+        raw = answer["SecretString"]
+    elif answer.get("SecretBinary") is not None:
+        raw = bytes(answer["SecretBinary"])
+    else:
+        raise AwsFailure(Reason.SECRET_NOT_FOUND, f"Secret {arn.arn} has no value in {version}.")
+    return FetchedSecret(
+        version_id=str(answer.get("VersionId", "")),
+        raw=raw,
+        stages=tuple(answer.get("VersionStages", ())),
+    )

@@ -18,19 +18,19 @@ import json
 import logging
 import random
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from connector_credentials.aws import AwsFailure, FetchedSecret, SecretsPort
+from connector_credentials.aws import AwsFailure, SecretsPort
+from connector_credentials.cohorts import Cohorts
 from connector_credentials.conditions import EVENT_ROTATED, PENDING_REASON, Reason
 from connector_credentials.entry import ApiView, Entry, Held, Key, Outcome, Schedule, Served
 from connector_credentials.models import (
     ConnectorCredentialSpec,
     InvalidSpecError,
-    SecretArn,
     format_duration,
     parse_spec,
 )
+from connector_credentials.reads import ReadResult, SecretReader, batchable
 from connector_credentials.serving import SHUTTING_DOWN, answer, answer_draining, describe
 from connector_credentials.settings import OperatorSettings
 from connector_credentials.status import (
@@ -44,6 +44,11 @@ from connector_credentials.values import JsonKeyError, SecretValue, extract, nee
 from connector_credentials.wire import render_credential
 
 logger = logging.getLogger(__name__)
+
+#: The batch window is at most this share of a credential's refreshInterval.
+BATCH_WINDOW_SHARE = 0.02
+#: A credential's first check waits at most this long for others to fill its batch.
+FIRST_CHECK_WINDOW = 0.05
 
 
 __all__ = [
@@ -69,7 +74,8 @@ class Engine:
         self.settings = settings
         self._port = port
         self._entries: dict[Key, Entry] = {}
-        self._executor = ThreadPoolExecutor(max_workers=settings.aws_max_workers, thread_name_prefix="aws")
+        self.reader = SecretReader(port, max_workers=settings.aws_max_workers, batch=settings.batch_reads)
+        self._cohorts = Cohorts()
         self._random = random.Random()  # noqa: S311 - jitter, not cryptography
         self._writer = StatusWriter(
             sink, interval_of=self.interval, forget=self._forget_gone, heartbeat=settings.status_heartbeat
@@ -252,16 +258,26 @@ class Engine:
 
     # --- checking ----------------------------------------------------------------------
 
-    async def check(self, entry: Entry) -> None:
-        """Check now, or join the check already under way (one AWS read per credential at a time)."""
+    async def check(self, entry: Entry, *, urgent: bool = False, not_before: float | None = None) -> None:
+        """Check now, or join the check already under way (one AWS read per credential at a time).
+
+        ``urgent``: someone waits for the answer (the read takes the priority lane);
+        ``not_before``: and it must be a read that starts after this loop time (``?refresh=true``).
+        """
         schedule = entry.schedule
         if schedule.inflight is not None:
+            recent = not_before is None or (schedule.last_read or 0.0) >= not_before
+            if urgent and entry.api.spec is not None:
+                spec = entry.api.spec
+                self.reader.expedite(spec.arn, spec.version_id, spec.effective_stage)
             await asyncio.shield(schedule.inflight)
+            if not recent:  # it started before this request: read anew, or join a read started since
+                await self.check(entry, urgent=urgent, not_before=not_before)
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         schedule.inflight = future
         try:
-            await self._check_once(entry)
+            await self._check_once(entry, urgent=urgent, not_before=not_before)
             future.set_result(None)
         except BaseException as exc:
             future.set_exception(exc)
@@ -270,7 +286,7 @@ class Engine:
         finally:
             schedule.inflight = None
 
-    async def _check_once(self, entry: Entry) -> None:
+    async def _check_once(self, entry: Entry, *, urgent: bool = False, not_before: float | None = None) -> None:
         loop = asyncio.get_running_loop()
         interval = self.interval(entry)
         schedule, held = entry.schedule, entry.held
@@ -283,15 +299,22 @@ class Engine:
             schedule.due = float("inf")  # nothing to do until the spec changes
         else:
             arn = spec.arn
-            answer: tuple[str, FetchedSecret] | AwsFailure
+            answer: ReadResult | AwsFailure
             schedule.last_read = loop.time()
             try:
-                answer = await loop.run_in_executor(self._executor, self._read, spec, arn)
+                if urgent:
+                    answer = await self.reader.read_now(
+                        arn, spec.version_id, spec.effective_stage, not_before=not_before
+                    )
+                else:
+                    # A first check waits for others only a moment (a burst of new objects, the listing at start).
+                    window = self._batch_window(interval) if schedule.outcome else FIRST_CHECK_WINDOW
+                    answer = await self.reader.read(arn, spec.version_id, spec.effective_stage, window=window)
             except AwsFailure as exc:
                 answer = exc
             if entry.api.spec is not spec:
                 # The spec changed while AWS answered: that answer is about the old spec.
-                await self._check_once(entry)
+                await self._check_once(entry, urgent=urgent, not_before=not_before)
                 return
             try:
                 if isinstance(answer, AwsFailure):
@@ -309,7 +332,7 @@ class Engine:
                 )
                 self._drop_value(entry)
                 schedule.failures = 0
-                schedule.due = loop.time() + self._jittered(interval)
+                schedule.due = self._next_due(spec, interval)
             else:
                 now = datetime.datetime.now(datetime.UTC)
                 self._hold(entry, value)
@@ -319,7 +342,7 @@ class Engine:
                 held.fetched_mono = held.verified_mono = loop.time()
                 held.identity = identity
                 schedule.failures = 0
-                schedule.due = loop.time() + self._jittered(interval)
+                schedule.due = self._next_due(spec, interval)
                 outcome = self._verified(spec, identity, interval)
                 if (
                     previous_version
@@ -360,11 +383,25 @@ class Engine:
             f"{format_duration(interval)}.",
         )
 
-    def _read(self, spec: ConnectorCredentialSpec, arn: SecretArn) -> tuple[str, FetchedSecret]:
-        """Runs in a worker thread: who we are, then the real read (not a proxy of it)."""
-        identity = self._port.caller_identity(arn.region)
-        fetched = self._port.get_secret(arn, version_id=spec.version_id, version_stage=spec.effective_stage)
-        return identity, fetched
+    def _batch_window(self, interval: float) -> float:
+        """How long a due read may wait for others to fill its batch: short, and short against the interval."""
+        return min(self.settings.batch_window, interval * BATCH_WINDOW_SHARE)
+
+    def _next_due(self, spec: ConnectorCredentialSpec, interval: float) -> float:
+        """The next refresh: in a cohort of up to 20 secrets of its region when it can be batched."""
+        now = asyncio.get_running_loop().time()
+        preferred = now + self._jittered(interval)
+        if not (self.settings.batch_reads and batchable(spec.version_id, spec.effective_stage)):
+            return preferred
+        spread = max(interval * self.settings.jitter, self._batch_window(interval))
+        return self._cohorts.place(
+            spec.arn.region,
+            (spec.arn.arn, spec.version_id, spec.effective_stage),
+            now=now,
+            earliest=now + interval - spread,
+            latest=now + interval + spread,
+            preferred=preferred,
+        )
 
     def _on_failure(self, entry: Entry, failure: AwsFailure, interval: float) -> Outcome:
         loop = asyncio.get_running_loop()
@@ -374,7 +411,8 @@ class Engine:
             self._drop_value(entry)
             entry.held.verified_mono = None
             schedule.failures = 0
-            schedule.due = loop.time() + self._jittered(interval)
+            spec = entry.api.spec
+            schedule.due = self._next_due(spec, interval) if spec else loop.time() + self._jittered(interval)
             return Outcome(False, failure.reason, failure.message)
         schedule.failures += 1
         retry_in = self._backoff(schedule.failures)
@@ -421,13 +459,13 @@ class Engine:
         loop = asyncio.get_running_loop()
         backing_off = schedule.outcome is not None and schedule.outcome.transient and loop.time() < schedule.due
         if schedule.outcome is None:
-            # Never checked: read from AWS now and wait for the answer.
-            await self.check(entry)
+            # Never checked: read from AWS now (ahead of every scheduled read) and wait for the answer.
+            await self.check(entry, urgent=True)
         elif refresh and not backing_off:
             await self._refresh(entry)
-        elif entry.held.value is not None and (not schedule.served or not self._fresh(entry)) and not backing_off:
-            # First read, or older than refreshInterval: read now, but do not make the controller
-            # wait out an AWS outage when a verified value is there to serve.
+        elif entry.held.value is not None and not self._fresh(entry) and not backing_off:
+            # Older than refreshInterval: read now, but do not make the controller wait out an
+            # AWS outage when a verified value is there to serve.
             await self._check_within(entry, self.settings.serve_wait)
         # Otherwise: fresh, or known failing (permanent: 502; transient: 503 until the backoff retries).
         return self._answer(entry)
@@ -437,21 +475,20 @@ class Engine:
         CCRED_MIN_REFRESH_GAP: a request within the gap waits for its end, and every request
         waiting then shares the one read that starts (or the one in flight)."""
         schedule, loop = entry.schedule, asyncio.get_running_loop()
-        if schedule.inflight is not None:
-            await asyncio.shield(schedule.inflight)
-            return
+        asked = loop.time()
         if schedule.last_read is not None:
-            wait = schedule.last_read + self.settings.min_refresh_gap - loop.time()
+            wait = schedule.last_read + self.settings.min_refresh_gap - asked
             if wait > 0:
                 await asyncio.sleep(wait)
-        await self.check(entry)  # joins the read another waiter started a moment earlier, if any
+        # Joins a read that started after this request arrived (another waiter's), if any.
+        await self.check(entry, urgent=True, not_before=asked)
 
     def cached_body(self, namespace: str, name: str) -> bytes | None:
         """The hot path: the rendered 200 body while it may be served without asking AWS."""
         entry = self._entries.get((namespace, name))
         if entry is None or entry.held.body is None:
             return None
-        if self._draining or (entry.schedule.served and self._fresh(entry)):
+        if self._draining or self._fresh(entry):
             return entry.held.body.data
         return None
 
@@ -460,7 +497,7 @@ class Engine:
         return fetched is not None and asyncio.get_running_loop().time() - fetched < self.interval(entry)
 
     async def _check_within(self, entry: Entry, seconds: float) -> None:
-        task = asyncio.ensure_future(self.check(entry))
+        task = asyncio.ensure_future(self.check(entry, urgent=True))
         task.add_done_callback(_consume)
         await asyncio.wait({task}, timeout=seconds)
 
@@ -497,7 +534,7 @@ class Engine:
         for entry in self._entries.values():
             self._drop_value(entry)
         self._entries.clear()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.reader.close()
 
 
 def _reads(spec: ConnectorCredentialSpec) -> tuple[Any, ...]:

@@ -79,7 +79,6 @@ class Schedule:
     inflight: asyncio.Future[None] | None = None
     #: Loop time of the last AWS read that started (refresh requests share reads closer than the gap).
     last_read: float | None = None
-    served: bool = False
 
 
 @dataclass(repr=False)

@@ -16,7 +16,6 @@ def answer(entry: Entry, now: float) -> Served:
     """The value if one is held; else the last verdict (502 permanent, 503 transient or pending)."""
     outcome, held = entry.schedule.outcome, entry.held
     if held.value is not None and entry.api.spec is not None:
-        entry.schedule.served = True
         return Served(
             200,
             value=held.value,

@@ -52,6 +52,10 @@ class OperatorSettings(BaseSettings):
     aws_connect_timeout: float = Field(default=3.0, gt=0)
     aws_read_timeout: float = Field(default=5.0, gt=0)
     aws_max_attempts: int = Field(default=2, ge=1, le=10)
+    #: Read current versions with BatchGetSecretValue, up to 20 secrets per call.
+    batch_reads: bool = True
+    #: How long a due read waits for others to fill its batch (at most 2 % of its refreshInterval).
+    batch_window: float = Field(default=1.0, ge=0, le=10)
     #: How long the caller identity (for status.identityArn) is cached.
     identity_cache_seconds: float = Field(default=600.0, ge=0)
     #: How long a read of a stale-but-valid value waits for AWS before serving what it has.
@@ -103,6 +107,7 @@ class OperatorSettings(BaseSettings):
         "min_refresh_gap",
         "shutdown_drain",
         "status_heartbeat",
+        "batch_window",
         mode="before",
     )
     @classmethod

@@ -1,0 +1,221 @@
+"""SecretReader (batching, sharing, the priority lane, the fallback) and Cohorts, with a scripted port."""
+
+import asyncio
+import logging
+import math
+import threading
+from typing import Any
+
+import pytest
+
+from connector_credentials.aws import AwsFailure, BatchRefused, FetchedSecret
+from connector_credentials.cohorts import Cohorts
+from connector_credentials.conditions import Reason
+from connector_credentials.models import SecretArn
+from connector_credentials.reads import BATCH_RETRY_AFTER, SecretReader
+
+IDENTITY = "arn:aws:sts::123456789012:assumed-role/xpander-controller/s"
+
+
+def arn(name: str, region: str = "us-east-1") -> SecretArn:
+    text = f"arn:aws:secretsmanager:{region}:123456789012:secret:{name}-AbCdEf"
+    return SecretArn(arn=text, partition="aws", region=region, account="123456789012", name=f"{name}-AbCdEf")
+
+
+class ScriptedPort:
+    """Answers every secret with its own name as the value; records each call; can hold calls."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.singles: list[tuple[str, str | None, str | None]] = []
+        self.batches: list[list[str]] = []
+        self.failing: dict[str, AwsFailure] = {}
+        self.silent: set[str] = set()
+        self.refuse_batches = False
+        self.gate = threading.Event()
+        self.gate.set()
+        self.running = 0
+        self.most_running = 0
+
+    def _enter(self) -> None:
+        with self.lock:
+            self.running += 1
+            self.most_running = max(self.most_running, self.running)
+
+    def _leave(self) -> None:
+        with self.lock:
+            self.running -= 1
+
+    def caller_identity(self, region: str) -> str:
+        return IDENTITY
+
+    def get_secret(self, arn: SecretArn, *, version_id: str | None, version_stage: str | None) -> FetchedSecret:
+        self._enter()
+        try:
+            with self.lock:
+                self.singles.append((arn.name, version_id, version_stage))
+            if arn.arn in self.failing:
+                raise self.failing[arn.arn]
+            return FetchedSecret(version_id or "v1", arn.name, ("AWSCURRENT",))
+        finally:
+            self._leave()
+
+    def get_current_secrets(self, region: str, arns: Any) -> dict[str, FetchedSecret | AwsFailure]:
+        self._enter()
+        try:
+            self.gate.wait(10)
+            with self.lock:
+                self.batches.append([a.name for a in arns])
+            if self.refuse_batches:
+                raise BatchRefused("not authorized to perform: secretsmanager:BatchGetSecretValue")
+            found: dict[str, FetchedSecret | AwsFailure] = {}
+            for a in arns:
+                if a.arn in self.silent:
+                    continue
+                found[a.arn] = self.failing.get(a.arn) or FetchedSecret("v1", a.name, ("AWSCURRENT",))
+            return found
+        finally:
+            self._leave()
+
+
+@pytest.fixture
+async def reader_and_port() -> Any:
+    port = ScriptedPort()
+    reader = SecretReader(port, max_workers=4)
+    yield reader, port
+    port.gate.set()
+    reader.close()
+
+
+async def test_reads_of_current_versions_leave_in_batches_of_twenty(reader_and_port: Any) -> None:
+    reader, port = reader_and_port
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    answers = await asyncio.gather(*(reader.read(arn(f"s{i}"), None, "AWSCURRENT", window=0.2) for i in range(45)))
+    assert [fetched.raw for _, fetched in answers] == [f"s{i}-AbCdEf" for i in range(45)]
+    assert sorted(len(batch) for batch in port.batches) == [5, 20, 20]
+    assert port.singles == []
+    # The two full batches left at once; the last five waited for their window, and no longer.
+    assert 0.15 <= loop.time() - began < 2
+    assert (reader.counts.batch, reader.counts.batched_secrets, reader.counts.single) == (3, 45, 0)
+
+
+async def test_one_read_per_secret_and_selector_is_shared(reader_and_port: Any) -> None:
+    reader, port = reader_and_port
+    same = arn("shared")
+    answers = await asyncio.gather(
+        reader.read(same, None, "AWSCURRENT", window=0.05),
+        reader.read(same, None, "AWSCURRENT", window=0.05),
+        reader.read(same, None, "AWSPREVIOUS", window=0.05),
+        reader.read(same, "v7", None, window=0.05),
+    )
+    assert port.batches == [["shared-AbCdEf"]]  # the two current reads: one secret in one batch
+    # Other stages and pinned versions are single GetSecretValue calls, each with its selector.
+    assert sorted(port.singles, key=str) == sorted(
+        [("shared-AbCdEf", None, "AWSPREVIOUS"), ("shared-AbCdEf", "v7", None)], key=str
+    )
+    assert answers[0] is answers[1]
+
+
+async def test_a_failure_in_a_batch_is_that_secrets_alone(reader_and_port: Any) -> None:
+    reader, port = reader_and_port
+    denied = arn("denied")
+    port.failing[denied.arn] = AwsFailure(Reason.ACCESS_DENIED, "denied")
+    ok, failed = await asyncio.gather(
+        reader.read(arn("fine"), None, None, window=0.01),
+        reader.read(denied, None, None, window=0.01),
+        return_exceptions=True,
+    )
+    assert not isinstance(ok, BaseException) and ok[1].raw == "fine-AbCdEf"
+    assert isinstance(failed, AwsFailure) and failed.reason == Reason.ACCESS_DENIED
+    assert len(port.batches) == 1 and port.singles == []
+
+
+async def test_a_secret_the_batch_answer_does_not_mention_is_read_alone(reader_and_port: Any) -> None:
+    reader, port = reader_and_port
+    odd = arn("odd")
+    port.silent.add(odd.arn)
+    _, fetched = await reader.read(odd, None, None, window=0.01)
+    assert fetched.raw == "odd-AbCdEf"
+    assert port.batches == [["odd-AbCdEf"]] and port.singles == [("odd-AbCdEf", None, None)]
+
+
+async def test_a_refused_batch_falls_back_to_single_reads_and_says_so_once(
+    reader_and_port: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    reader, port = reader_and_port
+    now = [1000.0]
+    reader._clock = lambda: now[0]
+    port.refuse_batches = True
+    caplog.set_level(logging.WARNING, logger="connector_credentials.reads")
+    first = await asyncio.gather(*(reader.read(arn(f"a{i}"), None, None, window=0.2) for i in range(20)))
+    second = await asyncio.gather(*(reader.read(arn(f"b{i}"), None, None, window=0) for i in range(5)))
+    assert len(first) == 20 and len(second) == 5
+    assert len(port.batches) == 1  # refused once; from then on, one secret per call
+    assert len(port.singles) == 25
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "BatchGetSecretValue" in warnings[0] and "docs/install-eks.md" in warnings[0]
+    now[0] += BATCH_RETRY_AFTER + 1  # an hour later the batch is tried again (the policy may have changed)
+    port.refuse_batches = False
+    await reader.read(arn("c"), None, None, window=0)
+    assert len(port.batches) == 2
+
+
+async def test_a_read_someone_waits_for_overtakes_a_busy_queue(reader_and_port: Any) -> None:
+    reader, port = reader_and_port
+    port.gate.clear()  # every batch call hangs until released
+    queued = [asyncio.ensure_future(reader.read(arn(f"q{i}"), None, None, window=0)) for i in range(200)]
+    await asyncio.sleep(0.1)
+    assert port.most_running == 4  # bounded: the other 120 reads wait here, not in a thread queue
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    _, fetched = await reader.read_now(arn("urgent"), None, None)
+    assert fetched.raw == "urgent-AbCdEf" and loop.time() - began < 1
+    # A queued read that someone now waits for leaves the queue for the priority lane.
+    reader.expedite(arn("q199"), None, None)
+    _, fetched = await asyncio.wait_for(asyncio.shield(queued[199]), 5)
+    assert fetched.raw == "q199-AbCdEf"
+    port.gate.set()
+    await asyncio.gather(*queued)
+    assert port.most_running <= 4 + 2  # the batch slots, plus the priority lane's two threads
+
+
+async def test_a_refresh_does_not_join_a_read_that_started_before_it_asked(reader_and_port: Any) -> None:
+    reader, port = reader_and_port
+    port.gate.clear()
+    key = arn("slow")
+    early = asyncio.ensure_future(reader.read(key, None, None, window=0))
+    await asyncio.sleep(0.05)
+    asked = asyncio.get_running_loop().time()
+    later = asyncio.ensure_future(reader.read_now(key, None, None, not_before=asked))
+    await asyncio.sleep(0.05)
+    port.gate.set()
+    await asyncio.gather(early, later)
+    assert len(port.batches) + len(port.singles) == 2
+
+
+def test_cohorts_group_twenty_secrets_per_due_time() -> None:
+    cohorts = Cohorts()
+    dues = [
+        cohorts.place(
+            "us-east-1",
+            (f"s{i}", None, "AWSCURRENT"),
+            now=0,
+            earliest=27,
+            latest=33,
+            preferred=27 + (i * 37 % 1000) * 0.006,
+        )
+        for i in range(1000)
+    ]
+    assert all(27 <= due <= 33 for due in dues)
+    assert len(set(dues)) == math.ceil(1000 / 20) == len(cohorts)
+    # Another credential that reads the same secret, due in a range that holds that cohort, shares it.
+    again = cohorts.place("us-east-1", ("s5", None, "AWSCURRENT"), now=1, earliest=20, latest=40, preferred=39)
+    assert again == dues[5]
+    # Outside every existing cohort's range: a new cohort at the preferred time.
+    assert cohorts.place("us-east-1", ("x", None, None), now=1, earliest=50, latest=55, preferred=52) == 52
+    # Other regions never share (a batch is one region's).
+    assert cohorts.place("eu-west-1", ("y", None, None), now=1, earliest=27, latest=33, preferred=30) == 30
+    # Cohorts whose time has passed are dropped.
+    cohorts.place("us-east-1", ("z", None, None), now=34, earliest=60, latest=66, preferred=63)
+    assert len(cohorts) == 3
