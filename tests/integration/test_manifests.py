@@ -159,6 +159,9 @@ def test_iam_templates_are_least_privilege() -> None:
     secrets = next(s for s in policy["Statement"] if s["Sid"] == "ReadXpanderConnectorSecrets")
     assert sorted(secrets["Action"]) == ["secretsmanager:DescribeSecret", "secretsmanager:GetSecretValue"]
     assert secrets["Resource"] == "arn:aws:secretsmanager:REGION:ACCOUNT_ID:secret:xpander/ENV/*"
+    # BatchGetSecretValue has no resource-level permissions: "*" is the only way, and it grants no secret.
+    batch = next(s for s in policy["Statement"] if s["Sid"] == "BatchReadsOneCallPerTwentySecrets")
+    assert (batch["Action"], batch["Resource"]) == ("secretsmanager:BatchGetSecretValue", "*")
     kms = next(s for s in policy["Statement"] if s["Action"] == "kms:Decrypt")
     assert kms["Condition"] == {"StringEquals": {"kms:ViaService": "secretsmanager.REGION.amazonaws.com"}}
     trust = json.loads((REPO / "deploy/iam/trust-policy.json").read_text())
