@@ -35,6 +35,9 @@ MAX_AWS_MESSAGE = 600
 #: BatchGetSecretValue takes at most this many ids per call.
 BATCH_LIMIT = 20
 _CURRENT = "stage AWSCURRENT"
+_BATCH_REFUSALS = frozenset(
+    {"AccessDeniedException", "AccessDenied", "UnknownOperationException", "InvalidAction", "NotImplemented"}
+)
 
 _THROTTLE_CODES = frozenset(
     {
@@ -441,7 +444,8 @@ class Boto3SecretsPort:
                 answer = client.batch_get_secret_value(**request)
             except botocore.exceptions.ClientError as exc:
                 code = str(exc.response.get("Error", {}).get("Code", ""))
-                if code in ("AccessDeniedException", "AccessDenied"):
+                # Denied by IAM, or an endpoint that does not know the action (a Secrets Manager stand-in).
+                if code in _BATCH_REFUSALS:
                     raise BatchRefused(scrub(str(exc.response.get("Error", {}).get("Message", "")))) from None
                 return {arn.arn: classify(exc, arn=arn, role=self.role, version=_CURRENT) for arn in arns}
             except Exception as exc:

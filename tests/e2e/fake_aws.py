@@ -9,7 +9,8 @@ operator makes, using the repository's own policy templates:
   ``aud`` claims, and the role must be the one the policy is for. The token's signature is
   not checked (moto's STS does not either): the point is the claims our manifests produce.
 * ``secretsmanager:GetSecretValue`` / ``DescribeSecret`` -- the permissions policy
-  (``policy.json``) must allow the action on the requested ARN. Statements with a
+  (``policy.json``) must allow the action on the requested ARN; ``BatchGetSecretValue`` needs
+  the action on ``*`` and ``GetSecretValue`` on every id. Statements with a
   ``Condition`` grant nothing here (only the KMS one has one).
 
 Everything else goes to moto untouched. At start it seeds the secrets the samples in
@@ -59,7 +60,11 @@ GITHUB_OLD = "ghp-e2e-before-rotation"
 GITHUB_NEW = "ghp-e2e-after-rotation"
 OTHER_TEAM_VALUE = "not-for-xpander"
 
-GATED_ACTIONS = {"secretsmanager.GetSecretValue", "secretsmanager.DescribeSecret"}
+GATED_ACTIONS = {
+    "secretsmanager.GetSecretValue",
+    "secretsmanager.DescribeSecret",
+    "secretsmanager.BatchGetSecretValue",
+}
 _PLACEHOLDER_RE = re.compile(r"\b(" + "|".join(PLACEHOLDERS) + r")\b")
 
 StartResponse = Callable[..., Any]
@@ -154,11 +159,20 @@ class Gate:
         environ["wsgi.input"] = io.BytesIO(body)
         target = environ.get("HTTP_X_AMZ_TARGET", "")
         if target in GATED_ACTIONS:
-            secret_id = str(json.loads(body or b"{}").get("SecretId", ""))
-            if not secret_id.startswith("arn:"):
-                secret_id = f"arn:aws:secretsmanager:{REGION}:{ACCOUNT_ID}:secret:{secret_id}"
+            payload = json.loads(body or b"{}")
             action = "secretsmanager:" + target.partition(".")[2]
-            if not policy_allows(self.policy, action, secret_id):
+            secret_id = "*"
+            if target == "secretsmanager.BatchGetSecretValue":
+                # The batch action on "*", then GetSecretValue on each id. A denied id denies the whole
+                # batch here (AWS would list it in Errors): the operator then reads one by one, gated above.
+                ids = [_full_arn(str(item)) for item in payload.get("SecretIdList") or []]
+                allowed = policy_allows(self.policy, action, "*") and all(
+                    policy_allows(self.policy, "secretsmanager:GetSecretValue", item) for item in ids
+                )
+            else:
+                secret_id = _full_arn(str(payload.get("SecretId", "")))
+                allowed = policy_allows(self.policy, action, secret_id)
+            if not allowed:
                 message = (
                     f"User: arn:aws:sts::{ACCOUNT_ID}:assumed-role/{ROLE_NAME}/e2e is not authorized to perform: "
                     f"{action} on resource: {secret_id} because no identity-based policy allows the {action} action"
@@ -185,6 +199,10 @@ class Gate:
                     start_response("403 Forbidden", [("Content-Type", "text/xml")])
                     return [error.encode()]
         return self.app(environ, start_response)
+
+
+def _full_arn(secret_id: str) -> str:
+    return secret_id if secret_id.startswith("arn:") else f"arn:aws:secretsmanager:{REGION}:{ACCOUNT_ID}:secret:{secret_id}"
 
 
 def _reply(
