@@ -202,7 +202,9 @@ class Gate:
 
 
 def _full_arn(secret_id: str) -> str:
-    return secret_id if secret_id.startswith("arn:") else f"arn:aws:secretsmanager:{REGION}:{ACCOUNT_ID}:secret:{secret_id}"
+    if secret_id.startswith("arn:"):
+        return secret_id
+    return f"arn:aws:secretsmanager:{REGION}:{ACCOUNT_ID}:secret:{secret_id}"
 
 
 def _reply(
