@@ -36,6 +36,7 @@ import contextlib
 import datetime
 import http.client
 import json
+import math
 import os
 import platform
 import random
@@ -444,7 +445,7 @@ def on_demand_reader(
 
 
 def floor_main(spec_path: str) -> None:
-    """N GetSecretValue + N status merge patches, 8 threads, printed as JSON (run as a subprocess)."""
+    """ceil(N/20) BatchGetSecretValue + N status merge patches, 8 threads, printed as JSON (a subprocess)."""
     import boto3
     import botocore.config
 
@@ -474,10 +475,16 @@ def floor_main(spec_path: str) -> None:
                 local.slot = next(slots)
         return int(local.slot)
 
-    def one(item: tuple[str, str]) -> None:
-        name, arn = item
+    def batch(items: list[tuple[str, str]]) -> None:
         index = slot()
-        answer = clients[index].get_secret_value(SecretId=arn, VersionStage="AWSCURRENT")
+        answer = clients[index].batch_get_secret_value(SecretIdList=[arn for _, arn in items])
+        versions = {str(value["ARN"]): str(value["VersionId"]) for value in answer["SecretValues"]}
+        if len(versions) != len(items):
+            raise RuntimeError(f"a batch of {len(items)} answered {len(versions)} values: {answer.get('Errors')}")
+        for name, arn in items:
+            patch(index, name, arn, versions[arn])
+
+    def patch(index: int, name: str, arn: str, version: str) -> None:
         now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         condition = {
             "type": "Ready",
@@ -490,7 +497,7 @@ def floor_main(spec_path: str) -> None:
         status = {
             "conditions": [condition],
             "observedGeneration": 1,
-            "versionId": answer["VersionId"],
+            "versionId": version,
             "identityArn": ROLE_ARN,
             "lastCheckedTime": now,
         }
@@ -504,9 +511,10 @@ def floor_main(spec_path: str) -> None:
             raise RuntimeError(f"status patch of {name} answered HTTP {code}: {body}")
 
     items = list(zip(spec["names"], spec["arns"], strict=True))
+    batches = [items[start : start + 20] for start in range(0, len(items), 20)]
     began, cpu = time.perf_counter(), time.process_time()
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        list(pool.map(one, items))
+        list(pool.map(batch, batches))
     elapsed, cpu = time.perf_counter() - began, time.process_time() - cpu
     print(json.dumps({"seconds": elapsed, "cpu": cpu, "items": len(items)}))
 
@@ -594,6 +602,7 @@ class Row:
     floor_rate: float = 0.0
     cycle_calls: Counter[str] = field(default_factory=Counter)
     cycle_credentials: int = 0
+    cycle_failing: int = 0
     cycle_window: float = 0.0
     first_writes: int = 0
     first_conflicts: int = 0
@@ -731,12 +740,12 @@ def measure(env: Env, n: int) -> Row:
 
             first = aws_calls(env, t0, t_all)
             row.first_calls = Counter(str(seen.action) for seen in first)
-            per_secret = Counter(sid for seen in first if seen.action == "GetSecretValue" for sid in seen.secret_ids)
+            per_secret = Counter(sid for seen in first if seen.action in SM_ACTIONS for sid in seen.secret_ids)
             row.reads_per_credential = Counter(per_secret.get(arn, 0) for arn in arns)
             by_arn = dict(zip(arns, names, strict=True))
             read_times: dict[str, list[float]] = {}
             for seen in first:
-                if seen.action == "GetSecretValue":
+                if seen.action in SM_ACTIONS:
                     for sid in seen.secret_ids:
                         if sid in by_arn:
                             read_times.setdefault(by_arn[sid], []).append(seen.at)
@@ -748,7 +757,7 @@ def measure(env: Env, n: int) -> Row:
                     row.rechecked.append(took)
                 else:
                     row.cached.append(took)
-            gsv_times = [seen.at for seen in first if seen.action == "GetSecretValue"]
+            gsv_times = [seen.at for seen in first if seen.action in SM_ACTIONS]
             row.first_read_at = (min(gsv_times) - t0) if gsv_times else 0.0
             writes = kube_requests(env, "PATCH", status_path, t0, t_all)
             row.first_writes = len(writes)
@@ -766,6 +775,7 @@ def measure(env: Env, n: int) -> Row:
                 cycle = aws_calls(env, w0, w1)
                 row.cycle_calls = Counter(str(seen.action) for seen in cycle)
                 row.cycle_credentials = len({sid for seen in cycle for sid in seen.secret_ids})
+                row.cycle_failing = sum(1 for verdict, count in row.verdicts.items() if verdict.startswith("False"))
                 row.cycle_writes = len(kube_requests(env, "PATCH", status_path, w0, w1))
                 row.cycle_events = len(kube_requests(env, "POST", events_path, w0, w1))
                 row.cycle_window = w1 - w0
@@ -787,7 +797,10 @@ def measure(env: Env, n: int) -> Row:
         if ready.list_seconds:
             row.list_ms = statistics.median(ready.list_seconds) * 1000
 
-        progress(f"N={n}: the bare floor ({n} GetSecretValue + {n} status patches, {args.threads} threads)")
+        progress(
+            f"N={n}: the bare floor ({math.ceil(n / 20)} BatchGetSecretValue + {n} status patches, "
+            f"{args.threads} threads)"
+        )
         row.floor, row.floor_cpu = run_floor(
             workdir, env.proxy.endpoint, env.kube_proxy.url, token, namespace, names, arns, args.threads, budget
         )
@@ -841,10 +854,14 @@ def measure_live(env: Env, row: Row, arns: list[str], budget: float) -> None:
 # --- output ------------------------------------------------------------------------------------------------
 
 
-def fmt_calls(calls: Counter[str], n: int) -> str:
-    gsv, batch = calls.get("GetSecretValue", 0), calls.get("BatchGetSecretValue", 0)
-    text = f"{gsv} ({gsv / n:.2f}/cred)"
-    return text + (f" + {batch} Batch" if batch else "")
+def fmt_calls(calls: Counter[str]) -> str:
+    """Secrets Manager calls: BatchGetSecretValue + GetSecretValue."""
+    return f"{calls.get('BatchGetSecretValue', 0)} + {calls.get('GetSecretValue', 0)}"
+
+
+def fmt_reads(spread: Counter[int]) -> str:
+    """How many credentials were read how many times, e.g. "1000 x1"."""
+    return ", ".join(f"{count} x{reads}" for reads, count in sorted(spread.items()))
 
 
 def fmt_sts(calls: Counter[str]) -> str:
@@ -859,23 +876,25 @@ def ms(seconds: float) -> str:
 def print_table(rows: list[Row], args: argparse.Namespace) -> None:
     print(
         "| N | all verdicts, s from start / from /healthz | bare floor s | ratio (start / healthz) "
-        "| GetSecretValue, 1st pass | STS 1st pass (AssumeRole + GetCallerIdentity) | GetSecretValue per cycle "
-        "| status writes 1st pass / per cycle | RSS MiB idle / peak | on-demand read p50 / p99 ms (n) "
-        "| created while running: all verdicts s |"
+        "| SM calls 1st pass (Batch + Get) | reads per credential, 1st pass | STS 1st pass (AssumeRole + "
+        "GetCallerIdentity) | SM calls per cycle (Batch + Get) / limit | status writes 1st pass / per cycle "
+        "| RSS MiB idle / peak | on-demand read p50 / p99 ms (n) | created while running: all verdicts s |"
     )
-    print("|" + "---|" * 11)
+    print("|" + "---|" * 12)
     for row in rows:
         lat = row.reads.latencies
         reads = f"{ms(statistics.median(lat))} / {ms(percentile(lat, 0.99))} ({len(lat)})" if lat else "— (0)"
         if row.reads.failures:
             reads += f", {sum(row.reads.failures.values())} failed"
-        cycle = fmt_calls(row.cycle_calls, row.n) if not args.no_cycle else "—"
+        limit = math.ceil(row.n / 20) + row.cycle_failing
+        cycle = f"{fmt_calls(row.cycle_calls)} / {limit}" if not args.no_cycle else "—"
         writes = f"{row.first_writes} / {row.cycle_writes if not args.no_cycle else '—'}"
         live = "—" if row.live is None else f"{row.live:.1f} (creates {row.live_creates:.1f})"
         print(
             f"| {row.n:,} | {row.from_start:.1f} / {row.from_healthz:.1f} | {row.floor:.1f} "
             f"| {row.from_start / row.floor:.1f}x / {row.from_healthz / row.floor:.1f}x "
-            f"| {fmt_calls(row.first_calls, row.n)} | {fmt_sts(row.first_calls)} | {cycle} | {writes} "
+            f"| {fmt_calls(row.first_calls)} | {fmt_reads(row.reads_per_credential)} | {fmt_sts(row.first_calls)} "
+            f"| {cycle} | {writes} "
             f"| {row.rss_idle:.0f} / {row.rss_peak:.0f} | {reads} | {live} |"
         )
 
@@ -883,11 +902,9 @@ def print_table(rows: list[Row], args: argparse.Namespace) -> None:
 def print_details(rows: list[Row], args: argparse.Namespace) -> None:
     print()
     for row in rows:
-        spread = ", ".join(f"{count} cred x {reads}" for reads, count in sorted(row.reads_per_credential.items()))
         print(f"N={row.n:,}: set-up {row.setup:.0f} s, whole size {row.total:.0f} s")
         print(f"  verdicts: {dict(row.verdicts)}; /healthz 200 after {row.healthz_after:.1f} s")
         print(f"  first pass, all AWS calls: {dict(row.first_calls)}")
-        print(f"  GetSecretValue per credential in the first pass: {spread}")
         print(
             f"  status writes in the first pass: {row.first_writes} ({row.first_conflicts} answered 409); "
             f"events posted: {row.first_events} in the first pass, {row.all_events} while the operator ran"
