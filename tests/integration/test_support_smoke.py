@@ -9,21 +9,31 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import boto3
+import botocore.config
 import pytest
+from botocore.exceptions import ClientError
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
 from tests.support.awsemu import AwsEmulator, irsa_env
-from tests.support.awsproxy import FaultProxy
+from tests.support.awsproxy import ACCESS_DENIED_MESSAGE, DECRYPTION_FAILURE_MESSAGE, KMS_DENIED_MESSAGE, FaultProxy
 from tests.support.controlplane import ControlPlane
 from tests.support.kube import Cluster
 from tests.support.kubeproxy import KubeFaultProxy
 from tests.support.runner import OperatorProcess, hermetic_env, wait_until
+
+if TYPE_CHECKING:
+    from mypy_boto3_secretsmanager import SecretsManagerClient
+    from mypy_boto3_secretsmanager.type_defs import FilterTypeDef
 
 RESOURCE = "connectors.xpander.ai/v1alpha1/connectorcredentials"
 
@@ -226,6 +236,189 @@ def test_fault_proxy_error_shapes(aws: AwsEmulator, tmp_path: Path) -> None:
             assert (row["code"], row["status"], row["operation"]) == (code, status, "AssumeRoleWithWebIdentity"), row
         assert sts_rows["recovered"]["ok"] == "ok"
         assert proxy.calls("AssumeRoleWithWebIdentity") >= 4
+
+
+# -- the AWS fault proxy and BatchGetSecretValue ---------------------------------------------------
+
+
+class Batch:
+    """A fault proxy in front of a second, rule-less one in front of moto (``behind`` sees what
+    reached moto), a static-key client through both, and uniquely named secrets."""
+
+    def __init__(self, aws: AwsEmulator, proxy: FaultProxy, behind: FaultProxy) -> None:
+        self.aws, self.proxy, self.behind = aws, proxy, behind
+        self.prefix = f"smoke/batch-{uuid.uuid4().hex[:8]}"
+        config = botocore.config.Config(retries={"total_max_attempts": 1}, proxies={})
+        self.client: SecretsManagerClient = boto3.session.Session().client(
+            "secretsmanager",
+            region_name="us-east-1",
+            endpoint_url=proxy.endpoint,
+            config=config,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+
+    def secrets(self, *names: str) -> list[str]:
+        return [self.aws.create_secret(f"{self.prefix}/{name}", string=f"value-{name}") for name in names]
+
+    def read(self, arns: list[str]) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+        """One batch: the values by ARN, the errors by secret id."""
+        response = self.client.batch_get_secret_value(SecretIdList=arns)
+        assert response["ResponseMetadata"]["HTTPStatusCode"] == 200
+        assert response["ResponseMetadata"]["RequestId"]
+        values = {entry["ARN"]: entry["SecretString"] for entry in response["SecretValues"]}
+        errors = {
+            entry["SecretId"]: {"code": entry["ErrorCode"], "message": entry["Message"]} for entry in response["Errors"]
+        }
+        return values, errors
+
+
+@pytest.fixture
+def batch(aws: AwsEmulator) -> Iterator[Batch]:
+    with FaultProxy(aws.endpoint) as behind, FaultProxy(behind.endpoint) as proxy:
+        harness = Batch(aws, proxy, behind)
+        with contextlib.closing(harness.client):
+            yield harness
+
+
+def test_batch_answers_a_denied_secret_in_errors_and_forwards_the_rest(batch: Batch) -> None:
+    ok, denied, also_ok, throttled = batch.secrets("ok", "denied", "also-ok", "throttled")
+    batch.proxy.deny(f"{batch.prefix}/denied")
+    values, errors = batch.read([ok, denied, also_ok])
+
+    assert values == {ok: "value-ok", also_ok: "value-also-ok"}
+    assert errors == {
+        denied: {
+            "code": "AccessDeniedException",
+            "message": ACCESS_DENIED_MESSAGE.format(action="GetSecretValue", secret_id=denied),
+        }
+    }
+    assert [seen.secret_ids for seen in batch.behind.seen] == [(ok, also_ok)]  # the rewritten body was accepted
+    assert batch.proxy.seen[-1].answered == (denied,) and batch.proxy.seen[-1].outcome == "forwarded"
+    with pytest.raises(ClientError) as single:  # the same rule, a read alone
+        batch.client.get_secret_value(SecretId=denied)
+    assert single.value.response["Error"]["Code"] == "AccessDeniedException"
+
+    # moto's own errors are kept, the injected ones follow; a throttle naming a secret is per secret.
+    batch.proxy.throttle(secret_id_contains=f"{batch.prefix}/throttled")
+    missing = f"{batch.prefix}/missing"
+    values, errors = batch.read([missing, throttled, ok, denied])
+    assert values == {ok: "value-ok"}
+    assert {sid: error["code"] for sid, error in errors.items()} == {
+        missing: "ResourceNotFoundException",
+        throttled: "ThrottlingException",
+        denied: "AccessDeniedException",
+    }
+    assert list(errors) == [missing, throttled, denied]
+    assert batch.behind.seen[-1].secret_ids == (missing, ok)
+
+
+def test_batch_whose_every_id_is_answered_is_not_forwarded(batch: Batch) -> None:
+    kms, decrypt, not_found = batch.secrets("kms", "decrypt", "gone")
+    batch.proxy.deny_kms(f"{batch.prefix}/kms")
+    batch.proxy.decryption_failure(f"{batch.prefix}/decrypt")
+    batch.proxy.add_rule("GetSecretValue", f"{batch.prefix}/gone", error_code="ResourceNotFoundException")
+    values, errors = batch.read([kms, decrypt, not_found])
+
+    assert values == {}
+    assert errors[kms] == {"code": "AccessDeniedException", "message": KMS_DENIED_MESSAGE}
+    assert errors[decrypt] == {"code": "DecryptionFailure", "message": DECRYPTION_FAILURE_MESSAGE}
+    assert errors[not_found]["code"] == "ResourceNotFoundException"
+    assert batch.behind.seen == []  # moto saw nothing
+    assert batch.proxy.seen[-1].outcome == "answered"
+    assert batch.proxy.seen[-1].answered == (kms, decrypt, not_found)
+
+
+def test_batch_action_denied_and_request_level_rules(batch: Batch) -> None:
+    (arn,) = batch.secrets("plain")
+    rule = batch.proxy.deny(action="BatchGetSecretValue")
+    with pytest.raises(ClientError) as denied:
+        batch.client.batch_get_secret_value(SecretIdList=[arn])
+    error = denied.value.response["Error"]
+    assert (error["Code"], denied.value.operation_name) == ("AccessDeniedException", "BatchGetSecretValue")
+    assert error["Message"] == ACCESS_DENIED_MESSAGE.format(action="BatchGetSecretValue", secret_id="*")
+    assert batch.client.get_secret_value(SecretId=arn)["SecretString"] == "value-plain"  # the rule is batch-only
+    assert rule.hits == 1 and batch.behind.calls("BatchGetSecretValue") == 0
+
+    batch.proxy.clear()
+    batch.proxy.throttle()  # no secret: the whole batch
+    with pytest.raises(ClientError) as throttled:
+        batch.client.batch_get_secret_value(SecretIdList=[arn])
+    assert throttled.value.response["Error"]["Code"] == "ThrottlingException"
+    assert throttled.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
+    assert batch.proxy.seen[-1].outcome == "error:ThrottlingException"
+
+    batch.proxy.clear()
+    batch.proxy.latency(0.3, "BatchGetSecretValue", f"{batch.prefix}/plain")  # a secret, yet the whole request
+    started = time.monotonic()
+    assert batch.read([arn]) == ({arn: "value-plain"}, {})
+    assert time.monotonic() - started >= 0.3
+    assert batch.behind.calls("BatchGetSecretValue") == 1
+
+
+def post_json(endpoint: str, action: str, payload: dict[str, Any]) -> tuple[int, bytes]:
+    """A JSON 1.1 request with a made-up signature (moto routes by its scope, checks nothing): raw reply."""
+    scope = "Credential=testing/20250101/us-east-1/secretsmanager/aws4_request"
+    headers = {
+        "X-Amz-Target": f"secretsmanager.{action}",
+        "Content-Type": "application/x-amz-json-1.1",
+        "Authorization": f"AWS4-HMAC-SHA256 {scope}, SignedHeaders=host;x-amz-target, Signature=0",
+    }
+    request = urllib.request.Request(f"{endpoint}/", data=json.dumps(payload).encode(), method="POST", headers=headers)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_batch_upstream_errors_pass_through(batch: Batch) -> None:
+    ok, denied = batch.secrets("ok", "denied")
+    batch.proxy.deny(f"{batch.prefix}/denied")
+    # moto refuses SecretIdList with Filters (400): its answer to the reduced batch comes back as is.
+    filters: list[FilterTypeDef] = [{"Key": "name", "Values": [batch.prefix]}]
+    with pytest.raises(ClientError) as refused:
+        batch.client.batch_get_secret_value(SecretIdList=[ok, denied], Filters=filters)
+    assert refused.value.response["Error"]["Code"] == "InvalidParameterException"
+    assert batch.behind.seen[-1].secret_ids == (ok,)
+
+    through = post_json(batch.proxy.endpoint, "BatchGetSecretValue", {"SecretIdList": [ok, denied], "Filters": filters})
+    direct = post_json(batch.aws.endpoint, "BatchGetSecretValue", {"SecretIdList": [ok], "Filters": filters})
+    assert through == direct and direct[0] == 400, (through, direct)
+
+
+def test_reads_and_batch_sizes(batch: Batch) -> None:
+    a, b, c = batch.secrets("a", "b", "c")
+    batch.client.get_secret_value(SecretId=a)
+    batch.read([a, b, c])
+    batch.read([b])
+    batch.proxy.deny(f"{batch.prefix}/c")
+    batch.read([c])  # answered by the proxy: still a read
+    batch.client.describe_secret(SecretId=a)
+
+    assert batch.proxy.reads() == 4
+    assert batch.proxy.reads(f"{batch.prefix}/a") == 2  # once per request, not per id
+    assert batch.proxy.reads(f"{batch.prefix}/") == 4
+    assert batch.proxy.reads(f"{batch.prefix}/b") == 2
+    assert batch.proxy.reads(f"{batch.prefix}/c") == 2
+    assert batch.proxy.batch_sizes() == [3, 1, 1]
+    assert batch.proxy.calls("GetSecretValue") == 1 and batch.proxy.calls("BatchGetSecretValue") == 3
+
+
+def test_batch_rule_hits_count_ids(batch: Batch) -> None:
+    one, two, three = batch.secrets("t-1", "t-2", "t-3")
+    once = batch.proxy.deny(f"{batch.prefix}/t-", times=1)
+    values, errors = batch.read([one, two, three])
+    assert list(errors) == [one] and set(values) == {two, three}
+    assert once.hits == 1 and not once.active
+    assert batch.read([one, two, three])[1] == {}
+
+    twice = batch.proxy.deny(f"{batch.prefix}/t-", times=2)
+    values, errors = batch.read([one, two, three])
+    assert list(errors) == [one, two] and set(values) == {three}  # two ids in one request: both hits
+    assert twice.hits == 2
+    assert batch.client.get_secret_value(SecretId=one)["SecretString"] == "value-t-1"  # used up for single reads
 
 
 # -- the runner ------------------------------------------------------------------------------------

@@ -9,6 +9,31 @@ botocore turns both into ``ClientError`` with ``Error.Code == code``. Point the 
 Mind botocore's own retries: throttling, 5xx and connection errors are retried (3 attempts in
 all by default here; ``AWS_MAX_ATTEMPTS=1`` turns that off), so a rule with ``times=1`` may be
 invisible to the caller; ``calls()`` counts every attempt.
+
+Reads are ``GetSecretValue`` or ``BatchGetSecretValue`` (up to 20 ids in ``SecretIdList``; a 200
+with ``SecretValues``, and ``Errors`` entries ``{"SecretId", "ErrorCode", "Message"}`` for the
+secrets it could not return). Rules mean the same for a secret read alone or in a batch:
+
+* A rule for ``"GetSecretValue"`` applies to both reads; one for ``"BatchGetSecretValue"`` to
+  batches only (``deny(action="BatchGetSecretValue")``: IAM refuses the batch action itself).
+* In a batch, an error rule naming a secret (``secret_id_contains``) answers the ids it matches,
+  one by one: the id leaves the request and an ``Errors`` entry with the rule's code and message
+  (formatted with ``action="GetSecretValue"`` and the id; ``status`` unused) joins the response.
+  The first active rule matching an id answers it, one hit per id (``times`` counts ids). The
+  other ids go upstream in a rewritten ``SecretIdList`` (moto checks no signature by default; in
+  its IAM-auth mode, ``INITIAL_NO_AUTH_ACTION_COUNT``, it would answer SignatureDoesNotMatch);
+  upstream's ``Errors`` are kept, the injected ones follow. With no id left nothing is forwarded:
+  the proxy answers 200 ``{"SecretValues": [], "Errors": [...]}``. An upstream answer other than
+  a 200 JSON object passes through unchanged.
+* Every other rule applies to the whole batch, and is checked first (AWS throttles or refuses a
+  call before it looks at each secret): an error rule without a secret answers the request (its
+  message with ``secret_id="*"``); latency and reset rules, even naming a secret, delay or reset
+  it if any id matches. AWS throttles and fails (5xx) whole calls only: a throttle or 5xx rule
+  naming a secret stands for that secret's failed read, as an entry botocore does not retry.
+
+``Seen.secret_ids`` is a batch's whole ``SecretIdList``, ``Seen.answered`` the ids the proxy
+answered, ``Seen.outcome`` "answered" when none was left to forward. ``reads()`` counts reads (a
+batch once), ``batch_sizes()`` lists batch sizes; ``calls()`` counts requests by exact action.
 """
 
 from __future__ import annotations
@@ -26,6 +51,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
 from xml.sax.saxutils import escape
 
+from tests.support import awsbatch
+from tests.support.awsbatch import BATCH_ACTION, READ_ACTIONS
 from tests.support.lifecycle import Service
 
 STS_ACTIONS = frozenset({"AssumeRoleWithWebIdentity", "GetCallerIdentity", "AssumeRole", "GetSessionToken"})
@@ -52,8 +79,9 @@ class Seen:
     action: str | None
     secret_ids: tuple[str, ...]
     protocol: str  # "json" or "query"
-    outcome: str  # "pending", "forwarded", "error:<Code>", "reset"
+    outcome: str  # "pending", "forwarded", "error:<Code>", "reset", "answered" (a batch: every id by rules)
     at: float = field(default_factory=time.monotonic)
+    answered: tuple[str, ...] = ()  # a batch's ids answered by per-secret rules (not forwarded)
 
 
 @dataclass
@@ -74,8 +102,13 @@ class Rule:
     def active(self) -> bool:
         return self.times is None or self.hits < self.times
 
+    @property
+    def per_secret(self) -> bool:
+        """An error rule naming a secret: in a batch it answers the ids it matches one by one."""
+        return self.kind == "error" and self.secret_id_contains is not None
+
     def matches(self, action: str | None, secret_ids: tuple[str, ...]) -> bool:
-        if self.action is not None and self.action != action:
+        if not awsbatch.action_matches(self.action, action):
             return False
         if self.secret_id_contains is not None:
             return any(self.secret_id_contains in secret_id for secret_id in secret_ids)
@@ -154,8 +187,9 @@ class _Handler(BaseHTTPRequestHandler):
         action, secret_ids, protocol = _parse(self.headers, self.path, body)
         seen = Seen(action, secret_ids, protocol, "pending")
         proxy._record(seen)  # counted on arrival, even if a latency rule holds it
+        batch = action == BATCH_ACTION and protocol == "json"
 
-        for rule in proxy._take_rules(action, secret_ids):
+        for rule in proxy._take_rules(action, secret_ids, batch=batch):
             if rule.kind == "latency":
                 proxy._stopping.wait(rule.seconds)
             elif rule.kind == "reset":
@@ -167,13 +201,36 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             else:
                 seen.outcome = f"error:{rule.error_code}"
-                message = rule.message.format(action=action or "", secret_id=secret_ids[0] if secret_ids else "*")
+                secret_id = secret_ids[0] if secret_ids and not batch else "*"
+                message = rule.message.format(action=action or "", secret_id=secret_id)
                 payload, headers = _error_body(protocol, rule.error_code, message, rule.status, str(uuid.uuid4()))
                 self._respond(rule.status, headers, payload)
                 return
 
+        if batch:
+            self._batch(seen, body)
+            return
         seen.outcome = "forwarded"
-        upstream = urllib.parse.urlsplit(proxy.upstream)
+        self._respond(*self._forward(body))
+
+    def _batch(self, seen: Seen, body: bytes) -> None:
+        """A batch past the request-level rules: per-secret rules answer their ids, upstream the rest."""
+        ids = awsbatch.secret_id_list(body) or []
+        keep, errors = awsbatch.split(ids, self.server.proxy._take_per_secret(ids))
+        seen.answered = tuple(entry["SecretId"] for entry in errors)
+        if not errors:
+            seen.outcome = "forwarded"
+            self._respond(*self._forward(body))
+        elif not keep:
+            seen.outcome = "answered"
+            self._respond(*awsbatch.answered(errors, str(uuid.uuid4())))
+        else:
+            seen.outcome = "forwarded"
+            self._respond(*awsbatch.merged(self._forward(awsbatch.reduced_body(body, keep)), errors))
+
+    def _forward(self, body: bytes) -> awsbatch.Reply:
+        """Send the request (with ``body``; http.client sets its Content-Length) upstream."""
+        upstream = urllib.parse.urlsplit(self.server.proxy.upstream)
         conn = http.client.HTTPConnection(upstream.hostname or "127.0.0.1", upstream.port or 80, timeout=60)
         try:
             headers = {key: value for key, value in self.headers.items() if key.lower() not in _HOP_BY_HOP}
@@ -186,7 +243,7 @@ class _Handler(BaseHTTPRequestHandler):
             reply_headers = {"Content-Type": "text/plain"}
         finally:
             conn.close()
-        self._respond(status, reply_headers, payload)
+        return status, reply_headers, payload
 
     def _respond(self, status: int, headers: dict[str, str], payload: bytes) -> None:
         try:
@@ -259,16 +316,31 @@ class FaultProxy(Service):
             self._rules.append(rule)
         return rule
 
-    def _take_rules(self, action: str | None, secret_ids: tuple[str, ...]) -> list[Rule]:
-        """Matching latency rules, then at most one terminal (error/reset) rule; counts their hits."""
+    def _take_rules(self, action: str | None, secret_ids: tuple[str, ...], *, batch: bool = False) -> list[Rule]:
+        """Matching latency rules, then at most one terminal (error/reset) rule; counts their hits.
+
+        For a ``batch``, per-secret error rules are left to ``_take_per_secret``.
+        """
         taken: list[Rule] = []
         with self._lock:
             for rule in self._rules:
-                if rule.active and rule.matches(action, secret_ids):
+                if rule.active and not (batch and rule.per_secret) and rule.matches(action, secret_ids):
                     rule.hits += 1
                     taken.append(rule)
                     if rule.kind != "latency":
                         break
+        return taken
+
+    def _take_per_secret(self, secret_ids: list[str]) -> list[Rule | None]:
+        """For each id of a batch, the first active per-secret error rule that answers it (one hit each)."""
+        taken: list[Rule | None] = []
+        with self._lock:
+            for secret_id in secret_ids:
+                candidates = (rule for rule in self._rules if rule.per_secret and rule.active)
+                rule = next((rule for rule in candidates if rule.matches(BATCH_ACTION, (secret_id,))), None)
+                if rule is not None:
+                    rule.hits += 1
+                taken.append(rule)
         return taken
 
     def _record(self, seen: Seen) -> None:
@@ -412,6 +484,19 @@ class FaultProxy(Service):
             if (action is None or seen.action == action)
             and (secret_id_contains is None or any(secret_id_contains in sid for sid in seen.secret_ids))
         )
+
+    def reads(self, secret_id_contains: str | None = None) -> int:
+        """Read requests (GetSecretValue, BatchGetSecretValue: once) naming a matching secret, or all."""
+        return sum(
+            1
+            for seen in self.seen
+            if seen.action in READ_ACTIONS
+            and (secret_id_contains is None or any(secret_id_contains in sid for sid in seen.secret_ids))
+        )
+
+    def batch_sizes(self) -> list[int]:
+        """The number of ids of each BatchGetSecretValue request, in arrival order (0: ``Filters``)."""
+        return [len(seen.secret_ids) for seen in self.seen if seen.action == BATCH_ACTION]
 
     def reset_counters(self) -> None:
         with self._lock:
