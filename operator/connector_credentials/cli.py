@@ -14,6 +14,7 @@ import kopf
 from kopf._cogs.structs.references import Insights  # public in kopf.operator(insights=...), not re-exported
 from pydantic import ValidationError
 
+from connector_credentials import memory
 from connector_credentials.models import GROUP, PLURAL, VERSION
 from connector_credentials.settings import DEFAULT_SOCKET_PATH, OperatorSettings
 
@@ -56,6 +57,7 @@ def main() -> None:
 )
 def run(**options: Any) -> None:
     """Run the operator and the credential server."""
+    memory.limit_malloc_arenas()  # before any thread starts
     overrides: dict[str, Any] = {k: v for k, v in options.items() if v not in (None, ())}
     if "namespaces" in overrides:
         overrides["namespace"] = list(overrides.pop("namespaces"))

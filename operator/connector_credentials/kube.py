@@ -39,8 +39,10 @@ LIST_TIMEOUT = 30.0
 #: How often the credentials are read again: the kubelet rotates a service account's token
 #: file (the official client re-reads it every minute too). A 401 reads them again at once.
 RELOGIN_INTERVAL = 60.0
-#: Requests in flight at once (what the old client's thread pool allowed).
-MAX_IN_FLIGHT = 4
+#: Status writes and reads in flight at once (as many as AWS calls, so a first pass does not queue here).
+MAX_IN_FLIGHT = 8
+#: Events in flight at once, apart: an Event never holds up a status write (the verdict people wait for).
+MAX_EVENTS_IN_FLIGHT = 2
 #: How much of the API server's message an error keeps.
 MAX_ERROR_MESSAGE = 300
 
@@ -100,6 +102,7 @@ class KubeStatusSink:
         self._credentials = self._fresh(None, tls=True)
         self._session: aiohttp.ClientSession | None = None
         self._slots = asyncio.Semaphore(max_in_flight)
+        self._event_slots = asyncio.Semaphore(MAX_EVENTS_IN_FLIGHT)
         self._instance = os.environ.get("POD_NAME") or os.environ.get("HOSTNAME") or COMPONENT
 
     # --- the StatusSink protocol --------------------------------------------------------------
@@ -167,7 +170,7 @@ class KubeStatusSink:
             "reportingComponent": f"{GROUP}/operator",
             "reportingInstance": self._instance[:128],
         }
-        await self._request("POST", f"/api/v1/namespaces/{_quote(namespace)}/events", body=body)
+        await self._request("POST", f"/api/v1/namespaces/{_quote(namespace)}/events", body=body, events=True)
 
     # --- start-up -------------------------------------------------------------------------------
 
@@ -210,11 +213,12 @@ class KubeStatusSink:
         body: Any = None,
         content_type: str = "application/json",
         total: float = REQUEST_TIMEOUT,
+        events: bool = False,
     ) -> Any:
         """The parsed JSON of a 2xx answer (``None`` if there is none); :class:`KubeApiError` otherwise."""
         data = None if body is None else json.dumps(body).encode("utf-8")
         limits = aiohttp.ClientTimeout(total=total, connect=CONNECT_TIMEOUT)
-        async with self._slots:
+        async with self._event_slots if events else self._slots:
             session = self._open()
             relogged = False
             while True:

@@ -16,6 +16,7 @@ import pytest
 
 from connector_credentials.client import CredentialClient, CredentialError, CredentialUnavailable, ServerUnreachable
 from tests.integration.conftest import World
+from tests.support.awsbatch import READ_ACTIONS
 from tests.support.kube import shipped_rbac
 from tests.support.runner import wait_until
 
@@ -91,7 +92,7 @@ def test_an_undecodable_json_secret_is_a_verdict_not_a_hot_loop(world: World) ->
             client.get(world.namespace, "deep")
         assert (refused.value.status, refused.value.reason) == (502, "JsonKeyNotFound")
     time.sleep(max(0.0, 3 - (time.monotonic() - started)))  # a window in which a hot loop would read dozens
-    assert world.proxy.calls("GetSecretValue", f"{world.prefix}/deep") <= 2
+    assert world.proxy.reads(f"{world.prefix}/deep") <= 2
 
 
 def test_refresh_requests_are_bounded_while_throttled_and_shared_when_healthy(world: World) -> None:
@@ -105,10 +106,10 @@ def test_refresh_requests_are_bounded_while_throttled_and_shared_when_healthy(wo
         value = client.get(world.namespace, "busy").value
         world.proxy.throttle(secret_id_contains=f"{world.prefix}/busy-")
         client.get(world.namespace, "busy", refresh=True)  # throttled: the backoff starts
-        before = world.proxy.calls("GetSecretValue", f"{world.prefix}/busy-")
+        before = world.proxy.reads(f"{world.prefix}/busy-")
         for _ in range(20):
             assert client.get(world.namespace, "busy", refresh=True).value == value
-        assert world.proxy.calls("GetSecretValue", f"{world.prefix}/busy-") - before <= 1
+        assert world.proxy.reads(f"{world.prefix}/busy-") - before <= 1
         world.proxy.clear()
 
         time.sleep(2.1)  # past the gap of the reads at start
@@ -130,7 +131,7 @@ def test_refresh_requests_are_bounded_while_throttled_and_shared_when_healthy(wo
         reads = sorted(
             seen.at
             for seen in world.proxy.seen
-            if seen.action == "GetSecretValue"
+            if seen.action in READ_ACTIONS
             and seen.at >= window_start
             and any(f"{world.prefix}/calm-" in sid for sid in seen.secret_ids)
         )

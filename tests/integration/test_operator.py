@@ -84,8 +84,8 @@ def test_every_permanent_reason_is_produced_for_real(world: World) -> None:
         )
         assert [e["reason"] for e in warnings] == [reason], name
     # Permanent answers are not retried in a loop: one read per credential (default interval 5m).
-    assert proxy.calls("GetSecretValue", f"{world.prefix}/denied") == 1
-    assert proxy.calls("GetSecretValue", f"{world.prefix}/doomed") == 1
+    assert proxy.reads(f"{world.prefix}/denied") == 1
+    assert proxy.reads(f"{world.prefix}/doomed") == 1
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ import pytest
 
 from connector_credentials.client import CredentialClient, CredentialUnavailable
 from tests.integration.conftest import RESOURCE, World
+from tests.support.awsbatch import READ_ACTIONS
 from tests.support.awsproxy import FaultProxy
 from tests.support.runner import wait_until
 
@@ -141,7 +142,7 @@ def calls_between(world: World, secret: str, start: float, end: float = float("i
     return sum(
         1
         for seen in world.proxy.seen
-        if seen.action == "GetSecretValue" and start <= seen.at < end and any(key in sid for sid in seen.secret_ids)
+        if seen.action in READ_ACTIONS and start <= seen.at < end and any(key in sid for sid in seen.secret_ids)
     )
 
 
@@ -344,7 +345,7 @@ def _synchronized(world: World, fleet: list[str], start: float, end: float, bin_
     keys = {name: f"{world.prefix}/{name}-" for name in fleet}
     bins: dict[int, set[str]] = {}
     for seen in world.proxy.seen:
-        if seen.action != "GetSecretValue" or not start <= seen.at < end:
+        if seen.action not in READ_ACTIONS or not start <= seen.at < end:
             continue
         for name, key in keys.items():
             if any(key in sid for sid in seen.secret_ids):
