@@ -7,6 +7,7 @@ with boto3 (synchronous: the engine calls it from a bounded thread pool).
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import re
@@ -342,6 +343,7 @@ class Boto3SecretsPort:
         self._clients: dict[tuple[str, str], Any] = {}
         self._identity: tuple[float, str] | None = None
         self._identity_lock = threading.Lock()
+        self._identity_flight: concurrent.futures.Future[str] | None = None
         self._config = botocore.config.Config(
             connect_timeout=settings.aws_connect_timeout,
             read_timeout=settings.aws_read_timeout,
@@ -398,13 +400,32 @@ class Boto3SecretsPort:
 
     def caller_identity(self, region: str) -> str:
         self._require_credentials()
-        with self._identity_lock:  # one thread asks STS; the others wait for its answer
-            return self._caller_identity(region)
+        with self._identity_lock:
+            cached = self._identity
+            if cached is not None and time.monotonic() - cached[0] < self._settings.identity_cache_seconds:
+                return cached[1]
+            # One thread asks STS; the threads that ask meanwhile share its answer (or its failure).
+            flight, asking = self._identity_flight, self._identity_flight is None
+            if flight is None:
+                flight = self._identity_flight = concurrent.futures.Future()
+        if not asking:
+            try:
+                return str(flight.result())
+            except AwsFailure as failure:  # a copy: one exception object must not be raised in two threads
+                raise AwsFailure(failure.reason, failure.message, transient=failure.transient) from None
+        try:
+            identity = self._ask_identity(region)
+        except AwsFailure as failure:
+            flight.set_exception(failure)
+            raise
+        else:
+            flight.set_result(identity)
+            return identity
+        finally:
+            with self._identity_lock:
+                self._identity_flight = None
 
-    def _caller_identity(self, region: str) -> str:
-        cached = self._identity
-        if cached is not None and time.monotonic() - cached[0] < self._settings.identity_cache_seconds:
-            return cached[1]
+    def _ask_identity(self, region: str) -> str:
         placeholder = SecretArn(arn="(identity)", partition="aws", region=region, account="", name="")
         try:
             answer = self._client("sts", region).get_caller_identity()
