@@ -81,18 +81,13 @@ async def _run(settings: OperatorSettings) -> None:
     from connector_credentials.kube import KubeStatusSink
     from connector_credentials.server import CredentialServer, SocketInUseError
 
-    engine_ref: list[Engine] = []
-    logs.configure(
-        verbose=settings.verbose,
-        debug=settings.debug,
-        needles=lambda: engine_ref[0].needles() if engine_ref else (),
-    )
+    redacting = logs.configure(verbose=settings.verbose, debug=settings.debug)
     try:
         sink = KubeStatusSink()
     except (kopf.LoginError, OSError) as exc:  # OSError: e.g. the CA file of the kubeconfig
         raise click.ClickException(f"cannot log in to the Kubernetes API: {exc}") from None
     engine = Engine(settings, Boto3SecretsPort(settings), sink)
-    engine_ref.append(engine)
+    redacting.index = engine.redaction  # before the engine holds anything: no value is ever logged unmasked
     registry = kopf.OperatorRegistry()
     handlers.register(registry, engine)
 

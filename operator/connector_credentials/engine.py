@@ -40,7 +40,7 @@ from connector_credentials.status import (
     older_version,
     stable_identity,
 )
-from connector_credentials.values import JsonKeyError, SecretValue, extract, needles_of
+from connector_credentials.values import JsonKeyError, NeedleIndex, SecretValue, extract
 from connector_credentials.wire import render_credential
 
 logger = logging.getLogger(__name__)
@@ -82,7 +82,8 @@ class Engine:
         )
         self._closed = False
         self._draining = False
-        self._needles: tuple[str, ...] | None = ()
+        #: The forms of the values held, for the redacting log filter: updated per value by _hold/_drop_value.
+        self.redaction = NeedleIndex()
         #: Set once the declared credentials were listed: before that, "unknown" may just mean "not yet".
         self.synced = asyncio.Event()
 
@@ -193,20 +194,17 @@ class Engine:
             if entry.held.value is not None:
                 yield entry.held.value
 
-    def needles(self) -> tuple[str, ...]:
-        """Every form of every held value a log line could contain; rebuilt only when values change."""
-        if self._needles is None:
-            self._needles = needles_of(self.values())
-        return self._needles
-
     def _hold(self, entry: Entry, value: SecretValue) -> None:
-        if entry.held.value != value:
-            self._needles = None
+        previous = entry.held.value
+        if previous != value:
+            self.redaction.add(value)  # indexed before it is held, and the old one after: no gap
+            if previous is not None:
+                self.redaction.discard(previous)
         entry.held.value = value
 
     def _drop_value(self, entry: Entry) -> None:
         if entry.held.value is not None:
-            self._needles = None
+            self.redaction.discard(entry.held.value)
         entry.held.drop()
 
     # --- the schedule ------------------------------------------------------------------

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import logging
 import traceback
-from collections.abc import Callable, Iterable, Sequence
 
 import kopf
 
-from connector_credentials.values import MASK
+from connector_credentials.values import NeedleIndex
 
 #: Loggers that print request/response bodies at DEBUG. They stay at WARNING even with --verbose.
 PINNED_LOGGERS = (
@@ -23,81 +22,35 @@ PINNED_LOGGERS = (
     "aiohttp.server",
     "aiohttp.web",
 )
-#: Values shorter than this are not searched for (they would mask unrelated text).
-MIN_NEEDLE = 4
-
-
-class Redactor:
-    """Finds every needle in a text in one pass: needles indexed by their first characters.
-
-    Built once per set of values (not per record): with 1,000 values a record costs a few
-    microseconds per hundred characters instead of a search per value.
-    """
-
-    def __init__(self, needles: Iterable[str]) -> None:
-        by_prefix: dict[str, list[str]] = {}
-        for needle in sorted({n for n in needles if len(n) >= MIN_NEEDLE}, key=len, reverse=True):
-            by_prefix.setdefault(needle[:MIN_NEEDLE], []).append(needle)  # longest first
-        self._by_prefix = by_prefix
-
-    def __bool__(self) -> bool:
-        return bool(self._by_prefix)
-
-    def redact(self, text: str) -> str:
-        by_prefix = self._by_prefix
-        if not by_prefix or len(text) < MIN_NEEDLE:
-            return text
-        parts: list[str] = []
-        start = i = 0
-        last = len(text) - MIN_NEEDLE
-        while i <= last:
-            candidates = by_prefix.get(text[i : i + MIN_NEEDLE])
-            if candidates is not None:
-                needle = next((n for n in candidates if text.startswith(n, i)), None)
-                if needle is not None:
-                    parts += (text[start:i], MASK)
-                    i = start = i + len(needle)
-                    continue
-            i += 1
-        if not parts:
-            return text
-        parts.append(text[start:])
-        return "".join(parts)
 
 
 class RedactingFilter(logging.Filter):
     """Replaces any known secret value in a record (message, args, traceback) with a mask.
 
-    A second line of defence: nothing should log a value in the first place. ``needles`` returns
-    the same tuple until the values change (the engine caches it), so the index is rebuilt only then.
+    A second line of defence: nothing should log a value in the first place. ``index`` is the
+    engine's live :class:`~connector_credentials.values.NeedleIndex`, updated as values come and
+    go: a record reads it as it is (nothing is rebuilt or compared per record), from any thread.
     """
 
-    def __init__(self, needles: Callable[[], Sequence[str]]) -> None:
+    def __init__(self, index: NeedleIndex | None = None) -> None:
         super().__init__("redact")
-        self._needles = needles
-        self._source: Sequence[str] | None = None
-        self._redactor = Redactor(())
-
-    def redactor(self) -> Redactor:
-        needles = self._needles()
-        if needles is not self._source:
-            self._source, self._redactor = needles, Redactor(needles)
-        return self._redactor
+        #: Read on every record; ``cli`` points it at the engine's index once the engine exists.
+        self.index = index if index is not None else NeedleIndex()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        redactor = self.redactor()
-        if not redactor:
+        index = self.index
+        if not index:
             return True
         message = record.getMessage()
-        redacted = redactor.redact(message)
+        redacted = index.redact(message)
         if redacted != message:
             record.msg, record.args = redacted, None
         if record.exc_info:
             text = "".join(traceback.format_exception(*record.exc_info))
-            record.exc_text = redactor.redact(text)
+            record.exc_text = index.redact(text)
             record.exc_info = None
         if record.stack_info:
-            record.stack_info = redactor.redact(record.stack_info)
+            record.stack_info = index.redact(record.stack_info)
         return True
 
 
@@ -108,7 +61,8 @@ class QuietWatchFilter(logging.Filter):
         return not (record.name == "kopf.objects" and record.msg == "Handler 'watch' succeeded.")
 
 
-def configure(*, verbose: bool, debug: bool, needles: Callable[[], Sequence[str]]) -> None:
+def configure(*, verbose: bool, debug: bool) -> RedactingFilter:
+    """Sets up logging; returns the redacting filter installed on every handler (its index is empty)."""
     kopf.configure(verbose=verbose, debug=debug)
     if not (verbose or debug):
         logging.getLogger("kopf.objects").addFilter(QuietWatchFilter())
@@ -119,6 +73,7 @@ def configure(*, verbose: bool, debug: bool, needles: Callable[[], Sequence[str]
     # Malformed requests on the socket are the client's problem, not an operator error worth a traceback
     # each (a hostile client could flood the log); the server logs its own failures itself.
     logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
-    redactor = RedactingFilter(needles)
+    redacting = RedactingFilter()
     for handler in logging.getLogger().handlers:
-        handler.addFilter(redactor)
+        handler.addFilter(redacting)
+    return redacting

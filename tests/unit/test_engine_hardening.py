@@ -19,6 +19,7 @@ import pytest
 from connector_credentials.aws import AwsFailure, FetchedSecret, SecretsPort
 from connector_credentials.conditions import Reason, find_condition
 from connector_credentials.engine import SHUTTING_DOWN, Engine, Entry, Held, Served
+from connector_credentials.logs import RedactingFilter
 from connector_credentials.settings import OperatorSettings
 from connector_credentials.values import SecretValue
 from connector_credentials.wire import RenderedBody, render_credential
@@ -346,20 +347,66 @@ async def test_a_refused_write_is_logged_once_and_retried_at_the_interval(
         await engine.close()
 
 
-async def test_needles_are_rebuilt_only_when_a_value_changes() -> None:
-    engine, port, _ = make(base_settings(min_refresh_gap=0))
+class PortByArn(FakePort):
+    """Answers each ARN with its own value."""
+
+    def __init__(self, values: dict[str, str]) -> None:
+        super().__init__()
+        self.values = values
+
+    def get_secret(self, arn: Any, *, version_id: str | None, version_stage: str | None) -> FetchedSecret:
+        self.calls += 1
+        return FetchedSecret("v1", self.values[arn.arn], ("AWSCURRENT",))
+
+
+def named(name: str, arn: str) -> dict[str, Any]:
+    document = body({"secretArn": arn})
+    document["metadata"].update(name=name, uid=f"uid-{name}")
+    return document
+
+
+async def test_the_redaction_index_follows_each_value_held_and_computes_only_the_changed_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    arns = [ARN.replace("slack-AbCdEf", f"app{n}-AbCdEf") for n in range(20)]
+    port = PortByArn({arn: f"CANARY-value-{n:02d}" for n, arn in enumerate(arns)})
+    engine, _, _ = make(base_settings(min_refresh_gap=0), port)
+    computed: list[str] = []  # the values whose forms were computed (SecretValue.needles calls)
+    original = SecretValue.needles
+
+    def counting(value: SecretValue) -> tuple[str, ...]:
+        computed.append(value.wire_text())
+        return original(value)
+
+    monkeypatch.setattr(SecretValue, "needles", counting)
     try:
-        engine.upsert(body({"secretArn": ARN}))
+        for n, arn in enumerate(arns):
+            engine.upsert(named(f"app{n}", arn))
+        engine.upsert(named("app0-again", arns[0]))  # a second credential reading the same secret
         await settle(engine)
-        first = engine.needles()
-        assert VALUE in first
-        await engine.serve("team-a", "slack", refresh=True)  # same value read again
-        assert engine.needles() is first
-        port.answer = FetchedSecret("v2", "CANARY-rotated-value", ("AWSCURRENT",))
-        await engine.serve("team-a", "slack", refresh=True)
-        assert "CANARY-rotated-value" in engine.needles() and VALUE not in engine.needles()
+        assert sorted(computed) == sorted(port.values.values())  # each distinct value once: no rebuilds
+        log_filter = RedactingFilter(engine.redaction)
+        leaked = ("CANARY-value-00", "CANARY-value-07")
+        record = logging.LogRecord("t", logging.INFO, __file__, 1, "%s %s", leaked, None)
+        computed.clear()
+        assert log_filter.filter(record) and record.getMessage() == "*** ***"
+        await engine.serve("team-a", "app7", refresh=True)  # the same value read again: the index is untouched
+        assert computed == []
+
+        port.values[arns[7]] = "CANARY-rotated-07"
+        await engine.serve("team-a", "app7", refresh=True)
+        assert computed == ["CANARY-rotated-07", "CANARY-value-07"]  # the new one added, the old one dropped
+        assert engine.redaction.redact("CANARY-value-07 CANARY-rotated-07") == "CANARY-value-07 ***"
+        assert engine.redaction.redact("CANARY-value-06") == "***"
+
+        engine.remove("team-a", "app0")
+        assert engine.redaction.redact("CANARY-value-00") == "***"  # app0-again still holds it
+        engine.remove("team-a", "app0-again")
+        assert engine.redaction.redact("CANARY-value-00") == "CANARY-value-00"
+        assert len(computed) == 3  # a value added or dropped: its forms only; a holder less: nothing
     finally:
         await engine.close()
+    assert not engine.redaction and engine.redaction.needles() == frozenset()
 
 
 async def test_a_check_that_changes_nothing_writes_only_the_heartbeat() -> None:

@@ -1,5 +1,4 @@
 import json
-import logging
 import pickle
 
 import pytest
@@ -7,8 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from connector_credentials.conditions import find_condition, same_condition, set_condition
-from connector_credentials.logs import RedactingFilter, Redactor
-from connector_credentials.values import JsonKeyError, SecretValue, extract, needles_of
+from connector_credentials.values import JsonKeyError, SecretValue, extract
 
 VALUE = "CANARY-unit-4f1e9c"
 
@@ -90,45 +88,3 @@ def test_other_conditions_are_kept_and_repeats_are_identical() -> None:
     assert a[0] == others[0]
     assert same_condition(find_condition(a), find_condition(b))
     assert "observedGeneration" not in a[1]
-
-
-def test_redacting_filter_masks_values_in_messages_args_and_tracebacks(caplog: pytest.LogCaptureFixture) -> None:
-    values = [SecretValue(VALUE), SecretValue(b"\x01\x02binary-canary")]
-    log = logging.getLogger("test.redact")
-    needles = needles_of(values)
-    handler_filter = RedactingFilter(lambda: needles)
-    caplog.handler.addFilter(handler_filter)
-    try:
-        with caplog.at_level(logging.DEBUG, logger="test.redact"):
-            log.debug("body: %s", {"SecretString": VALUE})
-            log.info(f"json {json.dumps(VALUE)}")
-            log.debug("b64 %s", values[1].wire_text())
-            try:
-                raise ValueError(f"boom {VALUE}")
-            except ValueError:
-                log.exception("failed")
-    finally:
-        caplog.handler.removeFilter(handler_filter)
-    text = caplog.text
-    assert VALUE not in text
-    assert values[1].wire_text() not in text
-    assert text.count("***") >= 4
-
-
-def test_redactor_masks_every_occurrence_longest_first() -> None:
-    redactor = Redactor(["secret-one", "secret-one-longer", "abc"])  # "abc" is too short to search for
-    text = "a secret-one-longer, secret-one and secret-onesecret-one; abc"
-    assert redactor.redact(text) == "a ***, *** and ******; abc"
-    assert redactor.redact("nothing here") == "nothing here"
-    assert not Redactor([])
-
-
-def test_the_filter_rebuilds_its_index_only_when_the_values_change() -> None:
-    source = [needles_of([SecretValue("first-canary-value")])]
-    handler_filter = RedactingFilter(lambda: source[0])
-    first = handler_filter.redactor()
-    assert handler_filter.redactor() is first
-    source[0] = needles_of([SecretValue("second-canary-value")])
-    second = handler_filter.redactor()
-    assert second is not first
-    assert second.redact("second-canary-value") == "***"
