@@ -9,6 +9,7 @@ and kopf imports it whenever it is installed, so it is not a dependency either (
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -43,6 +44,8 @@ RELOGIN_INTERVAL = 60.0
 MAX_IN_FLIGHT = 8
 #: Events in flight at once, apart: an Event never holds up a status write (the verdict people wait for).
 MAX_EVENTS_IN_FLIGHT = 2
+#: An Event waits for the status writes queued before it to drain, at most this long (it must not starve).
+EVENT_YIELD_TIMEOUT = 30.0
 #: How much of the API server's message an error keeps.
 MAX_ERROR_MESSAGE = 300
 
@@ -103,6 +106,9 @@ class KubeStatusSink:
         self._session: aiohttp.ClientSession | None = None
         self._slots = asyncio.Semaphore(max_in_flight)
         self._event_slots = asyncio.Semaphore(MAX_EVENTS_IN_FLIGHT)
+        self._busy = 0  # other requests waiting or in flight
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._instance = os.environ.get("POD_NAME") or os.environ.get("HOSTNAME") or COMPONENT
 
     # --- the StatusSink protocol --------------------------------------------------------------
@@ -218,38 +224,57 @@ class KubeStatusSink:
         """The parsed JSON of a 2xx answer (``None`` if there is none); :class:`KubeApiError` otherwise."""
         data = None if body is None else json.dumps(body).encode("utf-8")
         limits = aiohttp.ClientTimeout(total=total, connect=CONNECT_TIMEOUT)
-        async with self._event_slots if events else self._slots:
-            session = self._open()
-            relogged = False
-            while True:
-                credentials = self._current()
-                headers = {"Accept": "application/json", **credentials.headers}
-                if data is not None:
-                    headers["Content-Type"] = content_type
-                async with session.request(
-                    method,
-                    credentials.base + path,
-                    data=data,
-                    headers=headers,
-                    ssl=credentials.tls,
-                    proxy=credentials.info.proxy_url,
-                    timeout=limits,
-                    allow_redirects=False,
-                ) as response:
-                    raw = await response.read()
-                    if response.status == 401 and not relogged:
-                        # The token was rotated (or revoked): read the credentials again, retry once.
-                        relogged = True
-                        if self._relogin():
-                            continue
-                    if 200 <= response.status < 300:
-                        return _parse(raw)
-                    raise _error(response.status, response.reason, raw)
+        if events:
+            # Events go after the status writes that are waiting: at start, the verdicts first.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(EVENT_YIELD_TIMEOUT):
+                    await self._idle.wait()
+        else:
+            self._busy += 1
+            self._idle.clear()
+        try:
+            async with self._event_slots if events else self._slots:
+                return await self._send(method, path, data, content_type, limits)
+        finally:
+            if not events:
+                self._busy -= 1
+                if not self._busy:
+                    self._idle.set()
+
+    async def _send(
+        self, method: str, path: str, data: bytes | None, content_type: str, limits: aiohttp.ClientTimeout
+    ) -> Any:
+        session = self._open()
+        relogged = False
+        while True:
+            credentials = self._current()
+            headers = {"Accept": "application/json", **credentials.headers}
+            if data is not None:
+                headers["Content-Type"] = content_type
+            async with session.request(
+                method,
+                credentials.base + path,
+                data=data,
+                headers=headers,
+                ssl=credentials.tls,
+                proxy=credentials.info.proxy_url,
+                timeout=limits,
+                allow_redirects=False,
+            ) as response:
+                raw = await response.read()
+                if response.status == 401 and not relogged:
+                    # The token was rotated (or revoked): read the credentials again, retry once.
+                    relogged = True
+                    if self._relogin():
+                        continue
+                if 200 <= response.status < 300:
+                    return _parse(raw)
+                raise _error(response.status, response.reason, raw)
 
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._max_in_flight),
+                connector=aiohttp.TCPConnector(limit=self._max_in_flight + MAX_EVENTS_IN_FLIGHT),
                 headers={"User-Agent": f"{COMPONENT}/{__version__}"},
                 trust_env=self._credentials.info.trust_env,
             )
