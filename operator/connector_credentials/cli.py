@@ -252,17 +252,20 @@ async def _sync(engine: Any, sink: Any, namespaces: list[str] | None) -> None:
     """
     delay = 0.5
     while True:
+        count = 0
         try:
-            items = await sink.list_credentials(namespaces)
-        except Exception as exc:  # noqa: BLE001 - retried until the API answers
+            # A page at a time: each page is handed to the engine and dropped before the next.
+            async for page in sink.credential_pages(namespaces):
+                for item in page:
+                    engine.upsert(item)
+                count += len(page)
+        except Exception as exc:  # noqa: BLE001 - retried until the API answers (upserts are idempotent)
             logger.warning("Listing ConnectorCredentials failed (%s); retrying in %.0fs.", type(exc).__name__, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
             continue
-        for item in items:
-            engine.upsert(item)
         engine.synced.set()
-        logger.info("Loaded %d declared credential(s).", len(items))
+        logger.info("Loaded %d declared credential(s).", count)
         return
 
 

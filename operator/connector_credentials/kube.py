@@ -19,7 +19,7 @@ import secrets
 import ssl
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -37,6 +37,8 @@ MAX_EVENT_MESSAGE = 1024
 CONNECT_TIMEOUT = 5.0
 REQUEST_TIMEOUT = 15.0
 LIST_TIMEOUT = 30.0
+#: Objects per page of the start-up listing.
+LIST_PAGE = 250
 #: How often the credentials are read again: the kubelet rotates a service account's token
 #: file (the official client re-reads it every minute too). A 401 reads them again at once.
 RELOGIN_INTERVAL = 60.0
@@ -193,16 +195,27 @@ class KubeStatusSink:
 
     async def list_credentials(self, namespaces: list[str] | None) -> list[dict[str, Any]]:
         """Every ConnectorCredential in ``namespaces`` (``None``: all namespaces)."""
+        return [item async for page in self.credential_pages(namespaces) for item in page]
+
+    async def credential_pages(
+        self, namespaces: list[str] | None, *, limit: int = LIST_PAGE
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        """The same, a page at a time: at 10,000 objects a single listing is tens of MiB held at once."""
         if namespaces is None:
             paths = [f"/apis/{GROUP}/{VERSION}/{PLURAL}"]
         else:
             paths = [f"/apis/{GROUP}/{VERSION}/namespaces/{_quote(ns)}/{PLURAL}" for ns in namespaces]
-        items: list[dict[str, Any]] = []
         for path in paths:
-            answer = await self._request("GET", path, total=LIST_TIMEOUT)
-            if isinstance(answer, dict):
-                items.extend(item for item in answer.get("items") or [] if isinstance(item, dict))
-        return items
+            token: str | None = None
+            while True:
+                query = f"?limit={limit}" + (f"&continue={urllib.parse.quote(token, safe='')}" if token else "")
+                answer = await self._request("GET", path + query, total=LIST_TIMEOUT)
+                if not isinstance(answer, dict):
+                    break
+                yield [item for item in answer.get("items") or [] if isinstance(item, dict)]
+                token = (answer.get("metadata") or {}).get("continue") or None
+                if not token:
+                    break
 
     async def close(self) -> None:
         if self._session is not None:

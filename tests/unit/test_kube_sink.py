@@ -35,6 +35,7 @@ class Seen:
     path: str
     headers: dict[str, str]
     body: Any
+    query: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -53,7 +54,8 @@ class FakeApi:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         raw = await request.read()
-        self.seen.append(Seen(request.method, request.path, dict(request.headers), json.loads(raw) if raw else None))
+        body = json.loads(raw) if raw else None
+        self.seen.append(Seen(request.method, request.path, dict(request.headers), body, dict(request.query)))
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         try:
@@ -274,6 +276,14 @@ async def test_list_credentials_per_namespace_or_everywhere(api: FakeApi, sink: 
         "/apis/connectors.xpander.ai/v1alpha1/namespaces/ns2/connectorcredentials",
         "/apis/connectors.xpander.ai/v1alpha1/connectorcredentials",
     ]
+
+
+async def test_the_listing_comes_a_page_at_a_time(api: FakeApi, sink: KubeStatusSink) -> None:
+    api.answer(200, {"metadata": {"continue": "tok/1+"}, "items": [{"metadata": {"name": "a"}}]})
+    api.answer(200, {"metadata": {"continue": ""}, "items": [{"metadata": {"name": "b"}}]})
+    pages = [[i["metadata"]["name"] for i in page] async for page in sink.credential_pages(["ns1"], limit=1)]
+    assert pages == [["a"], ["b"]]
+    assert [s.query for s in api.seen] == [{"limit": "1"}, {"limit": "1", "continue": "tok/1+"}]
 
 
 async def test_a_failed_listing_raises(api: FakeApi, sink: KubeStatusSink) -> None:
