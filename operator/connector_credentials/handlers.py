@@ -35,6 +35,10 @@ def register(registry: kopf.OperatorRegistry, engine: Engine) -> None:
         settings.scanning.disabled = True
         # Events are ours (one per transition); kopf must not turn log lines into events.
         settings.posting.enabled = False
+        # kopf keeps a worker (its task, queue and the last event's body) per object until it has
+        # been idle this long: with 5 s (kopf's default), a first pass over N objects holds N of them.
+        # The handler only hands the body to the engine, so a worker is cheap to start again.
+        settings.batching.idle_timeout = 0.5
         # Watch streams that go silent are re-established instead of freezing.
         # An integer: kopf sends it as ?timeoutSeconds=, and the API server answers "300.0" with 400.
         settings.watching.server_timeout = max(1, round(engine.settings.watch_server_timeout))
