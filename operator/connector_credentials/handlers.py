@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import kopf
 
@@ -26,9 +26,8 @@ def register(registry: kopf.OperatorRegistry, engine: Engine) -> None:
         # Our own prefix for anything kopf might store; event handlers store nothing.
         settings.persistence.finalizer = f"{ANNOTATION_PREFIX}/finalizer"
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
-        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-            prefix=ANNOTATION_PREFIX, key="last-handled-configuration"
-        )
+        # No change detection: event handlers need none, and kopf's own deep-copies every body.
+        settings.persistence.diffbase_storage = NoDiffBase()
         # No resource scanning: watching CRDs and Namespaces would need cluster-wide rights the
         # operator has no use for. The namespaces are the ones given; the resource is found once,
         # at start (the CLI starts kopf only once the CRD is served).
@@ -60,6 +59,25 @@ def register(registry: kopf.OperatorRegistry, engine: Engine) -> None:
             engine.remove(str(meta.get("namespace", "")), str(meta.get("name", "")))
         else:
             engine.upsert(_plain(body))
+
+
+class NoDiffBase(kopf.DiffBaseStorage):
+    """An essence that never changes, stored nowhere.
+
+    kopf computes an object's "essence" (a deep copy of the body, managedFields and all) on every
+    watch event, for on.create/update/resume handlers to compare with the last one handled. This
+    operator registers only an event handler, which ignores it: at a first pass over 10,000
+    objects that copy was about a tenth of the operator's CPU. Nothing is written to objects.
+    """
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        return cast(kopf.BodyEssence, {})
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return cast(kopf.BodyEssence, {})
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        pass
 
 
 def _plain(body: kopf.Body) -> dict[str, Any]:
