@@ -20,7 +20,7 @@ import ssl
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import kopf
@@ -52,6 +52,7 @@ EVENT_YIELD_TIMEOUT = 30.0
 MAX_ERROR_MESSAGE = 300
 
 Login = Callable[[], kopf.ConnectionInfo]
+Lane = Literal["status", "events", "listing"]
 
 
 class KubeApiError(Exception):
@@ -108,6 +109,8 @@ class KubeStatusSink:
         self._session: aiohttp.ClientSession | None = None
         self._slots = asyncio.Semaphore(max_in_flight)
         self._event_slots = asyncio.Semaphore(MAX_EVENTS_IN_FLIGHT)
+        # The start-up listing's pages must not queue behind the status writes of the pages before.
+        self._listing_slot = asyncio.Semaphore(1)
         self._busy = 0  # other requests waiting or in flight
         self._idle = asyncio.Event()
         self._idle.set()
@@ -178,7 +181,7 @@ class KubeStatusSink:
             "reportingComponent": f"{GROUP}/operator",
             "reportingInstance": self._instance[:128],
         }
-        await self._request("POST", f"/api/v1/namespaces/{_quote(namespace)}/events", body=body, events=True)
+        await self._request("POST", f"/api/v1/namespaces/{_quote(namespace)}/events", body=body, lane="events")
 
     # --- start-up -------------------------------------------------------------------------------
 
@@ -209,7 +212,7 @@ class KubeStatusSink:
             token: str | None = None
             while True:
                 query = f"?limit={limit}" + (f"&continue={urllib.parse.quote(token, safe='')}" if token else "")
-                answer = await self._request("GET", path + query, total=LIST_TIMEOUT)
+                answer = await self._request("GET", path + query, total=LIST_TIMEOUT, lane="listing")
                 if not isinstance(answer, dict):
                     break
                 yield [item for item in answer.get("items") or [] if isinstance(item, dict)]
@@ -232,11 +235,17 @@ class KubeStatusSink:
         body: Any = None,
         content_type: str = "application/json",
         total: float = REQUEST_TIMEOUT,
-        events: bool = False,
+        lane: Lane = "status",
     ) -> Any:
-        """The parsed JSON of a 2xx answer (``None`` if there is none); :class:`KubeApiError` otherwise."""
+        """The parsed JSON of a 2xx answer (``None`` if there is none); :class:`KubeApiError` otherwise.
+
+        ``lane``: status writes and reads share 8 slots; Events have 2 of their own and wait for
+        the status writes queued before them; the start-up listing has 1 of its own.
+        """
         data = None if body is None else json.dumps(body).encode("utf-8")
         limits = aiohttp.ClientTimeout(total=total, connect=CONNECT_TIMEOUT)
+        events = lane == "events"
+        slots = {"events": self._event_slots, "listing": self._listing_slot}.get(lane, self._slots)
         if events:
             # Events go after the status writes that are waiting: at start, the verdicts first.
             with contextlib.suppress(TimeoutError):
@@ -246,7 +255,7 @@ class KubeStatusSink:
             self._busy += 1
             self._idle.clear()
         try:
-            async with self._event_slots if events else self._slots:
+            async with slots:
                 return await self._send(method, path, data, content_type, limits)
         finally:
             if not events:
@@ -287,7 +296,7 @@ class KubeStatusSink:
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._max_in_flight + MAX_EVENTS_IN_FLIGHT),
+                connector=aiohttp.TCPConnector(limit=self._max_in_flight + MAX_EVENTS_IN_FLIGHT + 1),
                 headers={"User-Agent": f"{COMPONENT}/{__version__}"},
                 trust_env=self._credentials.info.trust_env,
             )
