@@ -16,12 +16,10 @@ import contextlib
 import datetime
 import json
 import logging
-import random
 from collections.abc import Iterator
 from typing import Any
 
 from connector_credentials.aws import AwsFailure, SecretsPort
-from connector_credentials.cohorts import Cohorts
 from connector_credentials.conditions import EVENT_ROTATED, PENDING_REASON, Reason
 from connector_credentials.entry import ApiView, Entry, Held, Key, Outcome, Schedule, Served
 from connector_credentials.models import (
@@ -30,7 +28,7 @@ from connector_credentials.models import (
     format_duration,
     parse_spec,
 )
-from connector_credentials.reads import ReadResult, SecretReader, batchable
+from connector_credentials.reads import ReadResult, SecretReader
 from connector_credentials.serving import SHUTTING_DOWN, answer, answer_draining, describe
 from connector_credentials.settings import OperatorSettings
 from connector_credentials.status import (
@@ -40,15 +38,11 @@ from connector_credentials.status import (
     older_version,
     stable_identity,
 )
+from connector_credentials.timing import Timing
 from connector_credentials.values import JsonKeyError, NeedleIndex, SecretValue, extract
 from connector_credentials.wire import render_credential
 
 logger = logging.getLogger(__name__)
-
-#: The batch window is at most this share of a credential's refreshInterval.
-BATCH_WINDOW_SHARE = 0.02
-#: A credential's first check waits at most this long for others to fill its batch.
-FIRST_CHECK_WINDOW = 0.05
 
 
 __all__ = [
@@ -75,8 +69,7 @@ class Engine:
         self._port = port
         self._entries: dict[Key, Entry] = {}
         self.reader = SecretReader(port, max_workers=settings.aws_max_workers, batch=settings.batch_reads)
-        self._cohorts = Cohorts()
-        self._random = random.Random()  # noqa: S311 - jitter, not cryptography
+        self.timing = Timing(settings)
         self._writer = StatusWriter(
             sink, interval_of=self.interval, forget=self._forget_gone, heartbeat=settings.status_heartbeat
         )
@@ -167,7 +160,7 @@ class Engine:
         if schedule.outcome is None or schedule.failures:
             return  # never checked, or backing off: the schedule in place stands
         checked = entry.held.fetched_mono if entry.held.fetched_mono is not None else loop.time()
-        schedule.due = checked + self._jittered(interval)
+        schedule.due = checked + self.timing.jittered(interval)
         schedule.wake.set()
         outcome = schedule.outcome
         if outcome.ready and not outcome.transient and entry.api.spec is not None and entry.held.identity:
@@ -212,15 +205,6 @@ class Engine:
     def interval(self, entry: Entry) -> float:
         return entry.api.interval if entry.api.interval is not None else self.settings.default_refresh_interval
 
-    def _jittered(self, seconds: float) -> float:
-        spread = seconds * self.settings.jitter
-        return max(0.0, seconds - spread + self._random.random() * 2 * spread)
-
-    def _backoff(self, failures: int) -> float:
-        ceiling = min(self.settings.backoff_cap, self.settings.backoff_base * 2.0 ** max(0, failures - 1))
-        # "Equal jitter": never below half the step, so retries cannot pile up at zero.
-        return ceiling / 2 + self._random.random() * ceiling / 2
-
     async def _worker(self, entry: Entry) -> None:
         loop = asyncio.get_running_loop()
         schedule = entry.schedule
@@ -244,7 +228,7 @@ class Engine:
             except Exception as exc:  # noqa: BLE001 - a bug must not become a hot loop
                 # Counted like any failure: backoff up to the cap; the last verdict stays as it is.
                 schedule.failures += 1
-                retry_in = self._backoff(schedule.failures)
+                retry_in = self.timing.backoff(schedule.failures)
                 schedule.due = loop.time() + retry_in
                 # No traceback: its frames and message could hold what was being parsed (the secret).
                 logger.error(  # noqa: TRY400
@@ -305,8 +289,7 @@ class Engine:
                         arn, spec.version_id, spec.effective_stage, not_before=not_before
                     )
                 else:
-                    # A first check waits for others only a moment (a burst of new objects, the listing at start).
-                    window = self._batch_window(interval) if schedule.outcome else FIRST_CHECK_WINDOW
+                    window = self.timing.batch_window(interval, first=schedule.outcome is None)
                     answer = await self.reader.read(arn, spec.version_id, spec.effective_stage, window=window)
             except AwsFailure as exc:
                 answer = exc
@@ -381,25 +364,8 @@ class Engine:
             f"{format_duration(interval)}.",
         )
 
-    def _batch_window(self, interval: float) -> float:
-        """How long a due read may wait for others to fill its batch: short, and short against the interval."""
-        return min(self.settings.batch_window, interval * BATCH_WINDOW_SHARE)
-
     def _next_due(self, spec: ConnectorCredentialSpec, interval: float) -> float:
-        """The next refresh: in a cohort of up to 20 secrets of its region when it can be batched."""
-        now = asyncio.get_running_loop().time()
-        preferred = now + self._jittered(interval)
-        if not (self.settings.batch_reads and batchable(spec.version_id, spec.effective_stage)):
-            return preferred
-        spread = max(interval * self.settings.jitter, self._batch_window(interval))
-        return self._cohorts.place(
-            spec.arn.region,
-            (spec.arn.arn, spec.version_id, spec.effective_stage),
-            now=now,
-            earliest=now + interval - spread,
-            latest=now + interval + spread,
-            preferred=preferred,
-        )
+        return self.timing.next_due(spec, interval, asyncio.get_running_loop().time())
 
     def _on_failure(self, entry: Entry, failure: AwsFailure, interval: float) -> Outcome:
         loop = asyncio.get_running_loop()
@@ -410,10 +376,10 @@ class Engine:
             entry.held.verified_mono = None
             schedule.failures = 0
             spec = entry.api.spec
-            schedule.due = self._next_due(spec, interval) if spec else loop.time() + self._jittered(interval)
+            schedule.due = self._next_due(spec, interval) if spec else loop.time() + self.timing.jittered(interval)
             return Outcome(False, failure.reason, failure.message)
         schedule.failures += 1
-        retry_in = self._backoff(schedule.failures)
+        retry_in = self.timing.backoff(schedule.failures)
         staleness = self.settings.max_staleness
         verified = entry.held.verified_mono
         # Tolerance counts from when the value was due for refresh, so long intervals keep it too.

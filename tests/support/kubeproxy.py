@@ -208,6 +208,7 @@ class KubeFaultProxy(Service):
         self._streams.append(stream)
         await response.prepare(request)
         closed = asyncio.create_task(stream.closed.wait())
+        chunk_task: asyncio.Task[bytes] | None = None
         try:
             async with upstream:
                 while not stream.closed.is_set():
@@ -226,6 +227,10 @@ class KubeFaultProxy(Service):
             pass  # either side went away: the stream is over
         finally:
             closed.cancel()
+            if chunk_task is not None and not chunk_task.done():
+                # Cancelled while waiting (the proxy stops): the read may still end in an error.
+                chunk_task.cancel()
+                chunk_task.add_done_callback(_consume)
             stream.closed.set()
             self._streams.remove(stream)
         if stream.stalled:

@@ -262,7 +262,7 @@ def test_backoff_grows_with_jitter_and_is_capped(settings: OperatorSettings) -> 
     try:
         for failures in range(1, 12):
             ceiling = min(60, 2 ** (failures - 1))
-            delays = [engine._backoff(failures) for _ in range(200)]
+            delays = [engine.timing.backoff(failures) for _ in range(200)]
             assert all(ceiling / 2 <= d <= ceiling for d in delays)
             assert len({round(d, 6) for d in delays}) > 100  # jittered, not synchronised
     finally:
@@ -427,7 +427,7 @@ async def test_the_newest_verdict_wins_over_a_write_in_flight(setup: Any) -> Non
 def test_refreshes_are_spread_by_jitter(settings: OperatorSettings) -> None:
     engine = Engine(settings, FakePort(), FakeSink())
     try:
-        delays = [engine._jittered(300) for _ in range(500)]
+        delays = [engine.timing.jittered(300) for _ in range(500)]
         assert all(270 <= d <= 330 for d in delays)  # ±10% by default
         assert max(delays) - min(delays) > 40  # spread out, so a fleet does not refresh in step
     finally:

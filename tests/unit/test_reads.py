@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 
 from connector_credentials.aws import AwsFailure, BatchRefused, FetchedSecret
-from connector_credentials.cohorts import Cohorts
 from connector_credentials.conditions import Reason
 from connector_credentials.models import SecretArn
 from connector_credentials.reads import BATCH_RETRY_AFTER, SecretReader
+from connector_credentials.timing import Cohorts
 
 IDENTITY = "arn:aws:sts::123456789012:assumed-role/xpander-controller/s"
 
