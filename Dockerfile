@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
 # connector-credential-operator image: the operator (`connector-credentials run`) and the
-# socket client (`connector-credentials get|list`) in one venv, running as uid 10001.
+# socket client (`connector-credentials get|list`) in one venv, running as uid 10001. The operator
+# is installed with its `uvloop` extra: it serves and watches on uvloop (CCRED_EVENT_LOOP=auto).
 #
 #   docker build -t connector-credential-operator:0.1.0 .
 #
@@ -19,8 +20,9 @@ COPY pyproject.toml README.m[d] constraints.tx[t] ./
 COPY operator/ operator/
 RUN set -eu; \
     if [ -f constraints.txt ]; then set -- --constraint constraints.txt; fi; \
-    /opt/venv/bin/pip install "$@" . ; \
-    /opt/venv/bin/connector-credentials --help >/dev/null
+    /opt/venv/bin/pip install "$@" '.[uvloop]' ; \
+    /opt/venv/bin/connector-credentials --help >/dev/null; \
+    /opt/venv/bin/python -c "import uvloop"
 
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="connector-credential-operator" \

@@ -38,7 +38,7 @@ lint: $(STAMP) ## ruff (lint and format check)
 typecheck: $(STAMP) ## mypy --strict on the package
 	$(VENV)/bin/mypy
 
-bench: $(STAMP) controlplane ## Benchmarks: socket vs bare aiohttp, log filter cost, healthz under 1,000 idle connections, scale (100 and 1,000 credentials)
+bench: $(STAMP) controlplane ## Benchmarks: socket vs bare aiohttp (asyncio and uvloop), log filter cost, healthz under 1,000 idle connections, scale (100 and 1,000 credentials)
 	$(PY) bench/socket_bench.py
 	$(PY) bench/redact_bench.py
 	$(PY) bench/socket_hostile_bench.py

@@ -6,11 +6,15 @@ Run from the repository root with the project's virtual environment (nothing run
     .venv/bin/python bench/memory.py --counts 0,1,100 --repeats 3 \\
         --operator before=/tmp/before/bin/connector-credentials \\
         --operator after=/tmp/after/bin/connector-credentials
+    .venv/bin/python bench/memory.py --counts 0 --repeats 5 \
+        --operator uvloop=/tmp/img/bin/connector-credentials --env uvloop:CCRED_EVENT_LOOP=uvloop \
+        --operator asyncio=/tmp/img/bin/connector-credentials --env asyncio:CCRED_EVENT_LOOP=asyncio
 
 Each ``--operator LABEL=PATH`` names a ``connector-credentials`` console script, typically of a
 throwaway venv with ``pip install .`` (no extras): what a container image holds. Whether its
 interpreter can import ``kubernetes`` is shown beside it, since kopf imports the official client
-whenever it is installed. The venv of this script (``.venv``, with the test extra) has it.
+whenever it is installed. The venv of this script (``.venv``, with the test extra) has it. One
+script may appear under two labels, each with its own ``--env LABEL:NAME=VALUE`` (e.g. the event loop).
 
 One real kube-apiserver + etcd (``ControlPlane``) and one moto (``AwsEmulator``) serve every run.
 Each run gets a fresh namespace with the shipped RBAC, N secrets and N ``ConnectorCredential``
@@ -75,7 +79,15 @@ def wait_for(predicate: Any, timeout: float, what: str, operator: Any) -> None:
 
 
 def one_run(
-    kube: Any, aws: Any, workdir: Path, label: str, script: str, count: int, settle: float, timeout: float
+    kube: Any,
+    aws: Any,
+    workdir: Path,
+    label: str,
+    script: str,
+    count: int,
+    settle: float,
+    timeout: float,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     from tests.support.awsemu import irsa_env
     from tests.support.runner import OperatorProcess
@@ -108,7 +120,7 @@ def one_run(
         ),
         aws_env=irsa_env(rundir, aws.endpoint, role_arn=ROLE_ARN),
         socket_path=sock,
-        extra_env={"CCRED_SHUTDOWN_DRAIN": "0"},
+        extra_env={"CCRED_SHUTDOWN_DRAIN": "0", **(env or {})},
         log_path=rundir / "operator.log",
         home=rundir / "home",
         command=[script, "run", "-n", namespace],  # no --verbose: production logging
@@ -167,6 +179,13 @@ def bench(args: argparse.Namespace) -> int:
         if not path:
             raise SystemExit(f"--operator wants LABEL=PATH, not {spec!r}")
         operators.append((label, path))
+    envs: dict[str, dict[str, str]] = {}
+    for spec in args.env or []:
+        label, _, assignment = spec.partition(":")
+        name, equals, value = assignment.partition("=")
+        if not equals or label not in dict(operators):
+            raise SystemExit(f"--env wants LABEL:NAME=VALUE for a LABEL of --operator, not {spec!r}")
+        envs.setdefault(label, {})[name] = value
     counts = [int(c) for c in args.counts.split(",")]
     workdir = Path(tempfile.mkdtemp(prefix="ccm-", dir="/tmp"))  # Unix socket paths must stay short
     results: dict[tuple[str, int], list[dict[str, Any]]] = {}
@@ -178,7 +197,9 @@ def bench(args: argparse.Namespace) -> int:
                 for count in counts:
                     order = operators if (rep + counts.index(count)) % 2 == 0 else operators[::-1]
                     for label, script in order:
-                        figures = one_run(kube, aws, workdir, label, script, count, args.settle, args.timeout)
+                        figures = one_run(
+                            kube, aws, workdir, label, script, count, args.settle, args.timeout, envs.get(label)
+                        )
                         results.setdefault((label, count), []).append(figures)
                         if args.progress:
                             print(
@@ -189,7 +210,7 @@ def bench(args: argparse.Namespace) -> int:
                             )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    print_table(results, operators, counts, args)
+    print_table(results, operators, counts, args, envs)
     return 0
 
 
@@ -198,6 +219,7 @@ def print_table(
     operators: list[tuple[str, str]],
     counts: list[int],
     args: argparse.Namespace,
+    envs: dict[str, dict[str, str]],
 ) -> None:
     import platform
 
@@ -206,7 +228,8 @@ def print_table(
         f"Python {platform.python_version()} ({platform.machine()}), {platform.system()} {platform.release()}"
     )
     for label, script in operators:
-        print(f"  {label}: {script} (kubernetes importable: {'yes' if has_kubernetes(script) else 'no'})")
+        extra = "".join(f", {name}={value}" for name, value in envs.get(label, {}).items())
+        print(f"  {label}: {script} (kubernetes importable: {'yes' if has_kubernetes(script) else 'no'}{extra})")
     header = (
         f"{'install':<14} | {'credentials':>11} | {'VmRSS MiB':>9} | {'VmHWM MiB':>9} | {'RssAnon MiB':>11} | "
         f"{'threads':>7} | {'ready s':>7}"
@@ -241,6 +264,12 @@ def main() -> int:
         action="append",
         metavar="LABEL=PATH",
         help="a connector-credentials console script to measure (repeatable; default: this venv's)",
+    )
+    parser.add_argument(
+        "--env",
+        action="append",
+        metavar="LABEL:NAME=VALUE",
+        help="an environment variable for the runs of one --operator label (repeatable)",
     )
     parser.add_argument("--counts", default="0,1,100", help="credentials per run, comma-separated (default 0,1,100)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per cell; medians shown (default 1)")

@@ -21,8 +21,9 @@ logging) and measures, until every object has a Ready condition (the first pass)
 The bare floor, measured in the same run after the operator stopped, is a separate process that does
 the same I/O directly: the same AWS reads (ceil(N/20) BatchGetSecretValue of 20 secrets) through the same
 AWS proxy (static test keys) and N merge patches of the status subresource with a Ready condition through
-the same Kubernetes proxy (the operator's token), on 8 threads with keep-alive connections. Optionally (on by default) a second operator then
-starts in an empty namespace and N credentials are created while it runs.
+the same Kubernetes proxy (the operator's token), on 8 threads with keep-alive connections. Optionally
+(on by default) a second operator then starts in an empty namespace and N credentials are created while
+it runs.
 
 Everything runs on 127.0.0.1 (a real kube-apiserver + etcd, moto, both proxies); every phase has a
 deadline, and every process is stopped whatever happens. See bench/README.md (Scale).

@@ -1,33 +1,34 @@
-"""Benchmark the credential socket: cached GET throughput and latency, operator vs a bare aiohttp server.
+"""Benchmark the credential socket: cached GET throughput and latency, operator vs a bare aiohttp server,
+on the standard asyncio event loop and on uvloop, in the same run.
 
 Run with ``make bench`` (or ``.venv/bin/python bench/socket_bench.py --help``). See bench/README.md.
 
-Three kinds of process take part, each started from this file:
+For each loop kind of ``--loops`` (default ``asyncio,uvloop``) two servers run side by side:
 
-* the real operator (``connector-credentials run -n NS``, no ``--verbose``) against the Kubernetes
-  and AWS stand-ins of ``tests.support`` (a real kube-apiserver, moto), serving on a Unix socket;
-* a bare aiohttp server (``_bare``) on another Unix socket, answering the same path with the same
-  status, headers and body bytes, captured from the operator first;
-* a load generator (``_client``): N keep-alive HTTP/1.1 connections, one request in flight on each,
-  driven by a minimal ``asyncio.Protocol`` (no streams, no HTTP library) so that it costs little.
+* the real operator (``connector-credentials run -n NS``, no ``--verbose``, ``CCRED_EVENT_LOOP`` set
+  to the kind) against the Kubernetes and AWS stand-ins of ``tests.support`` (a real kube-apiserver,
+  moto), serving on a Unix socket;
+* a bare aiohttp server (``socket_load.py _bare``) on the **same loop kind**, on another Unix socket,
+  answering the same path with the same status, headers and body bytes, captured from that operator.
 
-Runs alternate between the two servers and each cell is repeated; the table shows medians.
+One load generator (``socket_load.py _client``, a fresh process per run) measures every server: N
+keep-alive HTTP/1.1 connections, one request in flight on each, on the loop of ``--client-loop``
+(default uvloop when installed: the cheaper client leaves more of the machine to the server), the
+same for every server. Runs rotate through the servers and each cell is repeated; the tables show
+medians.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
-import contextlib
-import gc
+import importlib.util
 import json
 import math
 import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,213 +39,24 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `python bench/x.py` puts bench/ on sys.path, not the repository root
+
+from socket_load import LOOPS, VOLATILE, fetch_once, stable_headers  # noqa: E402 - bench/ is on sys.path
+
+LOAD = str(Path(__file__).with_name("socket_load.py"))
 RESOURCE = "connectors.xpander.ai/v1alpha1/connectorcredentials"
 ROLE_ARN = "arn:aws:iam::123456789012:role/xpander-controller"
 CREDENTIAL = "bench-credential"
-#: Headers that legitimately differ between two servers or two responses (not part of the "same bytes").
-VOLATILE = {"date", "server", "content-length", "connection", "keep-alive"}
 TARGET_RATIO = 0.80
+#: What the operator logs at start on each loop (cli.py).
+LOOP_LOG = {"asyncio": "Running on the standard asyncio event loop", "uvloop": "Running on uvloop "}
+
+Answer = tuple[int, list[tuple[str, str]], bytes]
 
 
-# --- a raw HTTP/1.1 exchange over a Unix socket (set-up and verification only) ------------------
-
-
-def request_bytes(path: str) -> bytes:
-    """The request every client sends (what a controller's keep-alive client sends, give or take)."""
-    return f"GET {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n\r\n".encode("ascii")
-
-
-def fetch_once(sock_path: str, path: str, timeout: float = 10.0) -> tuple[int, list[tuple[str, str]], bytes]:
-    """One GET on a fresh connection: (status, headers in order, body)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(sock_path)
-        sock.sendall(request_bytes(path))
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("connection closed before the response headers")
-            data += chunk
-        head, _, rest = data.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split(" ", 2)[1])
-        headers = [(k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in lines[1:])]
-        length = int(next((v for k, v in headers if k.lower() == "content-length"), "0"))
-        while len(rest) < length:
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("connection closed before the end of the body")
-            rest += chunk
-        return status, headers, rest[:length]
-
-
-def stable_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    return sorted((k.lower(), v) for k, v in headers if k.lower() not in VOLATILE)
-
-
-# --- the bare server (a separate process) --------------------------------------------------------
-
-
-def bare_server_main(sock_path: str, spec_path: str) -> None:
-    """A minimal aiohttp server: one pre-built answer to every request, no checks at all."""
-    from aiohttp import web
-
-    spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
-    body = base64.b64decode(spec["body"])
-    headers = [(k, v) for k, v in spec["headers"]]
-    status = int(spec["status"])
-
-    async def handle(_request: web.BaseRequest) -> web.Response:
-        return web.Response(status=status, body=body, headers=headers)
-
-    async def main() -> None:
-        # aiohttp's low-level server (no Application, no router), as the operator uses: the cheapest
-        # aiohttp server there is, with the same keep-alive and logging options.
-        server = web.Server(handle, keepalive_timeout=30.0, access_log=None)
-        runner = web.ServerRunner(server, handle_signals=False)
-        await runner.setup()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(sock_path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(sock_path)
-        sock.listen(512)
-        sock.setblocking(False)
-        await web.SockSite(runner, sock, backlog=512).start()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        print("ready", flush=True)
-        await stop.wait()
-        await runner.cleanup()
-
-    asyncio.run(main())
-
-
-# --- the load generator (a separate process) -----------------------------------------------------
-
-
-class _Connection(asyncio.Protocol):
-    """One keep-alive connection, one request in flight; the next request leaves from data_received."""
-
-    def __init__(self, request: bytes, run: _Run) -> None:
-        self.request = request
-        self.run = run
-        self.transport: asyncio.Transport | None = None
-        self.buffer = bytearray()
-        self.need = -1  # total bytes of the current response once its head is parsed
-        self.sent_at = 0.0
-        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-
-    def send(self) -> None:
-        assert self.transport is not None
-        self.sent_at = time.perf_counter()
-        self.transport.write(self.request)
-
-    def data_received(self, data: bytes) -> None:
-        buffer = self.buffer
-        buffer += data
-        if self.need < 0:
-            end = buffer.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            head = bytes(buffer[:end]).lower()
-            at = head.find(b"\r\ncontent-length:")
-            if at < 0:
-                self._finish(ConnectionError("response without Content-Length"))
-                return
-            eol = head.find(b"\r\n", at + 2)
-            self.need = end + 4 + int(head[at + 17 : eol if eol >= 0 else len(head)])
-        if len(buffer) < self.need:
-            return
-        now = time.perf_counter()
-        ok = buffer[9:12] == b"200"
-        del buffer[: self.need]
-        self.need = -1
-        run = self.run
-        run.total += 1
-        if not ok:
-            run.errors += 1
-        if run.start <= now <= run.end:
-            run.latencies.append(now - self.sent_at)
-        if buffer:
-            self._finish(ConnectionError("unexpected bytes after a response"))
-        elif now >= run.end:
-            self._finish(None)
-        else:
-            self.send()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._finish(exc or ConnectionError("the server closed the connection"))
-
-    def _finish(self, exc: BaseException | None) -> None:
-        if not self.done.done():
-            if exc is None:
-                self.done.set_result(None)
-            else:
-                self.done.set_exception(exc)
-
-
-class _Run:
-    def __init__(self) -> None:
-        self.start = math.inf
-        self.end = math.inf
-        self.latencies: list[float] = []
-        self.errors = 0
-        self.total = 0  # every response, warm-up included
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of an ascending list."""
-    if not sorted_values:
-        return math.nan
-    rank = max(1, math.ceil(q * len(sorted_values)))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
-
-
-async def _load(sock_path: str, path: str, clients: int, warmup: float, duration: float) -> dict[str, Any]:
-    loop = asyncio.get_running_loop()
-    run = _Run()
-    request = request_bytes(path)
-    conns: list[_Connection] = []
-    try:
-        for _ in range(clients):
-            _transport, conn = await loop.create_unix_connection(lambda: _Connection(request, run), sock_path)
-            conns.append(conn)
-        run.start = time.perf_counter() + warmup
-        run.end = run.start + duration
-        for conn in conns:
-            conn.send()
-        await asyncio.wait_for(asyncio.gather(*(c.done for c in conns)), timeout=warmup + duration + 30)
-    finally:
-        for conn in conns:
-            if conn.transport is not None:
-                conn.transport.close()
-    latencies = sorted(run.latencies)
-    return {
-        "clients": clients,
-        "requests": len(latencies),
-        "errors": run.errors,
-        "total": run.total,
-        "rps": len(latencies) / duration,
-        "p50_ms": percentile(latencies, 0.50) * 1000,
-        "p99_ms": percentile(latencies, 0.99) * 1000,
-    }
-
-
-def client_main(sock_path: str, path: str, clients: int, warmup: float, duration: float) -> None:
-    gc.disable()  # only floats are allocated during the run; no cycles to collect
-    print(json.dumps(asyncio.run(_load(sock_path, path, clients, warmup, duration))), flush=True)
-
-
-def run_client(sock_path: str, path: str, clients: int, warmup: float, duration: float) -> dict[str, Any]:
+def run_client(sock_path: str, path: str, clients: int, warmup: float, duration: float, loop: str) -> dict[str, Any]:
     """The load generator in its own process; returns its summary."""
-    cmd = [sys.executable, __file__, "_client", sock_path, path, str(clients), str(warmup), str(duration)]
+    cmd = [sys.executable, LOAD, "_client", sock_path, path, str(clients), str(warmup), str(duration), loop]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=warmup + duration + 60, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"the load generator failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
@@ -254,10 +66,7 @@ def run_client(sock_path: str, path: str, clients: int, warmup: float, duration:
     return result
 
 
-# --- orchestration -------------------------------------------------------------------------------
-
-
-def wait_for_200(sock_path: str, path: str, timeout: float) -> tuple[int, list[tuple[str, str]], bytes]:
+def wait_for_200(sock_path: str, path: str, timeout: float) -> Answer:
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
@@ -273,7 +82,8 @@ def wait_for_200(sock_path: str, path: str, timeout: float) -> tuple[int, list[t
     raise RuntimeError(f"{sock_path} did not answer 200 for {path} within {timeout:.0f}s (last: {last})")
 
 
-def start_bare(workdir: Path, path: str, answer: tuple[int, list[tuple[str, str]], bytes]) -> subprocess.Popen[bytes]:
+def start_bare(workdir: Path, loop: str, answer: Answer) -> tuple[subprocess.Popen[bytes], str]:
+    """A bare server on ``loop`` sending ``answer``'s bytes; returns it and its socket path."""
     status, headers, body = answer
     spec = {
         "status": status,
@@ -281,12 +91,12 @@ def start_bare(workdir: Path, path: str, answer: tuple[int, list[tuple[str, str]
         "headers": [(k, v) for k, v in headers if k.lower() not in VOLATILE],
         "body": base64.b64encode(body).decode("ascii"),
     }
-    spec_path = workdir / "bare.json"
+    spec_path = workdir / f"bare-{loop}.json"
     spec_path.touch(mode=0o600)
     spec_path.write_text(json.dumps(spec), encoding="utf-8")
-    sock_path = str(workdir / "bare.sock")
+    sock_path = str(workdir / f"bare-{loop}.sock")
     proc = subprocess.Popen(
-        [sys.executable, __file__, "_bare", sock_path, str(spec_path)],
+        [sys.executable, LOAD, "_bare", sock_path, str(spec_path), loop],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         start_new_session=True,
@@ -296,8 +106,8 @@ def start_bare(workdir: Path, path: str, answer: tuple[int, list[tuple[str, str]
     if line.strip() != b"ready":
         proc.kill()
         proc.wait(10)
-        raise RuntimeError(f"the bare server did not start (exit code {proc.returncode})")
-    return proc
+        raise RuntimeError(f"the bare server on {loop} did not start (exit code {proc.returncode})")
+    return proc, sock_path
 
 
 def stop_process(proc: subprocess.Popen[bytes] | None) -> None:
@@ -329,6 +139,14 @@ def fmt_lat(p50: float, p99: float) -> str:
     return f"{p50:.2f} / {p99:.2f}"
 
 
+def parse_loops(text: str) -> list[str]:
+    loops = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [loop for loop in loops if loop not in LOOPS]
+    if not loops or unknown or len(set(loops)) != len(loops):
+        raise SystemExit(f"--loops takes distinct values among {', '.join(LOOPS)}, not {text!r}")
+    return loops
+
+
 def bench(args: argparse.Namespace) -> int:
     from tests.support.awsemu import AwsEmulator, irsa_env
     from tests.support.controlplane import ControlPlane
@@ -336,9 +154,12 @@ def bench(args: argparse.Namespace) -> int:
     from tests.support.runner import OperatorProcess, console_script
 
     clients_list = [int(c) for c in args.clients.split(",")]
+    loops = parse_loops(args.loops)
+    if "uvloop" in (*loops, args.client_loop) and importlib.util.find_spec("uvloop") is None:
+        raise SystemExit("uvloop is not installed in this venv (make venv installs it); or pass --loops asyncio")
     workdir = Path(tempfile.mkdtemp(prefix="ccb-", dir="/tmp"))  # Unix socket paths must stay short
-    operator: OperatorProcess | None = None
-    bare: subprocess.Popen[bytes] | None = None
+    operators: dict[str, Any] = {}
+    bares: dict[str, subprocess.Popen[bytes]] = {}
     started = time.monotonic()
     try:
         with ControlPlane() as plane, AwsEmulator() as aws:
@@ -359,92 +180,121 @@ def bench(args: argparse.Namespace) -> int:
                     "spec": {"secretArn": arn},
                 },
             )
-            op_sock = str(workdir / "op.sock")
-            operator = OperatorProcess(
-                namespace=namespace,
-                kubeconfig=kube.write_kubeconfig(
-                    workdir / "kubeconfig", token=kube.service_account_token(namespace), namespace=namespace
-                ),
-                aws_env=irsa_env(workdir, aws.endpoint, role_arn=ROLE_ARN),
-                socket_path=op_sock,
-                log_path=workdir / "operator.log",
-                home=workdir / "home",
-                command=[console_script(), "run", "-n", namespace],  # no --verbose: production logging
+            kubeconfig = kube.write_kubeconfig(
+                workdir / "kubeconfig", token=kube.service_account_token(namespace), namespace=namespace
             )
-            operator.start()
-            operator.wait_for_log("Serving credentials on", timeout=30)
             path = f"/v1/credentials/{namespace}/{CREDENTIAL}"
-            # The first 200 is the read that goes to AWS; everything after it is served from memory.
-            answer = wait_for_200(op_sock, path, timeout=30)
-            cached = fetch_once(op_sock, path)
-            require(
-                cached[0] == 200 and cached[2] == answer[2],
-                f"the cached read differs from the first (HTTP {cached[0]})",
-            )
+            servers: dict[str, tuple[str, Any]] = {}  # name -> (socket, the process: .pid)
+            answers: dict[str, Answer] = {}
+            for loop in loops:
+                # Two replicas of one namespace, as in a two-pod Deployment: each reads and serves on its own.
+                op_sock = str(workdir / f"op-{loop}.sock")
+                operator = operators[loop] = OperatorProcess(
+                    namespace=namespace,
+                    kubeconfig=kubeconfig,
+                    aws_env=irsa_env(workdir, aws.endpoint, role_arn=ROLE_ARN),
+                    socket_path=op_sock,
+                    extra_env={"CCRED_EVENT_LOOP": loop},
+                    log_path=workdir / f"operator-{loop}.log",
+                    home=workdir / f"home-{loop}",
+                    command=[console_script(), "run", "-n", namespace],  # no --verbose: production logging
+                )
+                operator.start()
+                said = operator.wait_for_log("Running on ", timeout=30)
+                require(LOOP_LOG[loop] in said, f"CCRED_EVENT_LOOP={loop}, but the operator says: {said}")
+                operator.wait_for_log("Serving credentials on", timeout=30)
+                # The first 200 is the read that goes to AWS; everything after it is served from memory.
+                answer = answers[loop] = wait_for_200(op_sock, path, timeout=30)
+                cached = fetch_once(op_sock, path)
+                require(
+                    cached[0] == 200 and cached[2] == answer[2],
+                    f"the cached read differs from the first on {loop} (HTTP {cached[0]})",
+                )
+                bare, bare_sock = start_bare(workdir, loop, answer)
+                bares[loop] = bare
+                bare_answer = fetch_once(bare_sock, path)
+                same = (bare_answer[0], stable_headers(bare_answer[1]), bare_answer[2]) == (
+                    answer[0],
+                    stable_headers(answer[1]),
+                    answer[2],
+                )
+                require(same, f"the bare server's response on {loop} differs from the operator's")
+                servers[f"bare/{loop}"] = (bare_sock, bare)
+                servers[f"operator/{loop}"] = (op_sock, operator)
 
-            bare = start_bare(workdir, path, answer)
-            bare_sock = str(workdir / "bare.sock")
-            bare_answer = fetch_once(bare_sock, path)
-            same = (bare_answer[0], stable_headers(bare_answer[1]), bare_answer[2]) == (
-                answer[0],
-                stable_headers(answer[1]),
-                answer[2],
-            )
-            require(same, "the bare server's response differs from the operator's")
-
+            first = answers[loops[0]]
             print("connector-credentials socket benchmark: cached GET /v1/credentials/{ns}/{name}")
             print(
-                f"env: {os.cpu_count()} CPUs, Python {platform.python_version()} ({platform.machine()}), "
-                f"aiohttp {_version('aiohttp')}, {platform.system()} {platform.release()}"
+                f"env: {os.cpu_count()} CPUs (shared machine), Python {platform.python_version()} "
+                f"({platform.machine()}), aiohttp {_version('aiohttp')}, "
+                f"uvloop {_version('uvloop') if importlib.util.find_spec('uvloop') else '-'}, "
+                f"{platform.system()} {platform.release()}"
             )
-            shown = ", ".join(f"{k}: {v}" for k, v in stable_headers(answer[1]))
-            print(f"response: HTTP {answer[0]}, {len(answer[2])}-byte body, {shown} (identical on both servers)")
+            shown = ", ".join(f"{k}: {v}" for k, v in stable_headers(first[1]))
+            print(f"response: HTTP {first[0]}, {len(first[2])}-byte body, {shown} (identical on each pair)")
+            print(
+                f"servers: per loop kind ({', '.join(loops)}), the operator with CCRED_EVENT_LOOP=<kind> and a bare "
+                "aiohttp server on the same kind"
+            )
             print(
                 f"load: {args.warmup:g}s warm-up + {args.duration:g}s measured per run, one keep-alive connection "
-                f"per client, server and client in separate processes; {args.repeats} runs per cell, "
-                "alternating bare/operator"
+                f"per client, client on {args.client_loop} for every server, server and client in separate "
+                f"processes; {args.repeats} runs per cell, rotating through the {len(servers)} servers"
             )
             print("note: the machine is shared and noisy; every figure is the median of the runs.\n", flush=True)
 
-            servers = {"bare": bare_sock, "operator": op_sock}
+            names = list(servers)
             results: dict[tuple[str, int], list[dict[str, Any]]] = {}
             for rep in range(args.repeats):
-                for clients in clients_list:
-                    order = (
-                        ["bare", "operator"] if (rep + clients_list.index(clients)) % 2 == 0 else ["operator", "bare"]
-                    )
-                    for name in order:
-                        alive = operator.returncode is None and bare.poll() is None
-                        require(alive, "a server exited during the benchmark")
-                        pid = operator.pid if name == "operator" else bare.pid
-                        cpu_before = process_cpu(pid)
-                        result = run_client(servers[name], path, clients, args.warmup, args.duration)
+                for index, clients in enumerate(clients_list):
+                    shift = (rep + index) % len(names)
+                    for name in names[shift:] + names[:shift]:
+                        dead = [n for n, (_, proc) in servers.items() if _exited(proc)]
+                        require(not dead, f"a server exited during the benchmark: {', '.join(dead)}")
+                        sock_path, proc = servers[name]
+                        cpu_before = process_cpu(proc.pid)
+                        result = run_client(sock_path, path, clients, args.warmup, args.duration, args.client_loop)
                         # The server's CPU time over the whole client run, per response (warm-up included).
-                        result["cpu_us"] = (process_cpu(pid) - cpu_before) / max(1, result["total"]) * 1e6
+                        result["cpu_us"] = (process_cpu(proc.pid) - cpu_before) / max(1, result["total"]) * 1e6
                         results.setdefault((name, clients), []).append(result)
                         if args.progress:
                             print(
-                                f"  run {rep + 1} {name:8} c={clients:<3} {result['rps']:8.0f} req/s  "
-                                f"p50 {result['p50_ms']:.2f} ms  p99 {result['p99_ms']:.2f} ms",
+                                f"  run {rep + 1} {name:16} c={clients:<3} {result['rps']:8.0f} req/s  "
+                                f"p50 {result['p50_ms']:.2f} ms  p99 {result['p99_ms']:.2f} ms  "
+                                f"server CPU {result['cpu_us']:.0f} us/req",
                                 file=sys.stderr,
                             )
-            print_table(results, clients_list)
+            medians = {key: _medians(runs) for key, runs in results.items()}
+            for loop in loops:
+                print_table(medians, clients_list, loop)
+            if len(loops) == 2:
+                print_comparison(medians, clients_list, *loops)
             print(f"\n(total {time.monotonic() - started:.0f}s)", flush=True)
-            require(operator.returncode is None, "the operator exited during the benchmark")
+            require(all(op.returncode is None for op in operators.values()), "an operator exited during the run")
     except Exception as exc:
         print(f"benchmark failed: {exc}", file=sys.stderr)
-        if operator is not None:
-            print(f"operator output (tail):\n{operator.output[-3000:]}", file=sys.stderr)
+        for loop, operator in operators.items():
+            print(f"operator ({loop}) output (tail):\n{operator.output[-3000:]}", file=sys.stderr)
         return 1
     finally:
-        stop_process(bare)
-        if operator is not None:
+        for bare in bares.values():
+            stop_process(bare)
+        for operator in operators.values():
             operator.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 
-def print_table(results: dict[tuple[str, int], list[dict[str, Any]]], clients_list: list[int]) -> None:
+def _exited(proc: Any) -> bool:
+    return (proc.poll() if isinstance(proc, subprocess.Popen) else proc.returncode) is not None
+
+
+def _medians(runs: list[dict[str, Any]]) -> dict[str, float]:
+    return {key: float(statistics.median(r[key] for r in runs)) for key in ("rps", "p50_ms", "p99_ms", "cpu_us")}
+
+
+def print_table(medians: dict[tuple[str, int], dict[str, float]], clients_list: list[int], loop: str) -> None:
+    print(f"loop: {loop} (operator with CCRED_EVENT_LOOP={loop}, bare server on {loop})")
     header = (
         f"{'clients':>7} | {'bare req/s':>10} | {'operator req/s':>14} | {'ratio':>5} | "
         f"{'bare p50/p99 ms':>15} | {'operator p50/p99 ms':>19} | {'server CPU us/req bare/op':>25}"
@@ -453,14 +303,7 @@ def print_table(results: dict[tuple[str, int], list[dict[str, Any]]], clients_li
     print("-" * len(header))
     worst = math.inf
     for clients in clients_list:
-        med = {
-            name: {
-                key: statistics.median(r[key] for r in results[(name, clients)])
-                for key in ("rps", "p50_ms", "p99_ms", "cpu_us")
-            }
-            for name in ("bare", "operator")
-        }
-        bare, op = med["bare"], med["operator"]
+        bare, op = medians[(f"bare/{loop}", clients)], medians[(f"operator/{loop}", clients)]
         ratio = op["rps"] / bare["rps"]
         worst = min(worst, ratio)
         print(
@@ -470,9 +313,30 @@ def print_table(results: dict[tuple[str, int], list[dict[str, Any]]], clients_li
         )
     verdict = "meets" if worst >= TARGET_RATIO else "is below"
     print(
-        f"\nratio = operator req/s / bare req/s; the lowest ({worst:.0%}) {verdict} the {TARGET_RATIO:.0%} target.\n"
-        "server CPU = the server process's user+system time per response, a steadier cost figure on a busy machine."
+        f"ratio = operator req/s / bare req/s on {loop}; the lowest ({worst:.0%}) {verdict} the "
+        f"{TARGET_RATIO:.0%} target.\n"
+        "server CPU = the server process's user+system time per response, a steadier cost figure on a busy machine.\n"
     )
+
+
+def print_comparison(
+    medians: dict[tuple[str, int], dict[str, float]], clients_list: list[int], base: str, other: str
+) -> None:
+    print(f"{other} against {base} (medians above; ratio = {other} req/s / {base} req/s, CPU = us per response)")
+    header = (
+        f"{'clients':>7} | {'operator ' + base:>16} | {'operator ' + other:>15} | {'ratio':>5} | "
+        f"{'bare ' + base:>12} | {'bare ' + other:>11} | {'ratio':>5} | {'operator CPU ' + base + '/' + other:>27}"
+    )
+    print(header)
+    print("-" * len(header))
+    for clients in clients_list:
+        op_a, op_b = medians[(f"operator/{base}", clients)], medians[(f"operator/{other}", clients)]
+        bare_a, bare_b = medians[(f"bare/{base}", clients)], medians[(f"bare/{other}", clients)]
+        print(
+            f"{clients:>7} | {op_a['rps']:>16,.0f} | {op_b['rps']:>15,.0f} | {op_b['rps'] / op_a['rps']:>5.0%} | "
+            f"{bare_a['rps']:>12,.0f} | {bare_b['rps']:>11,.0f} | {bare_b['rps'] / bare_a['rps']:>5.0%} | "
+            f"{op_a['cpu_us']:>13.0f} / {op_b['cpu_us']:<13.0f}"
+        )
 
 
 def _version(dist: str) -> str:
@@ -482,15 +346,17 @@ def _version(dist: str) -> str:
 
 
 def main() -> int:
-    if len(sys.argv) > 1 and sys.argv[1] == "_bare":
-        bare_server_main(sys.argv[2], sys.argv[3])
-        return 0
-    if len(sys.argv) > 1 and sys.argv[1] == "_client":
-        sock_path, path, clients, warmup, duration = sys.argv[2:7]
-        client_main(sock_path, path, int(clients), float(warmup), float(duration))
-        return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", default="1,16,64", help="concurrency levels, comma-separated (default 1,16,64)")
+    parser.add_argument(
+        "--loops", default="asyncio,uvloop", help="event loops of the servers, comma-separated (default asyncio,uvloop)"
+    )
+    parser.add_argument(
+        "--client-loop",
+        choices=LOOPS,
+        default="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+        help="the load generator's loop, the same for every server (default uvloop when installed: the cheaper client)",
+    )
     parser.add_argument("--duration", type=float, default=3.0, help="measured seconds per run (default 3)")
     parser.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds before each run (default 0.5)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per cell and server; medians shown (default 3)")

@@ -68,13 +68,46 @@ def run(**options: Any) -> None:
         raise click.UsageError(f"invalid settings: {problems}") from None
     if settings.all_namespaces and settings.namespace:
         raise click.UsageError("use either --all-namespaces or --namespace, not both")
+    loop_factory, why = event_loop(settings.event_loop)
     try:
-        asyncio.run(_run(settings), debug=settings.debug)
+        with asyncio.Runner(debug=settings.debug, loop_factory=loop_factory) as runner:
+            runner.run(_run(settings, why))
     except KeyboardInterrupt:
         pass
 
 
-async def _run(settings: OperatorSettings) -> None:
+class LoopUnavailable(click.ClickException):
+    """CCRED_EVENT_LOOP=uvloop without uvloop installed: a setting that cannot be met (exit 2)."""
+
+    exit_code = 2
+
+
+def event_loop(choice: str) -> tuple[Callable[[], asyncio.AbstractEventLoop] | None, str]:
+    """The loop factory for :class:`asyncio.Runner` (None: the standard loop), and why it was chosen."""
+    if choice == "asyncio":
+        return None, "CCRED_EVENT_LOOP=asyncio"
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise LoopUnavailable(
+                "CCRED_EVENT_LOOP=uvloop, but uvloop is not installed: install the operator with its extra "
+                "(pip install 'connector-credential-operator[uvloop]'), or set CCRED_EVENT_LOOP=auto or asyncio"
+            ) from None
+        return None, f"CCRED_EVENT_LOOP={choice}: uvloop is not installed"
+    return uvloop.new_event_loop, f"CCRED_EVENT_LOOP={choice}"
+
+
+def _loop_name() -> str:
+    """The running loop as the log names it: uvloop and its version, or the standard loop."""
+    if type(asyncio.get_running_loop()).__module__.partition(".")[0] == "uvloop":
+        from importlib.metadata import version
+
+        return f"uvloop {version('uvloop')}"
+    return "the standard asyncio event loop"
+
+
+async def _run(settings: OperatorSettings, why: str) -> None:
     from connector_credentials import handlers, logs
     from connector_credentials.aws import Boto3SecretsPort
     from connector_credentials.engine import Engine
@@ -82,6 +115,7 @@ async def _run(settings: OperatorSettings) -> None:
     from connector_credentials.server import CredentialServer, SocketInUseError
 
     redacting = logs.configure(verbose=settings.verbose, debug=settings.debug)
+    logger.info("Running on %s (%s).", _loop_name(), why)
     try:
         sink = KubeStatusSink()
     except (kopf.LoginError, OSError) as exc:  # OSError: e.g. the CA file of the kubeconfig

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -74,6 +74,14 @@ class OperatorSettings(BaseSettings):
     jitter: float = Field(default=0.1, ge=0, le=0.5)
 
     liveness: str | None = None
+    #: The event loop: uvloop when it is installed (auto), the standard library's (asyncio), or uvloop required.
+    event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
+
+    @field_validator("event_loop", mode="before")
+    @classmethod
+    def _event_loop(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
     #: Watch requests ask the API server to end the stream after this long (then kopf re-watches),
     #: and give up client-side after the second: a silently stalled stream cannot freeze the operator.
     watch_server_timeout: float = Field(default=300.0, gt=0)
