@@ -58,6 +58,8 @@ ROLE_ENV = "AWS_ROLE_ARN"
 TOKEN_ENV = "AWS_WEB_IDENTITY_TOKEN_FILE"
 #: BatchGetSecretValue takes at most this many ids per call.
 BATCH_LIMIT = 20
+#: Threads for reads someone waits for (the reader's priority lane), besides CCRED_AWS_MAX_WORKERS.
+PRIORITY_THREADS = 2
 _CURRENT = "stage AWSCURRENT"
 _BATCH_REFUSALS = frozenset(
     {"AccessDeniedException", "AccessDenied", "UnknownOperationException", "InvalidAction", "NotImplemented"}
@@ -141,7 +143,8 @@ class Boto3SecretsPort:
             connect_timeout=settings.aws_connect_timeout,
             read_timeout=settings.aws_read_timeout,
             retries={"mode": "standard", "total_max_attempts": settings.aws_max_attempts},
-            max_pool_connections=settings.aws_max_workers,
+            # The batch threads and the priority lane's: no connection is ever discarded for lack of room.
+            max_pool_connections=settings.aws_max_workers + PRIORITY_THREADS,
             user_agent_extra="connector-credential-operator",
         )
 

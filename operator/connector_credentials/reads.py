@@ -31,7 +31,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
-from connector_credentials.aws import BATCH_LIMIT, AwsFailure, BatchRefused, FetchedSecret, SecretsPort
+from connector_credentials.aws import (
+    BATCH_LIMIT,
+    PRIORITY_THREADS,
+    AwsFailure,
+    BatchRefused,
+    FetchedSecret,
+    SecretsPort,
+)
 from connector_credentials.models import DEFAULT_VERSION_STAGE, SecretArn
 
 logger = logging.getLogger(__name__)
@@ -42,7 +49,6 @@ ReadKey: TypeAlias = tuple[str, str | None, str | None]
 ReadResult: TypeAlias = tuple[str, FetchedSecret]
 #: After the batch action was denied, how long reads stay single before a batch is tried again.
 BATCH_RETRY_AFTER = 3600.0
-PRIORITY_THREADS = 2
 
 
 def batchable(version_id: str | None, stage: str | None) -> bool:
