@@ -152,12 +152,21 @@ class KubeStatusSink:
     async def post_event(
         self, namespace: str, name: str, uid: str | None, *, warning: bool, reason: str, message: str
     ) -> None:
+        # Built once the Event's turn comes (its time is then the time it is posted), not while it waits.
+        def body() -> dict[str, Any]:
+            return self._event_body(namespace, name, uid, warning=warning, reason=reason, message=message)
+
+        await self._request("POST", f"/api/v1/namespaces/{_quote(namespace)}/events", body=body, lane="events")
+
+    def _event_body(
+        self, namespace: str, name: str, uid: str | None, *, warning: bool, reason: str, message: str
+    ) -> dict[str, Any]:
         now = datetime.datetime.now(datetime.UTC)
         stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
         micro = now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         if len(message) > MAX_EVENT_MESSAGE:
             message = message[: MAX_EVENT_MESSAGE - 3] + "..."
-        body = {
+        return {
             "apiVersion": "v1",
             "kind": "Event",
             # Named like client-go's recorder does (<object>.<unique hex>): no generateName needed.
@@ -181,7 +190,6 @@ class KubeStatusSink:
             "reportingComponent": f"{GROUP}/operator",
             "reportingInstance": self._instance[:128],
         }
-        await self._request("POST", f"/api/v1/namespaces/{_quote(namespace)}/events", body=body, lane="events")
 
     # --- start-up -------------------------------------------------------------------------------
 
@@ -240,9 +248,9 @@ class KubeStatusSink:
         """The parsed JSON of a 2xx answer (``None`` if there is none); :class:`KubeApiError` otherwise.
 
         ``lane``: status writes and reads share 8 slots; Events have 2 of their own and wait for
-        the status writes queued before them; the start-up listing has 1 of its own.
+        the status writes queued before them; the start-up listing has 1 of its own. ``body`` is
+        encoded once a slot is free (a callable is called then): thousands of writes may wait.
         """
-        data = None if body is None else json.dumps(body).encode("utf-8")
         limits = aiohttp.ClientTimeout(total=total, connect=CONNECT_TIMEOUT)
         events = lane == "events"
         slots = {"events": self._event_slots, "listing": self._listing_slot}.get(lane, self._slots)
@@ -256,6 +264,8 @@ class KubeStatusSink:
             self._idle.clear()
         try:
             async with slots:
+                payload = body() if callable(body) else body
+                data = None if payload is None else json.dumps(payload).encode("utf-8")
                 return await self._send(method, path, data, content_type, limits)
         finally:
             if not events:
