@@ -183,6 +183,8 @@ class StatusWriter:
                         self._forget(entry)
                         return
                     self._accepted(entry, body)
+                    # The whole object (managedFields and all): not to be held while an Event waits.
+                    body = None
                 if event is not None:
                     what = "Event"
                     warning, reason, message = event
