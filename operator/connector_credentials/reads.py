@@ -123,6 +123,7 @@ class SecretReader:
         self._seq = itertools.count(1)
         self._batch_refused_until: float | None = None
         self._clock = clock
+        self._closed = False
         self.counts = ReadCounts()
 
     def _now(self) -> float:
@@ -204,6 +205,8 @@ class SecretReader:
 
     def _pump(self) -> None:
         """Start what may start: singles in order, then full or due batches, within the slots."""
+        if self._closed:
+            return
         now = self._now()
         while self._running < self._slots and self._singles:
             self._start([self._singles.popleft()], priority=False)
@@ -257,6 +260,8 @@ class SecretReader:
     def _finished(self, batch: list[_Pending], done: asyncio.Future[object], *, priority: bool) -> None:
         if not priority:
             self._running -= 1
+        if self._closed:
+            return  # close() cancelled every waiter already
         if done.cancelled():
             for pending in batch:
                 self._settle(pending, asyncio.CancelledError())
@@ -314,7 +319,9 @@ class SecretReader:
             del self._pending[pending.key]
         if pending.future.done():
             return
-        if isinstance(outcome, BaseException):
+        if isinstance(outcome, asyncio.CancelledError):
+            pending.future.cancel()
+        elif isinstance(outcome, BaseException):
             pending.future.set_exception(outcome)
             pending.future.exception()  # retrieved: every waiter re-raises it, nobody else must
         else:
@@ -335,6 +342,7 @@ class SecretReader:
     # --- the end -----------------------------------------------------------------------
 
     def close(self) -> None:
+        self._closed = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
