@@ -7,7 +7,8 @@ Run from the repository root with the project's venv (not collected by pytest)::
 It starts its own control plane (kube-apiserver + etcd), moto and fault proxy (127.0.0.1 only), runs the operator's
 console script against them exactly as the integration tests do, and prints:
 
-1. GetSecretValue calls per credential while 20 credentials are throttled from the start for 60 s,
+1. reads (a GetSecretValue, or a BatchGetSecretValue naming the secret) per credential while 20 credentials
+   are throttled from the start for 60 s,
    with the default backoff (1 s doubling to 300 s), for CCRED_AWS_MAX_ATTEMPTS=1 and the default 2;
 2. seconds until a verified fleet of 20 is AccessVerified again after a 20 s outage (5xx on every
    read; refreshInterval 5s, CCRED_MAX_STALENESS 5s), with the default backoff cap and a 5 s cap.
@@ -100,7 +101,8 @@ def calls_per_credential(world: World, names: list[str], start: float, end: floa
     counts = dict.fromkeys(names, 0)
     keys = {name: f"{world.prefix}/{name}-" for name in names}
     for seen in world.proxy.seen:
-        if seen.action != "GetSecretValue" or not start <= seen.at < end:
+        # A read is a GetSecretValue or a BatchGetSecretValue that names the secret.
+        if seen.action not in ("GetSecretValue", "BatchGetSecretValue") or not start <= seen.at < end:
             continue
         for name, key in keys.items():
             if any(key in sid for sid in seen.secret_ids):
@@ -134,7 +136,7 @@ def throttling(kube: Kube, aws: AwsEmulator, proxy: FaultProxy) -> None:
             checks = [output.count(f"{world.namespace}/{name}: Throttled") for name in names]
             total = sum(calls.values())
             print(f"  {label}: over {window:.1f} s")
-            print(f"    GetSecretValue calls per credential: {spread(list(calls.values()))}")
+            print(f"    reads (GetSecretValue or in a batch) per credential: {spread(list(calls.values()))}")
             print(f"    operator checks per credential:      {spread([float(c) for c in checks])}")
             print(
                 f"    fleet: {total} calls, {total / window:.2f} calls/s ({total / window / FLEET:.3f} per credential)"
@@ -180,7 +182,7 @@ def recovery(kube: Kube, aws: AwsEmulator, proxy: FaultProxy) -> None:
                 print(f"    only {len(seen)}/{FLEET} recovered within {RECOVERY_DEADLINE:g} s")
             if seen:
                 print(f"    seconds to AccessVerified after the outage: {spread([round(v, 1) for v in seen.values()])}")
-            print(f"    GetSecretValue calls per credential during the outage: {spread(list(calls.values()))}")
+            print(f"    reads per credential during the outage: {spread(list(calls.values()))}")
         proxy.clear()
 
 
