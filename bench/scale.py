@@ -586,9 +586,9 @@ class Row:
     healthz_after: float = 0.0
     first_calls: Counter[str] = field(default_factory=Counter)
     reads_per_credential: Counter[int] = field(default_factory=Counter)
-    #: On-demand read latencies by what the read found, from the AWS proxy's timestamps: no GetSecretValue of
-    #: the credential before the read was sent (it waited for the first check), one before and one while it
-    #: was pending (already checked: the first socket read re-read it), or none while it was pending.
+    #: On-demand read latencies by what the read found, from the AWS proxy's timestamps: no read of the
+    #: credential before the read was sent (it waited for the first check), one before and one while it was
+    #: pending (already checked, yet read again: a refresh due then), or none while it was pending.
     waited: list[float] = field(default_factory=list)
     rechecked: list[float] = field(default_factory=list)
     cached: list[float] = field(default_factory=list)
@@ -923,7 +923,7 @@ def print_details(rows: list[Row], args: argparse.Namespace) -> None:
         )
         kinds = (
             ("not read from AWS yet (waited for the first check)", row.waited),
-            ("already checked (the read re-read AWS)", row.rechecked),
+            ("already checked, read again while pending (a refresh due then)", row.rechecked),
             ("already checked, answered from memory (a re-read, if any, came later)", row.cached),
         )
         for label, values in kinds:

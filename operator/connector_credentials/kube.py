@@ -107,10 +107,12 @@ class KubeStatusSink:
         # Logged in at once: without any credentials the operator cannot start at all.
         self._credentials = self._fresh(None, tls=True)
         self._session: aiohttp.ClientSession | None = None
-        self._slots = asyncio.Semaphore(max_in_flight)
-        self._event_slots = asyncio.Semaphore(MAX_EVENTS_IN_FLIGHT)
-        # The start-up listing's pages must not queue behind the status writes of the pages before.
-        self._listing_slot = asyncio.Semaphore(1)
+        self._lanes: dict[Lane, asyncio.Semaphore] = {
+            "status": asyncio.Semaphore(max_in_flight),
+            "events": asyncio.Semaphore(MAX_EVENTS_IN_FLIGHT),
+            # The start-up listing's pages must not queue behind the status writes of the pages before.
+            "listing": asyncio.Semaphore(1),
+        }
         self._busy = 0  # other requests waiting or in flight
         self._idle = asyncio.Event()
         self._idle.set()
@@ -253,7 +255,6 @@ class KubeStatusSink:
         """
         limits = aiohttp.ClientTimeout(total=total, connect=CONNECT_TIMEOUT)
         events = lane == "events"
-        slots = {"events": self._event_slots, "listing": self._listing_slot}.get(lane, self._slots)
         if events:
             # Events go after the status writes that are waiting: at start, the verdicts first.
             with contextlib.suppress(TimeoutError):
@@ -263,7 +264,7 @@ class KubeStatusSink:
             self._busy += 1
             self._idle.clear()
         try:
-            async with slots:
+            async with self._lanes[lane]:
                 payload = body() if callable(body) else body
                 data = None if payload is None else json.dumps(payload).encode("utf-8")
                 return await self._send(method, path, data, content_type, limits)
