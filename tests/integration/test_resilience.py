@@ -398,9 +398,13 @@ def test_kubernetes_api_faults_and_restart_lose_no_update_and_nothing_flaps(worl
     try:
         with world.client() as client, Timeline(world, [*names, "delta"]) as timeline:
             # 1. The watch stream drops: the operator re-watches and sees what happens next.
-            watches = kube.drop_watches()
-            assert watches >= 1
-            wait_until(lambda: kube.active_watches >= watches, timeout=10, message="the operator did not re-watch")
+            dropped_at = time.monotonic()
+            assert kube.drop_watches(ns) >= 1
+            wait_until(
+                lambda: kube.watches(ns, opened_after=dropped_at) >= 1,
+                timeout=10,
+                message="the operator did not re-watch",
+            )
             # Made while the operator may still be re-watching: the API server resumes the new stream
             # from the last resourceVersion kopf saw, so nothing in between is lost.
             world.apply("delta", {"secretArn": arns["delta"], "refreshInterval": SPEC_INTERVAL})
@@ -426,6 +430,7 @@ def test_kubernetes_api_faults_and_restart_lose_no_update_and_nothing_flaps(worl
             # 3. An API server restart: every watch drops and a burst of requests fails with 503,
             #    while AWS recovers for alpha and gamma's spec changes.
             kube.fail_requests(None, r"^/api", status=503, times=12)
+            restarted_at = time.monotonic()
             kube.drop_watches()
             proxy.clear()
             assert client.get(ns, "alpha", refresh=True).arn == arns["alpha"]  # AWS does not need the API
@@ -438,7 +443,11 @@ def test_kubernetes_api_faults_and_restart_lose_no_update_and_nothing_flaps(worl
                 timeout=45,
                 message="gamma's spec change made during the API restart was never observed",
             )
-            wait_until(lambda: kube.active_watches >= 1, timeout=10, message="no watch after the API restart")
+            wait_until(
+                lambda: kube.watches(ns, opened_after=restarted_at) >= 1,
+                timeout=10,
+                message="no watch after the API restart",
+            )
             assert "re-checked every 6s" in (world.ready("gamma") or {})["message"]
             wanted = [("Normal", "AccessVerified"), ("Warning", "AccessDenied"), ("Normal", "AccessVerified")]
             wait_until(

@@ -58,6 +58,8 @@ class Seen:
 @dataclass
 class _Stream:
     response: aiohttp.web.StreamResponse
+    path: str
+    opened: float
     stalled: bool = False
     closed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -135,19 +137,37 @@ class KubeFaultProxy(Service):
         with self._lock:
             self._faults.clear()
 
-    def drop_watches(self) -> int:
-        """Close every open watch stream (as an API server restart does); return how many."""
-        return int(self._call(self._drop()))
+    def drop_watches(self, namespace: str | None = None) -> int:
+        """Close the open watch streams (of one namespace, or all as an API server restart does).
 
-    async def _drop(self) -> int:
-        streams = [stream for stream in self._streams if not stream.closed.is_set()]
+        Returns how many were closed.
+        """
+        return int(self._call(self._drop(namespace)))
+
+    async def _drop(self, namespace: str | None = None) -> int:
+        streams = [stream for stream in self._streams if not stream.closed.is_set() and _in(stream, namespace)]
         for stream in streams:
             stream.closed.set()
         return len(streams)
 
     @property
     def active_watches(self) -> int:
-        return sum(1 for stream in list(self._streams) if not stream.closed.is_set() and not stream.stalled)
+        return self.watches()
+
+    def watches(self, namespace: str | None = None, *, opened_after: float | None = None) -> int:
+        """The open, flowing watch streams: of one namespace, opened after a `time.monotonic()`.
+
+        The proxy is shared by the whole session: a stream of another test's operator that has
+        not been torn down yet must not count as this operator's re-watch.
+        """
+        return sum(
+            1
+            for stream in list(self._streams)
+            if not stream.closed.is_set()
+            and not stream.stalled
+            and _in(stream, namespace)
+            and (opened_after is None or stream.opened > opened_after)
+        )
 
     def stall_watches(self, stalled: bool = True) -> None:
         """Stall the open watch streams and, while on, every new one: connected, silent forever."""
@@ -204,7 +224,7 @@ class KubeFaultProxy(Service):
         self, request: aiohttp.web.BaseRequest, upstream: aiohttp.ClientResponse
     ) -> aiohttp.web.StreamResponse:
         response = aiohttp.web.StreamResponse(status=upstream.status, headers=_copy(upstream.headers))
-        stream = _Stream(response, stalled=self._stall_new)
+        stream = _Stream(response, request.path, time.monotonic(), stalled=self._stall_new)
         self._streams.append(stream)
         await response.prepare(request)
         closed = asyncio.create_task(stream.closed.wait())
@@ -241,6 +261,10 @@ class KubeFaultProxy(Service):
         with contextlib.suppress(ConnectionError):  # the client went away first
             await response.write_eof()
         return response
+
+
+def _in(stream: _Stream, namespace: str | None) -> bool:
+    return namespace is None or f"/namespaces/{namespace}/" in stream.path
 
 
 def _consume(task: asyncio.Task[Any]) -> None:
