@@ -21,20 +21,24 @@ Script = Callable[[SecretArn], FetchedSecret]
 
 
 class FakePort:
+    credential_source = "IRSA"
+
     def __init__(self) -> None:
         self.answer: FetchedSecret | AwsFailure = FetchedSecret("v1", VALUE, ("AWSCURRENT",))
         self.calls = 0
 
-    def caller_identity(self, region: str) -> str:
+    def caller_identity(self, region: str, *, role: Any = None) -> str:
         return IDENTITY
 
-    def get_secret(self, arn: SecretArn, *, version_id: str | None, version_stage: str | None) -> FetchedSecret:
+    def get_secret(
+        self, arn: SecretArn, *, version_id: str | None, version_stage: str | None, role: Any = None
+    ) -> FetchedSecret:
         self.calls += 1
         if isinstance(self.answer, AwsFailure):
             raise self.answer
         return self.answer
 
-    def get_current_secrets(self, region: str, arns: Any) -> dict[str, FetchedSecret | AwsFailure]:
+    def get_current_secrets(self, region: str, arns: Any, *, role: Any = None) -> dict[str, FetchedSecret | AwsFailure]:
         """A batch: each secret as get_secret answers it (so subclasses script both paths)."""
         found: dict[str, FetchedSecret | AwsFailure] = {}
         for arn in arns:

@@ -25,6 +25,8 @@ def arn(name: str, region: str = "us-east-1") -> SecretArn:
 class ScriptedPort:
     """Answers every secret with its own name as the value; records each call; can hold calls."""
 
+    credential_source = "IRSA"
+
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.singles: list[tuple[str, str | None, str | None]] = []
@@ -46,10 +48,12 @@ class ScriptedPort:
         with self.lock:
             self.running -= 1
 
-    def caller_identity(self, region: str) -> str:
+    def caller_identity(self, region: str, *, role: Any = None) -> str:
         return IDENTITY
 
-    def get_secret(self, arn: SecretArn, *, version_id: str | None, version_stage: str | None) -> FetchedSecret:
+    def get_secret(
+        self, arn: SecretArn, *, version_id: str | None, version_stage: str | None, role: Any = None
+    ) -> FetchedSecret:
         self._enter()
         try:
             with self.lock:
@@ -60,7 +64,7 @@ class ScriptedPort:
         finally:
             self._leave()
 
-    def get_current_secrets(self, region: str, arns: Any) -> dict[str, FetchedSecret | AwsFailure]:
+    def get_current_secrets(self, region: str, arns: Any, *, role: Any = None) -> dict[str, FetchedSecret | AwsFailure]:
         self._enter()
         try:
             self.gate.wait(10)
