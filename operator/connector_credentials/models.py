@@ -36,7 +36,7 @@ VERSION_STAGE_PATTERN = r"^[A-Za-z0-9_+=.@-]{1,256}$"
 VERSION_ID_PATTERN = r"^[A-Za-z0-9-]{32,64}$"
 DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"
 ROLE_ARN_PATTERN = r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/[A-Za-z0-9_+=,.@/-]{1,512}$"
-EXTERNAL_ID_PATTERN = r"^[A-Za-z0-9_+=,.@:/-]{2,1224}$"
+EXTERNAL_ID_PATTERN = r"^[A-Za-z0-9_+=,.@:/-]+$"
 
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -146,7 +146,7 @@ class ConnectorCredentialSpec(_Model):
     version_id: Annotated[str | None, Field(pattern=VERSION_ID_PATTERN)] = None
     refresh_interval: Annotated[str | None, Field(pattern=DURATION_PATTERN, max_length=32)] = None
     role_arn: Annotated[str | None, Field(pattern=ROLE_ARN_PATTERN, max_length=2048)] = None
-    external_id: Annotated[str | None, Field(pattern=EXTERNAL_ID_PATTERN, max_length=1224)] = None
+    external_id: Annotated[str | None, Field(pattern=EXTERNAL_ID_PATTERN, min_length=2, max_length=1224)] = None
 
     @field_validator("secret_arn")
     @classmethod
