@@ -129,6 +129,18 @@ async def settle(engine: Engine) -> None:
             return
 
 
+async def test_a_role_outside_the_allowlist_is_refused_before_any_read(setup: Any) -> None:
+    engine, port, sink = setup
+    role = "arn:aws:iam::210987654321:role/connector-reader"
+    engine.upsert(body({"secretArn": ARN, "roleArn": role}))
+    await settle(engine)
+    ready = find_condition(sink.objects["team-a", "slack"]["status"]["conditions"])
+    assert ready is not None and (ready["status"], ready["reason"]) == ("False", "RoleNotAllowed")
+    assert role in ready["message"] and port.calls == 0
+    served = await engine.serve("team-a", "slack", refresh=False)
+    assert served.status == 502 and served.reason == "RoleNotAllowed"
+
+
 async def test_success_sets_ready_and_serves(setup: Any) -> None:
     engine, port, sink = setup
     engine.upsert(body({"secretArn": ARN}))
@@ -140,6 +152,7 @@ async def test_success_sets_ready_and_serves(setup: Any) -> None:
     assert status["versionId"] == "v1"
     assert status["observedGeneration"] == 1
     assert stable_identity(status["identityArn"]) == stable_identity(IDENTITY)
+    assert status["credentialSource"] == "IRSA"
     assert sink.events == [(False, "AccessVerified", ready["message"])]
     served = await engine.serve("team-a", "slack", refresh=False)
     assert served.status == 200 and served.value is not None and served.value.reveal() == VALUE
