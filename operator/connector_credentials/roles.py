@@ -25,8 +25,22 @@ RENEW_BEFORE = 300.0
 SESSION_SECONDS = 3600
 SESSION_NAME = "connector-credential-operator"
 
-_TRANSIENT_CODES = frozenset(
-    {"Throttling", "ThrottlingException", "RequestLimitExceeded", "InternalFailure", "ServiceUnavailable"}
+#: Answers that are not about the chained role's trust: classified as for any call (throttling, outages,
+#: an expired session of the operator's own identity, clock skew), mostly transient.
+_NOT_A_REFUSAL = frozenset(
+    {
+        "Throttling",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+        "InternalFailure",
+        "ServiceUnavailable",
+        "ExpiredToken",
+        "ExpiredTokenException",
+        "RequestExpired",
+        "RequestTimeTooSkewed",
+        "SignatureDoesNotMatch",
+        "InvalidSignatureException",
+    }
 )
 
 
@@ -122,7 +136,7 @@ class RoleSessions:
             error = exc.response.get("Error", {})
             code = str(error.get("Code", "Unknown"))
             status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-            if code in _TRANSIENT_CODES or status >= 500:
+            if code in _NOT_A_REFUSAL or status >= 500:
                 raise classify(exc, arn=_placeholder(region), role=role.arn, version="") from None
             raise refused(role, code, scrub(str(error.get("Message", ""))), base_identity) from None
         except AwsFailure:

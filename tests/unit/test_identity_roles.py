@@ -173,8 +173,9 @@ def test_an_sts_refusal_names_the_role() -> None:
     failure: Any = caught.value
     assert failure.reason == Reason.ASSUME_ROLE_FAILED and not failure.transient
     assert role.arn in failure.message and ROLE in failure.message and "sts:ExternalId" in failure.message
-    throttled = botocore.exceptions.ClientError({"Error": {"Code": "Throttling", "Message": "Rate"}}, "AssumeRole")
-    sessions = RoleSessions(lambda region: FakeSts(throttled), None, clock=lambda: NOW[0])
-    with pytest.raises(Exception) as caught:
-        sessions.identity(role, "us-east-1", base_identity=ROLE)
-    assert getattr(caught.value, "transient", False)
+    for code in ("Throttling", "ExpiredToken"):
+        error = botocore.exceptions.ClientError({"Error": {"Code": code, "Message": "m"}}, "AssumeRole")
+        sessions = RoleSessions(lambda region, error=error: FakeSts(error), None, clock=lambda: NOW[0])
+        with pytest.raises(Exception) as caught:
+            sessions.identity(role, "us-east-1", base_identity=ROLE)
+        assert getattr(caught.value, "transient", False), code
