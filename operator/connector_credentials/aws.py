@@ -11,7 +11,6 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import Sequence
@@ -31,12 +30,29 @@ from connector_credentials.awserrors import (
     scrub,
 )
 from connector_credentials.conditions import Reason
-from connector_credentials.models import SecretArn
+from connector_credentials.identity import (
+    FULL_URI_ENV,
+    IRSA,
+    IRSA_METHOD,
+    POD_IDENTITY,
+    POD_IDENTITY_METHOD,
+    ROLE_ENV,
+    configured,
+    from_retrieval_error,
+    irsa_problem,
+    neither_configured,
+    pod_identity_failure,
+    pod_identity_problem,
+    source_name,
+)
+from connector_credentials.models import AssumedRole, SecretArn
+from connector_credentials.roles import RoleSessions
 
 __all__ = [
     "BATCH_LIMIT",
     "IRSA_CHECKS",
     "MAX_AWS_MESSAGE",
+    "AssumedRole",
     "AwsFailure",
     "BatchRefused",
     "Boto3SecretsPort",
@@ -53,9 +69,6 @@ logger = logging.getLogger(__name__)
 if TYPE_CHECKING:
     from connector_credentials.settings import OperatorSettings
 
-IRSA_METHOD = "assume-role-with-web-identity"
-ROLE_ENV = "AWS_ROLE_ARN"
-TOKEN_ENV = "AWS_WEB_IDENTITY_TOKEN_FILE"
 #: BatchGetSecretValue takes at most this many ids per call.
 BATCH_LIMIT = 20
 #: Threads for reads someone waits for (the reader's priority lane), besides CCRED_AWS_MAX_WORKERS.
@@ -64,8 +77,6 @@ _CURRENT = "stage AWSCURRENT"
 _BATCH_REFUSALS = frozenset(
     {"AccessDeniedException", "AccessDenied", "UnknownOperationException", "InvalidAction", "NotImplemented"}
 )
-
-_ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/[\w+=,.@/-]{1,512}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,17 +92,31 @@ class FetchedSecret:
 
 
 class SecretsPort(Protocol):
-    """What the engine needs from AWS. Blocking: call from a worker thread."""
+    """What the engine needs from AWS. Blocking: call from a worker thread.
 
-    def caller_identity(self, region: str) -> str:
+    ``role``: read as this cross-account role (assumed with the workload identity), else as the
+    workload identity itself.
+    """
+
+    @property
+    def credential_source(self) -> str | None:
+        """How the operator's own credentials were obtained (``IRSA``, ``PodIdentity``, a boto3
+        method name), once known."""
+        ...
+
+    def caller_identity(self, region: str, *, role: AssumedRole | None = None) -> str:
         """The ARN STS reports for the credentials in use (raises :class:`AwsFailure`)."""
         ...
 
-    def get_secret(self, arn: SecretArn, *, version_id: str | None, version_stage: str | None) -> FetchedSecret:
+    def get_secret(
+        self, arn: SecretArn, *, version_id: str | None, version_stage: str | None, role: AssumedRole | None = None
+    ) -> FetchedSecret:
         """Read one secret version (raises :class:`AwsFailure`)."""
         ...
 
-    def get_current_secrets(self, region: str, arns: Sequence[SecretArn]) -> dict[str, FetchedSecret | AwsFailure]:
+    def get_current_secrets(
+        self, region: str, arns: Sequence[SecretArn], *, role: AssumedRole | None = None
+    ) -> dict[str, FetchedSecret | AwsFailure]:
         """Read the current version of up to 20 secrets of one region in one call (BatchGetSecretValue).
 
         Keyed by ARN; a secret AWS did not mention is absent (read it alone). When the whole
@@ -106,27 +131,6 @@ class BatchRefused(Exception):
     """IAM denies secretsmanager:BatchGetSecretValue: read one secret at a time instead."""
 
 
-def irsa_problem(environ: dict[str, str] | os._Environ[str]) -> str | None:
-    """Why the pod has no usable web-identity setup, or ``None`` when it has one."""
-    missing = [name for name in (ROLE_ENV, TOKEN_ENV) if not environ.get(name)]
-    if missing:
-        return f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set in the operator's container"
-    role = environ[ROLE_ENV]
-    if not _ROLE_ARN.match(role):
-        return (
-            f"AWS_ROLE_ARN={role!r} is not an IAM role ARN (arn:aws:iam::<account-id>:role/<name>); "
-            "the service account annotation eks.amazonaws.com/role-arn must hold the full role ARN"
-        )
-    token_file = environ[TOKEN_ENV]
-    try:
-        with open(token_file, "rb") as handle:
-            if not handle.read(1):
-                return f"the web-identity token file {token_file} is empty"
-    except OSError as exc:
-        return f"the web-identity token file {token_file} cannot be read ({exc.strerror or type(exc).__name__})"
-    return None
-
-
 class Boto3SecretsPort:
     """The port over boto3's default credential chain, insisting on IRSA unless allowed otherwise."""
 
@@ -139,6 +143,7 @@ class Boto3SecretsPort:
         self._identity: tuple[float, str] | None = None
         self._identity_lock = threading.Lock()
         self._identity_flight: concurrent.futures.Future[str] | None = None
+        self._source: str | None = None
         self._config = botocore.config.Config(
             connect_timeout=settings.aws_connect_timeout,
             read_timeout=settings.aws_read_timeout,
@@ -147,33 +152,63 @@ class Boto3SecretsPort:
             max_pool_connections=settings.aws_max_workers + PRIORITY_THREADS,
             user_agent_extra="connector-credential-operator",
         )
+        self._roles = RoleSessions(lambda region: self._client("sts", region), self._config)
 
     @property
     def role(self) -> str | None:
         return self._environ.get(ROLE_ENV) or None
 
+    @property
+    def credential_source(self) -> str | None:
+        return self._source
+
     def _require_credentials(self) -> None:
-        problem = irsa_problem(self._environ)
-        if problem is not None and not self._settings.allow_non_irsa_credentials:
-            # Refuse before resolving the chain: resolving it would fall back to the node's role.
-            raise AwsFailure(
-                Reason.IRSA_NOT_CONFIGURED,
-                f"No IRSA web-identity credentials: {problem}. {IRSA_CHECKS} Other credential sources (node "
-                "instance role, static keys) are refused unless CCRED_ALLOW_NON_IRSA_CREDENTIALS=true.",
-            )
+        """Refuse anything but a workload identity (unless allowed), before boto3 resolves its chain:
+        resolving it without one would fall back to the node's instance role."""
+        allow_other = self._settings.allow_non_irsa_credentials
+        kind = configured(self._environ)
+        if kind == IRSA:
+            problem = irsa_problem(self._environ)
+            if problem is not None and not allow_other:
+                raise AwsFailure(
+                    Reason.IRSA_NOT_CONFIGURED,
+                    f"No IRSA web-identity credentials: {problem}. {IRSA_CHECKS} Other credential sources (node "
+                    "instance role, static keys) are refused unless CCRED_ALLOW_NON_IRSA_CREDENTIALS=true.",
+                )
+        elif kind == POD_IDENTITY:
+            problem = pod_identity_problem(self._environ)
+            if problem is not None:
+                raise pod_identity_failure(problem, self._environ)
+        elif not allow_other:
+            raise neither_configured()
         session = self._get_session()
-        credentials = session.get_credentials()
+        try:
+            credentials = session.get_credentials()
+        except botocore.exceptions.CredentialRetrievalError as exc:
+            raise self._classify(exc, arn=_identity_placeholder("(credentials)"), role=None, version="") from None
+        except OSError as exc:  # the Pod Identity token file vanished between the check and the read
+            if kind != POD_IDENTITY:
+                raise
+            raise pod_identity_failure(f"the token could not be read ({exc.strerror})", self._environ) from None
         if credentials is None:
-            raise AwsFailure(Reason.IRSA_NOT_CONFIGURED, f"No AWS credentials were found. {IRSA_CHECKS}")
+            raise neither_configured()
         method = getattr(credentials, "method", "unknown")
-        if method != IRSA_METHOD and not self._settings.allow_non_irsa_credentials:
+        expected = {IRSA: IRSA_METHOD, POD_IDENTITY: POD_IDENTITY_METHOD}.get(kind or "")
+        if method != expected and not allow_other:
+            variables = (
+                f"{FULL_URI_ENV}/AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"
+                if kind == POD_IDENTITY
+                else "AWS_ROLE_ARN/AWS_WEB_IDENTITY_TOKEN_FILE"
+            )
             raise AwsFailure(
                 Reason.IRSA_NOT_CONFIGURED,
-                f"The AWS SDK picked credentials from {method!r}, not IRSA web identity: another source "
+                f"The AWS SDK picked credentials from {method!r}, not the workload identity "
+                f"({'EKS Pod Identity' if kind == POD_IDENTITY else 'IRSA web identity'}): another source "
                 "(e.g. AWS_ACCESS_KEY_ID in the container's environment, or a shared credentials file) "
-                "takes precedence over AWS_ROLE_ARN/AWS_WEB_IDENTITY_TOKEN_FILE. Remove it, or set "
+                f"takes precedence over {variables}. Remove it, or set "
                 "CCRED_ALLOW_NON_IRSA_CREDENTIALS=true to accept it.",
             )
+        self._source = source_name(method)
 
     def _get_session(self) -> boto3.Session:
         with self._lock:
@@ -194,8 +229,30 @@ class Boto3SecretsPort:
                     self._clients[key] = client
         return client
 
-    def caller_identity(self, region: str) -> str:
+    def _classify(self, exc: BaseException, *, arn: SecretArn, role: AssumedRole | None, version: str) -> AwsFailure:
+        """:func:`classify`, with the Pod Identity agent's failures (also on renewal) in its own words."""
+        if isinstance(exc, botocore.exceptions.CredentialRetrievalError):
+            failure = from_retrieval_error(exc, self._environ)
+            if failure is not None:
+                return failure
+        return classify(exc, arn=arn, role=role.arn if role else self.role, version=version)
+
+    def _reader(self, region: str, role: AssumedRole | None) -> Any:
+        """The Secrets Manager client of this region, as the role if one is named."""
+        if role is None:
+            return self._client("secretsmanager", region)
+        return self._roles.client(role, "secretsmanager", region, base_identity=self.role)
+
+    def caller_identity(self, region: str, *, role: AssumedRole | None = None) -> str:
         self._require_credentials()
+        if role is not None:
+            # The assumed-role ARN comes with the session: no GetCallerIdentity for it.
+            try:
+                return self._roles.identity(role, region, base_identity=self.role)
+            except AwsFailure:
+                raise
+            except Exception as exc:  # noqa: BLE001 - every failure becomes a reason
+                raise self._classify(exc, arn=_identity_placeholder(region), role=role, version="") from None
         with self._identity_lock:
             cached = self._identity
             if cached is not None and time.monotonic() - cached[0] < self._settings.identity_cache_seconds:
@@ -222,16 +279,17 @@ class Boto3SecretsPort:
                 self._identity_flight = None
 
     def _ask_identity(self, region: str) -> str:
-        placeholder = SecretArn(arn="(identity)", partition="aws", region=region, account="", name="")
         try:
             answer = self._client("sts", region).get_caller_identity()
         except Exception as exc:  # noqa: BLE001 - every failure becomes a reason
-            raise classify(exc, arn=placeholder, role=self.role, version="") from None
+            raise self._classify(exc, arn=_identity_placeholder(region), role=None, version="") from None
         identity = str(answer["Arn"])
         self._identity = (time.monotonic(), identity)
         return identity
 
-    def get_secret(self, arn: SecretArn, *, version_id: str | None, version_stage: str | None) -> FetchedSecret:
+    def get_secret(
+        self, arn: SecretArn, *, version_id: str | None, version_stage: str | None, role: AssumedRole | None = None
+    ) -> FetchedSecret:
         self._require_credentials()
         request: dict[str, str] = {"SecretId": arn.arn}
         if version_id:
@@ -240,14 +298,18 @@ class Boto3SecretsPort:
             request["VersionStage"] = version_stage
         version = f"versionId {version_id}" if version_id else f"stage {version_stage}"
         try:
-            answer = self._client("secretsmanager", arn.region).get_secret_value(**request)
+            answer = self._reader(arn.region, role).get_secret_value(**request)
+        except AwsFailure:
+            raise
         except Exception as exc:
             if not isinstance(exc, botocore.exceptions.ClientError | botocore.exceptions.BotoCoreError | OSError):
                 logger.exception("Unexpected error reading %s", arn.arn)
-            raise classify(exc, arn=arn, role=self.role, version=version) from None
+            raise self._classify(exc, arn=arn, role=role, version=version) from None
         return _fetched(answer, arn, version)
 
-    def get_current_secrets(self, region: str, arns: Sequence[SecretArn]) -> dict[str, FetchedSecret | AwsFailure]:
+    def get_current_secrets(
+        self, region: str, arns: Sequence[SecretArn], *, role: AssumedRole | None = None
+    ) -> dict[str, FetchedSecret | AwsFailure]:
         self._require_credentials()
         if len(arns) > BATCH_LIMIT:
             raise ValueError(f"at most {BATCH_LIMIT} secrets per batch")
@@ -255,7 +317,8 @@ class Boto3SecretsPort:
         by_name = {arn.name: arn for arn in arns}
         found: dict[str, FetchedSecret | AwsFailure] = {}
         request: dict[str, Any] = {"SecretIdList": list(by_arn)}
-        client = self._client("secretsmanager", region)
+        client = self._reader(region, role)
+        role_text = role.arn if role else self.role
         while True:
             try:
                 answer = client.batch_get_secret_value(**request)
@@ -264,11 +327,11 @@ class Boto3SecretsPort:
                 # Denied by IAM, or an endpoint that does not know the action (a Secrets Manager stand-in).
                 if code in _BATCH_REFUSALS:
                     raise BatchRefused(scrub(str(exc.response.get("Error", {}).get("Message", "")))) from None
-                return {arn.arn: classify(exc, arn=arn, role=self.role, version=_CURRENT) for arn in arns}
+                return {arn.arn: self._classify(exc, arn=arn, role=role, version=_CURRENT) for arn in arns}
             except Exception as exc:
                 if not isinstance(exc, botocore.exceptions.BotoCoreError | OSError):
                     logger.exception("Unexpected error reading a batch of %d secrets", len(arns))
-                return {arn.arn: classify(exc, arn=arn, role=self.role, version=_CURRENT) for arn in arns}
+                return {arn.arn: self._classify(exc, arn=arn, role=role, version=_CURRENT) for arn in arns}
             for item in answer.get("SecretValues") or ():
                 # Answers name the secret by its full ARN; match by name too, for an ARN given without suffix.
                 arn = by_arn.get(str(item.get("ARN", ""))) or by_name.get(str(item.get("Name", "")))
@@ -286,13 +349,17 @@ class Boto3SecretsPort:
                         status=400,
                         operation="GetSecretValue",
                         arn=arn,
-                        role=self.role,
+                        role=role_text,
                         version=_CURRENT,
                     )
             token = answer.get("NextToken")
             if not token:
                 return found
             request["NextToken"] = token
+
+
+def _identity_placeholder(region: str) -> SecretArn:
+    return SecretArn(arn="(identity)", partition="aws", region=region, account="", name="")
 
 
 def _fetched(answer: dict[str, Any], arn: SecretArn, version: str) -> FetchedSecret:

@@ -29,6 +29,7 @@ from connector_credentials.models import (
     parse_spec,
 )
 from connector_credentials.reads import ReadResult, SecretReader
+from connector_credentials.roles import RoleAllowlist
 from connector_credentials.serving import SHUTTING_DOWN, answer, answer_draining, describe
 from connector_credentials.settings import OperatorSettings
 from connector_credentials.status import (
@@ -70,6 +71,7 @@ class Engine:
         self._entries: dict[Key, Entry] = {}
         self.reader = SecretReader(port, max_workers=settings.aws_max_workers, batch=settings.batch_reads)
         self.timing = Timing(settings)
+        self.roles = RoleAllowlist(settings.assumable_roles)
         self._writer = StatusWriter(
             sink, interval_of=self.interval, forget=self._forget_gone, heartbeat=settings.status_heartbeat
         )
@@ -251,7 +253,7 @@ class Engine:
             recent = not_before is None or (schedule.last_read or 0.0) >= not_before
             if urgent and entry.api.spec is not None:
                 spec = entry.api.spec
-                self.reader.expedite(spec.arn, spec.version_id, spec.effective_stage)
+                self.reader.expedite(spec.arn, spec.version_id, spec.effective_stage, role=spec.role)
             await asyncio.shield(schedule.inflight)
             if not recent:  # it started before this request: read anew, or join a read started since
                 await self.check(entry, urgent=urgent, not_before=not_before)
@@ -280,17 +282,21 @@ class Engine:
             self._drop_value(entry)
             schedule.due = float("inf")  # nothing to do until the spec changes
         else:
-            arn = spec.arn
+            arn, role = spec.arn, spec.role
             answer: ReadResult | AwsFailure
             schedule.last_read = loop.time()
             try:
+                if role is not None and (refusal := self.roles.refusal(role.arn)) is not None:
+                    raise refusal  # not in CCRED_ASSUMABLE_ROLES: decided here, AWS is not asked
                 if urgent:
                     answer = await self.reader.read_now(
-                        arn, spec.version_id, spec.effective_stage, not_before=not_before
+                        arn, spec.version_id, spec.effective_stage, not_before=not_before, role=role
                     )
                 else:
                     window = self.timing.batch_window(interval, first=schedule.outcome is None)
-                    answer = await self.reader.read(arn, spec.version_id, spec.effective_stage, window=window)
+                    answer = await self.reader.read(
+                        arn, spec.version_id, spec.effective_stage, window=window, role=role
+                    )
             except AwsFailure as exc:
                 answer = exc
             if entry.api.spec is not spec:
@@ -322,6 +328,7 @@ class Engine:
                 held.body = render_credential(value, fetched.version_id, spec.secret_arn, now)
                 held.fetched_mono = held.verified_mono = loop.time()
                 held.identity = identity
+                held.credential_source = self._port.credential_source
                 schedule.failures = 0
                 schedule.due = self._next_due(spec, interval)
                 outcome = self._verified(spec, identity, interval)
@@ -503,7 +510,7 @@ class Engine:
 
 def _reads(spec: ConnectorCredentialSpec) -> tuple[Any, ...]:
     """What a spec makes the operator read: a change here invalidates the value held."""
-    return (spec.secret_arn, spec.version_id, spec.effective_stage, spec.json_key)
+    return (spec.secret_arn, spec.version_id, spec.effective_stage, spec.json_key, spec.role)
 
 
 def _consume(task: asyncio.Future[None]) -> None:

@@ -57,6 +57,8 @@ class Held:
     fetched_mono: float | None = None
     verified_mono: float | None = None
     identity: str | None = None
+    #: status.credentialSource: how the operator's own credentials were obtained (IRSA, PodIdentity, ...).
+    credential_source: str | None = None
 
     def drop(self) -> None:
         self.value = self.body = None

@@ -35,6 +35,8 @@ ARN_SCHEMA_PATTERN = r"^arn:[^:]+:[^:]*:[^:]*:[^:]*:.+$"
 VERSION_STAGE_PATTERN = r"^[A-Za-z0-9_+=.@-]{1,256}$"
 VERSION_ID_PATTERN = r"^[A-Za-z0-9-]{32,64}$"
 DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"
+ROLE_ARN_PATTERN = r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/[A-Za-z0-9_+=,.@/-]{1,512}$"
+EXTERNAL_ID_PATTERN = r"^[A-Za-z0-9_+=,.@:/-]+$"
 
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -112,6 +114,18 @@ class SecretArn:
         return cls(arn=arn, partition=partition, region=region, account=account, name=name)
 
 
+@dataclass(frozen=True, slots=True)
+class AssumedRole:
+    """A role named by a credential's spec (``spec.roleArn``, ``spec.externalId``); the external
+    id is not secret, but it is kept out of ``repr`` (and so out of logs) all the same."""
+
+    arn: str
+    external_id: str | None = None
+
+    def __repr__(self) -> str:
+        return f"AssumedRole({self.arn!r}{', external id' if self.external_id else ''})"
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(
         alias_generator=to_camel,
@@ -131,6 +145,8 @@ class ConnectorCredentialSpec(_Model):
     version_stage: Annotated[str | None, Field(pattern=VERSION_STAGE_PATTERN)] = None
     version_id: Annotated[str | None, Field(pattern=VERSION_ID_PATTERN)] = None
     refresh_interval: Annotated[str | None, Field(pattern=DURATION_PATTERN, max_length=32)] = None
+    role_arn: Annotated[str | None, Field(pattern=ROLE_ARN_PATTERN, max_length=2048)] = None
+    external_id: Annotated[str | None, Field(pattern=EXTERNAL_ID_PATTERN, min_length=2, max_length=1224)] = None
 
     @field_validator("secret_arn")
     @classmethod
@@ -149,7 +165,14 @@ class ConnectorCredentialSpec(_Model):
     def _check_exclusive(self) -> ConnectorCredentialSpec:
         if self.version_stage is not None and self.version_id is not None:
             raise InvalidSpecError("versionStage and versionId are mutually exclusive; set one of them")
+        if self.external_id is not None and self.role_arn is None:
+            raise InvalidSpecError("externalId is only used with roleArn; set roleArn or remove externalId")
         return self
+
+    @property
+    def role(self) -> AssumedRole | None:
+        """The cross-account role to read as, if the spec names one."""
+        return AssumedRole(self.role_arn, self.external_id) if self.role_arn else None
 
     @property
     def arn(self) -> SecretArn:

@@ -6,9 +6,10 @@ The engine asks for *what* to read (a :data:`ReadKey`: the secret, and a version
 * **Shared.** Credentials that ask for the same key while a read of it is queued or running
   share that one read (their verdicts may still differ by ``jsonKey``).
 * **Batched.** Reads of the current version (no ``versionId``, stage ``AWSCURRENT``) wait in a
-  queue per region for at most their *window* (the engine passes ``min(1 s, 2 % of the
-  interval)``) and leave in ``BatchGetSecretValue`` calls of up to 20; a full batch leaves at
-  once. Other reads are single ``GetSecretValue`` calls.
+  queue per region and role (``spec.roleArn``: reads as one role never share a call, or a
+  read, with reads as another, or as the operator's own identity) for at most their *window*
+  (the engine passes ``min(1 s, 2 % of the interval)``) and leave in ``BatchGetSecretValue``
+  calls of up to 20; a full batch leaves at once. Other reads are single ``GetSecretValue`` calls.
 * **Bounded.** At most ``CCRED_AWS_MAX_WORKERS`` calls run at a time; the rest wait their turn
   here, not in a thread pool's queue, so a read someone waits on can still overtake them.
 * **Priority lane.** A read the socket waits on (a credential not checked yet) leaves at once
@@ -34,6 +35,7 @@ from typing import TypeAlias
 from connector_credentials.aws import (
     BATCH_LIMIT,
     PRIORITY_THREADS,
+    AssumedRole,
     AwsFailure,
     BatchRefused,
     FetchedSecret,
@@ -43,8 +45,10 @@ from connector_credentials.models import DEFAULT_VERSION_STAGE, SecretArn
 
 logger = logging.getLogger(__name__)
 
-#: What is read: (secret ARN, versionId, versionStage).
-ReadKey: TypeAlias = tuple[str, str | None, str | None]
+#: What is read: (secret ARN, versionId, versionStage, the role read as: None for the workload identity).
+ReadKey: TypeAlias = tuple[str, str | None, str | None, AssumedRole | None]
+#: Reads batched together: same region, same role.
+BatchKey: TypeAlias = tuple[str, AssumedRole | None]
 #: Who we are (the caller identity) and what AWS returned.
 ReadResult: TypeAlias = tuple[str, FetchedSecret]
 #: After the batch action was denied, how long reads stay single before a batch is tried again.
@@ -76,10 +80,18 @@ class _Pending:
     def stage(self) -> str | None:
         return self.key[2]
 
+    @property
+    def role(self) -> AssumedRole | None:
+        return self.key[3]
+
+    @property
+    def batch_key(self) -> BatchKey:
+        return (self.arn.region, self.key[3])
+
 
 @dataclass
 class _Region:
-    """The reads of one region waiting for a batch, oldest first, and their deadlines."""
+    """The reads of one region and role waiting for a batch, oldest first, and their deadlines."""
 
     waiting: dict[ReadKey, _Pending] = field(default_factory=dict)
     deadlines: list[tuple[float, int, ReadKey]] = field(default_factory=list)
@@ -117,7 +129,7 @@ class SecretReader:
         self._priority_executor = ThreadPoolExecutor(max_workers=PRIORITY_THREADS, thread_name_prefix="aws-now")
         self._running = 0
         self._pending: dict[ReadKey, _Pending] = {}
-        self._regions: dict[str, _Region] = {}
+        self._regions: dict[BatchKey, _Region] = {}
         self._singles: deque[_Pending] = deque()
         self._timer: asyncio.TimerHandle | None = None
         self._seq = itertools.count(1)
@@ -131,24 +143,38 @@ class SecretReader:
 
     # --- asking ------------------------------------------------------------------------
 
-    async def read(self, arn: SecretArn, version_id: str | None, stage: str | None, *, window: float) -> ReadResult:
-        """Read this secret version, sharing a read of it that is queued or running.
+    async def read(
+        self,
+        arn: SecretArn,
+        version_id: str | None,
+        stage: str | None,
+        *,
+        window: float,
+        role: AssumedRole | None = None,
+    ) -> ReadResult:
+        """Read this secret version (as ``role``), sharing a read of it that is queued or running.
 
         ``window`` bounds how long a batchable read may wait for others to join its batch.
         Raises :class:`AwsFailure`.
         """
-        key: ReadKey = (arn.arn, version_id, stage)
+        key: ReadKey = (arn.arn, version_id, stage, role)
         pending = self._pending.get(key)
         if pending is None:
             pending = self._enqueue(key, arn, window)
         return await asyncio.shield(pending.future)
 
     async def read_now(
-        self, arn: SecretArn, version_id: str | None, stage: str | None, *, not_before: float | None = None
+        self,
+        arn: SecretArn,
+        version_id: str | None,
+        stage: str | None,
+        *,
+        not_before: float | None = None,
+        role: AssumedRole | None = None,
     ) -> ReadResult:
         """A read someone is waiting for: it leaves at once on the priority lane, or joins one
         that is running, unless that one started before ``not_before`` (loop time)."""
-        key: ReadKey = (arn.arn, version_id, stage)
+        key: ReadKey = (arn.arn, version_id, stage, role)
         pending = self._pending.get(key)
         if pending is not None and not_before is not None and pending.started and pending.started_at < not_before:
             pending = None  # it answers an older question: this caller wants a read that starts now
@@ -159,9 +185,11 @@ class SecretReader:
             self._start([pending], priority=True)
         return await asyncio.shield(pending.future)
 
-    def expedite(self, arn: SecretArn, version_id: str | None, stage: str | None) -> None:
+    def expedite(
+        self, arn: SecretArn, version_id: str | None, stage: str | None, *, role: AssumedRole | None = None
+    ) -> None:
         """Move a queued read of this key to the priority lane (no-op if it is running or unknown)."""
-        pending = self._pending.get((arn.arn, version_id, stage))
+        pending = self._pending.get((arn.arn, version_id, stage, role))
         if pending is not None and not pending.started:
             self._leave_queue(pending)
             self._start([pending], priority=True)
@@ -173,7 +201,7 @@ class SecretReader:
         if not start:
             return pending
         if self._batch and batchable(key[1], key[2]) and not self._batch_refused():
-            region = self._regions.setdefault(arn.region, _Region())
+            region = self._regions.setdefault(pending.batch_key, _Region())
             region.waiting[key] = pending
             heapq.heappush(region.deadlines, (pending.deadline, pending.seq, key))
         else:
@@ -183,7 +211,7 @@ class SecretReader:
         return pending
 
     def _leave_queue(self, pending: _Pending) -> None:
-        region = self._regions.get(pending.arn.region)
+        region = self._regions.get(pending.batch_key)
         if region is not None and region.waiting.get(pending.key) is pending:
             del region.waiting[pending.key]
         elif not pending.batched:
@@ -330,14 +358,18 @@ class SecretReader:
     # --- in worker threads -------------------------------------------------------------
 
     def _read_one(self, pending: _Pending) -> ReadResult:
-        identity = self._port.caller_identity(pending.arn.region)
-        fetched = self._port.get_secret(pending.arn, version_id=pending.version_id, version_stage=pending.stage)
+        role = pending.role
+        identity = self._port.caller_identity(pending.arn.region, role=role)
+        fetched = self._port.get_secret(
+            pending.arn, version_id=pending.version_id, version_stage=pending.stage, role=role
+        )
         return identity, fetched
 
     def _read_batch(self, batch: Sequence[_Pending]) -> _BatchAnswer:
-        region = batch[0].arn.region
-        identity = self._port.caller_identity(region)
-        return _BatchAnswer(identity, self._port.get_current_secrets(region, [pending.arn for pending in batch]))
+        region, role = batch[0].batch_key
+        identity = self._port.caller_identity(region, role=role)
+        found = self._port.get_current_secrets(region, [pending.arn for pending in batch], role=role)
+        return _BatchAnswer(identity, found)
 
     # --- the end -----------------------------------------------------------------------
 

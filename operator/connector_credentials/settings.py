@@ -47,6 +47,8 @@ class OperatorSettings(BaseSettings):
     max_staleness: float = 900.0
     #: Accept credentials that are not IRSA web-identity ones (node role, static keys).
     allow_non_irsa_credentials: bool = False
+    #: Roles a credential may name in spec.roleArn: ARN patterns, ``*`` for any characters. Empty: none.
+    assumable_roles: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     aws_max_workers: int = Field(default=8, ge=1, le=128)
     aws_connect_timeout: float = Field(default=3.0, gt=0)
@@ -90,6 +92,11 @@ class OperatorSettings(BaseSettings):
     @field_validator("namespace", mode="before")
     @classmethod
     def _namespaces(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("assumable_roles", mode="before")
+    @classmethod
+    def _roles(cls, value: Any) -> Any:
         return _split_csv(value)
 
     @field_validator("allowed_uids", mode="before")

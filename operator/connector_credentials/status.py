@@ -111,6 +111,8 @@ class StatusWriter:
         ):
             # Compared without the STS session name, which differs per replica and per refresh.
             patch["identityArn"] = held.identity
+        if held.credential_source and live.get("credentialSource") != held.credential_source:
+            patch["credentialSource"] = held.credential_source
         if patch or _older_than(live.get("lastCheckedTime"), self._heartbeat):
             # A check that changes nothing writes nothing but this heartbeat (CCRED_STATUS_HEARTBEAT):
             # status writes per cycle stay at the changed credentials, whatever N and the replicas.

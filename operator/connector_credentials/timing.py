@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from connector_credentials.aws import BATCH_LIMIT
 from connector_credentials.models import ConnectorCredentialSpec
-from connector_credentials.reads import ReadKey, batchable
+from connector_credentials.reads import BatchKey, ReadKey, batchable
 from connector_credentials.settings import OperatorSettings
 
 #: The batch window is at most this share of a credential's refreshInterval.
@@ -36,14 +36,14 @@ class _Cohort:
 
 
 class Cohorts:
-    """Per-region cohorts, sorted by due time; the past ones are dropped as time moves on."""
+    """Per-region (and role) cohorts, sorted by due time; the past ones are dropped as time moves on."""
 
     def __init__(self, capacity: int = BATCH_LIMIT) -> None:
         self._capacity = capacity
-        self._regions: dict[str, tuple[list[float], list[_Cohort]]] = {}
+        self._regions: dict[BatchKey, tuple[list[float], list[_Cohort]]] = {}
 
     def place(
-        self, region: str, key: ReadKey, *, now: float, earliest: float, latest: float, preferred: float
+        self, region: BatchKey, key: ReadKey, *, now: float, earliest: float, latest: float, preferred: float
     ) -> float:
         """The due time for ``key``'s next refresh, within ``[earliest, latest]``."""
         dues, cohorts = self._regions.setdefault(region, ([], []))
@@ -101,8 +101,8 @@ class Timing:
             return preferred
         spread = max(interval * self.settings.jitter, self.batch_window(interval))
         return self.cohorts.place(
-            spec.arn.region,
-            (spec.arn.arn, spec.version_id, spec.effective_stage),
+            (spec.arn.region, spec.role),
+            (spec.arn.arn, spec.version_id, spec.effective_stage, spec.role),
             now=now,
             earliest=now + interval - spread,
             latest=now + interval + spread,

@@ -171,3 +171,12 @@ def test_iam_templates_are_least_privilege() -> None:
         "OIDC_PROVIDER:sub": "system:serviceaccount:NAMESPACE:SERVICE_ACCOUNT",
         "OIDC_PROVIDER:aud": "sts.amazonaws.com",
     }
+    # EKS Pod Identity: the service principal, with the session tags it sets.
+    pod = json.loads((REPO / "deploy/iam/pod-identity-trust-policy.json").read_text())
+    (statement,) = pod["Statement"]
+    assert statement["Principal"] == {"Service": "pods.eks.amazonaws.com"}
+    assert sorted(statement["Action"]) == ["sts:AssumeRole", "sts:TagSession"]
+    assert statement["Condition"]["StringEquals"] == {"aws:SourceAccount": "ACCOUNT_ID"}
+    chained = json.loads((REPO / "deploy/iam/cross-account-trust-policy.json").read_text())
+    (statement,) = chained["Statement"]
+    assert statement["Action"] == "sts:AssumeRole" and "AWS" in statement["Principal"]

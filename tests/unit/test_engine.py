@@ -21,20 +21,24 @@ Script = Callable[[SecretArn], FetchedSecret]
 
 
 class FakePort:
+    credential_source = "IRSA"
+
     def __init__(self) -> None:
         self.answer: FetchedSecret | AwsFailure = FetchedSecret("v1", VALUE, ("AWSCURRENT",))
         self.calls = 0
 
-    def caller_identity(self, region: str) -> str:
+    def caller_identity(self, region: str, *, role: Any = None) -> str:
         return IDENTITY
 
-    def get_secret(self, arn: SecretArn, *, version_id: str | None, version_stage: str | None) -> FetchedSecret:
+    def get_secret(
+        self, arn: SecretArn, *, version_id: str | None, version_stage: str | None, role: Any = None
+    ) -> FetchedSecret:
         self.calls += 1
         if isinstance(self.answer, AwsFailure):
             raise self.answer
         return self.answer
 
-    def get_current_secrets(self, region: str, arns: Any) -> dict[str, FetchedSecret | AwsFailure]:
+    def get_current_secrets(self, region: str, arns: Any, *, role: Any = None) -> dict[str, FetchedSecret | AwsFailure]:
         """A batch: each secret as get_secret answers it (so subclasses script both paths)."""
         found: dict[str, FetchedSecret | AwsFailure] = {}
         for arn in arns:
@@ -125,6 +129,18 @@ async def settle(engine: Engine) -> None:
             return
 
 
+async def test_a_role_outside_the_allowlist_is_refused_before_any_read(setup: Any) -> None:
+    engine, port, sink = setup
+    role = "arn:aws:iam::210987654321:role/connector-reader"
+    engine.upsert(body({"secretArn": ARN, "roleArn": role}))
+    await settle(engine)
+    ready = find_condition(sink.objects["team-a", "slack"]["status"]["conditions"])
+    assert ready is not None and (ready["status"], ready["reason"]) == ("False", "RoleNotAllowed")
+    assert role in ready["message"] and port.calls == 0
+    served = await engine.serve("team-a", "slack", refresh=False)
+    assert served.status == 502 and served.reason == "RoleNotAllowed"
+
+
 async def test_success_sets_ready_and_serves(setup: Any) -> None:
     engine, port, sink = setup
     engine.upsert(body({"secretArn": ARN}))
@@ -136,6 +152,7 @@ async def test_success_sets_ready_and_serves(setup: Any) -> None:
     assert status["versionId"] == "v1"
     assert status["observedGeneration"] == 1
     assert stable_identity(status["identityArn"]) == stable_identity(IDENTITY)
+    assert status["credentialSource"] == "IRSA"
     assert sink.events == [(False, "AccessVerified", ready["message"])]
     served = await engine.serve("team-a", "slack", refresh=False)
     assert served.status == 200 and served.value is not None and served.value.reveal() == VALUE

@@ -57,7 +57,9 @@ class ExplodingPort(FakePort):
         super().__init__()
         self.times: list[float] = []
 
-    def get_secret(self, arn: Any, *, version_id: str | None, version_stage: str | None) -> FetchedSecret:
+    def get_secret(
+        self, arn: Any, *, version_id: str | None, version_stage: str | None, role: Any = None
+    ) -> FetchedSecret:
         self.times.append(time.monotonic())
         if len(self.times) > 1:
             raise ZeroDivisionError(CANARY)  # the text must not reach the log
@@ -121,7 +123,9 @@ class GatedPort(FakePort):
         self.gate: asyncio.Event | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
-    def get_secret(self, arn: Any, *, version_id: str | None, version_stage: str | None) -> FetchedSecret:
+    def get_secret(
+        self, arn: Any, *, version_id: str | None, version_stage: str | None, role: Any = None
+    ) -> FetchedSecret:
         if self.gate is not None and self.loop is not None:
             asyncio.run_coroutine_threadsafe(self.gate.wait(), self.loop).result(5)
         return super().get_secret(arn, version_id=version_id, version_stage=version_stage)
@@ -354,7 +358,9 @@ class PortByArn(FakePort):
         super().__init__()
         self.values = values
 
-    def get_secret(self, arn: Any, *, version_id: str | None, version_stage: str | None) -> FetchedSecret:
+    def get_secret(
+        self, arn: Any, *, version_id: str | None, version_stage: str | None, role: Any = None
+    ) -> FetchedSecret:
         self.calls += 1
         return FetchedSecret("v1", self.values[arn.arn], ("AWSCURRENT",))
 

@@ -10,7 +10,7 @@ import pytest
 
 from connector_credentials.aws import AwsFailure, BatchRefused, FetchedSecret
 from connector_credentials.conditions import Reason
-from connector_credentials.models import SecretArn
+from connector_credentials.models import AssumedRole, SecretArn
 from connector_credentials.reads import BATCH_RETRY_AFTER, SecretReader
 from connector_credentials.timing import Cohorts
 
@@ -25,10 +25,13 @@ def arn(name: str, region: str = "us-east-1") -> SecretArn:
 class ScriptedPort:
     """Answers every secret with its own name as the value; records each call; can hold calls."""
 
+    credential_source = "IRSA"
+
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.singles: list[tuple[str, str | None, str | None]] = []
         self.batches: list[list[str]] = []
+        self.batch_roles: list[Any] = []
         self.failing: dict[str, AwsFailure] = {}
         self.silent: set[str] = set()
         self.refuse_batches = False
@@ -46,10 +49,12 @@ class ScriptedPort:
         with self.lock:
             self.running -= 1
 
-    def caller_identity(self, region: str) -> str:
+    def caller_identity(self, region: str, *, role: Any = None) -> str:
         return IDENTITY
 
-    def get_secret(self, arn: SecretArn, *, version_id: str | None, version_stage: str | None) -> FetchedSecret:
+    def get_secret(
+        self, arn: SecretArn, *, version_id: str | None, version_stage: str | None, role: Any = None
+    ) -> FetchedSecret:
         self._enter()
         try:
             with self.lock:
@@ -60,12 +65,13 @@ class ScriptedPort:
         finally:
             self._leave()
 
-    def get_current_secrets(self, region: str, arns: Any) -> dict[str, FetchedSecret | AwsFailure]:
+    def get_current_secrets(self, region: str, arns: Any, *, role: Any = None) -> dict[str, FetchedSecret | AwsFailure]:
         self._enter()
         try:
             self.gate.wait(10)
             with self.lock:
                 self.batches.append([a.name for a in arns])
+                self.batch_roles.append(role)
             if self.refuse_batches:
                 raise BatchRefused("not authorized to perform: secretsmanager:BatchGetSecretValue")
             found: dict[str, FetchedSecret | AwsFailure] = {}
@@ -98,6 +104,24 @@ async def test_reads_of_current_versions_leave_in_batches_of_twenty(reader_and_p
     # The two full batches left at once; the last five waited for their window, and no longer.
     assert 0.15 <= loop.time() - began < 2
     assert (reader.counts.batch, reader.counts.batched_secrets, reader.counts.single) == (3, 45, 0)
+
+
+async def test_reads_as_different_roles_never_share_a_batch_or_a_read(reader_and_port: Any) -> None:
+    reader, port = reader_and_port
+    one, two = AssumedRole("arn:aws:iam::111122223333:role/a"), AssumedRole("arn:aws:iam::111122223333:role/b")
+    same = arn("shared")
+    answers = await asyncio.gather(
+        reader.read(same, None, "AWSCURRENT", window=0.05),
+        reader.read(same, None, "AWSCURRENT", window=0.05, role=one),
+        reader.read(same, None, "AWSCURRENT", window=0.05, role=two),
+        reader.read(arn("other"), None, "AWSCURRENT", window=0.05, role=one),
+        reader.read(same, None, "AWSCURRENT", window=0.05, role=one),
+    )
+    batches = sorted(zip(port.batch_roles, port.batches, strict=True), key=repr)
+    assert sorted(map(repr, port.batch_roles)) == sorted(map(repr, [None, one, two]))
+    by_role = {repr(role): sorted(names) for role, names in batches}
+    assert by_role[repr(one)] == ["other-AbCdEf", "shared-AbCdEf"]
+    assert answers[1] is answers[4] and answers[0] is not answers[1]
 
 
 async def test_one_read_per_secret_and_selector_is_shared(reader_and_port: Any) -> None:

@@ -1,0 +1,174 @@
+"""Cross-account roles: which ones a credential may name (``CCRED_ASSUMABLE_ROLES``), and the
+``sts:AssumeRole`` sessions the operator keeps for them, one per (role, external id), renewed
+shortly before they expire.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import boto3
+import botocore.exceptions
+
+from connector_credentials.awserrors import AwsFailure, classify, scrub
+from connector_credentials.conditions import Reason
+from connector_credentials.models import AssumedRole, SecretArn
+
+#: A session is renewed when less than this is left of it (seconds).
+RENEW_BEFORE = 300.0
+#: How long each assumed session is asked for (the default and minimum of AssumeRole are 1 h / 15 min).
+SESSION_SECONDS = 3600
+SESSION_NAME = "connector-credential-operator"
+
+#: Answers that are not about the chained role's trust: classified as for any call (throttling, outages,
+#: an expired session of the operator's own identity, clock skew), mostly transient.
+_NOT_A_REFUSAL = frozenset(
+    {
+        "Throttling",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+        "InternalFailure",
+        "ServiceUnavailable",
+        "ExpiredToken",
+        "ExpiredTokenException",
+        "RequestExpired",
+        "RequestTimeTooSkewed",
+        "SignatureDoesNotMatch",
+        "InvalidSignatureException",
+    }
+)
+
+
+class RoleAllowlist:
+    """``CCRED_ASSUMABLE_ROLES``: ARN patterns where ``*`` stands for any characters. Empty: none."""
+
+    def __init__(self, patterns: Sequence[str]) -> None:
+        self.patterns = tuple(patterns)
+        self._compiled = [
+            re.compile("^" + ".*".join(re.escape(part) for part in pattern.split("*")) + "$") for pattern in patterns
+        ]
+
+    def allows(self, role_arn: str) -> bool:
+        return any(pattern.match(role_arn) for pattern in self._compiled)
+
+    def refusal(self, role_arn: str) -> AwsFailure | None:
+        """Why this role may not be assumed (``None``: it may). Decided without asking AWS."""
+        if self.allows(role_arn):
+            return None
+        allowed = ", ".join(self.patterns) if self.patterns else "none: CCRED_ASSUMABLE_ROLES is empty"
+        return AwsFailure(
+            Reason.ROLE_NOT_ALLOWED,
+            f"spec.roleArn {role_arn} is not in the operator's allowlist of assumable roles ({allowed}). The "
+            "operator does not assume it and did not call AWS. Ask the platform team to add the role (or a "
+            "pattern such as arn:aws:iam::<account-id>:role/<prefix>*) to CCRED_ASSUMABLE_ROLES, or remove "
+            "spec.roleArn to read with the operator's own identity.",
+        )
+
+
+@dataclass
+class _Session:
+    identity: str
+    expires: float
+    session: boto3.Session
+    clients: dict[tuple[str, str], Any] = field(default_factory=dict)
+
+
+class RoleSessions:
+    """Sessions of assumed roles, shared by every read of that role, renewed before expiry."""
+
+    def __init__(self, sts_client: Callable[[str], Any], config: Any, clock: Callable[[], float] = time.time) -> None:
+        self._sts_client = sts_client
+        self._config = config
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._sessions: dict[AssumedRole, _Session] = {}
+        self._role_locks: dict[AssumedRole, threading.Lock] = {}
+        #: AssumeRole calls made (for tests and logs).
+        self.assumed = 0
+
+    def identity(self, role: AssumedRole, region: str, *, base_identity: str | None) -> str:
+        """The assumed-role ARN STS gave this role's session (assuming it if need be)."""
+        return self._current(role, region, base_identity=base_identity).identity
+
+    def client(self, role: AssumedRole, service: str, region: str, *, base_identity: str | None = None) -> Any:
+        current = self._current(role, region, base_identity=base_identity)
+        key = (service, region)
+        with self._lock:
+            client = current.clients.get(key)
+            if client is None:
+                client = current.session.client(service, region_name=region, config=self._config)  # type: ignore[call-overload]
+                current.clients[key] = client
+            return client
+
+    def _current(self, role: AssumedRole, region: str, *, base_identity: str | None) -> _Session:
+        with self._lock:
+            current = self._sessions.get(role)
+            if current is not None and current.expires - self._clock() > RENEW_BEFORE:
+                return current
+            role_lock = self._role_locks.setdefault(role, threading.Lock())
+        with role_lock:  # one AssumeRole per role at a time; reads of other roles go on
+            with self._lock:
+                current = self._sessions.get(role)
+                if current is not None and current.expires - self._clock() > RENEW_BEFORE:
+                    return current
+            fresh = self._assume(role, region, base_identity=base_identity)
+            with self._lock:
+                self._sessions[role] = fresh
+            return fresh
+
+    def _assume(self, role: AssumedRole, region: str, *, base_identity: str | None) -> _Session:
+        request: dict[str, Any] = {
+            "RoleArn": role.arn,
+            "RoleSessionName": SESSION_NAME,
+            "DurationSeconds": SESSION_SECONDS,
+        }
+        if role.external_id:
+            request["ExternalId"] = role.external_id
+        self.assumed += 1
+        try:
+            answer = self._sts_client(region).assume_role(**request)
+        except botocore.exceptions.ClientError as exc:
+            error = exc.response.get("Error", {})
+            code = str(error.get("Code", "Unknown"))
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+            if code in _NOT_A_REFUSAL or status >= 500:
+                raise classify(exc, arn=_placeholder(region), role=role.arn, version="") from None
+            raise refused(role, code, scrub(str(error.get("Message", ""))), base_identity) from None
+        except AwsFailure:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a reason
+            raise classify(exc, arn=_placeholder(region), role=role.arn, version="") from None
+        credentials = answer["Credentials"]
+        expiration = credentials["Expiration"]
+        expires = expiration.timestamp() if hasattr(expiration, "timestamp") else self._clock() + SESSION_SECONDS
+        session = boto3.Session(
+            aws_access_key_id=credentials["AccessKeyId"],
+            aws_secret_access_key=credentials["SecretAccessKey"],
+            aws_session_token=credentials["SessionToken"],
+        )
+        return _Session(identity=str(answer["AssumedRoleUser"]["Arn"]), expires=expires, session=session)
+
+
+def refused(role: AssumedRole, code: str, said: str, base_identity: str | None) -> AwsFailure:
+    """STS refused to let the operator's identity assume the chained role."""
+    who = base_identity or "the operator's workload identity"
+    external = (
+        " and that its sts:ExternalId condition matches spec.externalId"
+        if role.external_id
+        else "; if it requires an sts:ExternalId, set spec.externalId"
+    )
+    return AwsFailure(
+        Reason.ASSUME_ROLE_FAILED,
+        f"STS refused sts:AssumeRole of role {role.arn} (spec.roleArn) for {who}. AWS said: {code}"
+        f"{': ' + said if said else ''}. Check that the trust policy of {role.arn} names the operator's role as "
+        f"principal{external}, and that the operator's role may sts:AssumeRole on {role.arn}.",
+    )
+
+
+def _placeholder(region: str) -> SecretArn:
+    return SecretArn(arn="(sts:AssumeRole)", partition="aws", region=region, account="", name="")
