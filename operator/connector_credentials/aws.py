@@ -14,7 +14,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -130,8 +130,16 @@ def irsa_problem(environ: dict[str, str] | os._Environ[str]) -> str | None:
 class Boto3SecretsPort:
     """The port over boto3's default credential chain, insisting on IRSA unless allowed otherwise."""
 
-    def __init__(self, settings: OperatorSettings, environ: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        settings: OperatorSettings,
+        environ: dict[str, str] | None = None,
+        *,
+        instrument: Callable[[Any], None] | None = None,
+    ) -> None:
         self._settings = settings
+        #: Called with every new boto3 client (the metrics register their event hooks on it).
+        self._instrument = instrument
         self._environ = environ if environ is not None else dict(os.environ)
         self._lock = threading.Lock()
         self._session: boto3.Session | None = None
@@ -191,6 +199,8 @@ class Boto3SecretsPort:
                 client = self._clients.get(key)
                 if client is None:
                     client = session.client(service, region_name=region, config=self._config)  # type: ignore[call-overload]
+                    if self._instrument is not None:
+                        self._instrument(client)
                     self._clients[key] = client
         return client
 
