@@ -258,9 +258,11 @@ class MetricsServer:
         self.bound: list[tuple[str, int]] = []
 
     async def start(self) -> None:
-        self._runner = web.ServerRunner(web.Server(self._handle, access_log=None), handle_signals=False)
+        self._runner = web.ServerRunner(
+            web.Server(self._handle, access_log=None), handle_signals=False, shutdown_timeout=1.0
+        )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port, shutdown_timeout=1.0)
+        site = web.TCPSite(self._runner, self._host, self._port)
         try:
             await site.start()
         except BaseException:
