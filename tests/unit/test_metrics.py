@@ -18,7 +18,7 @@ from connector_credentials.cli import main
 from connector_credentials.conditions import Reason
 from connector_credentials.engine import Engine
 from connector_credentials.entry import Entry, Outcome
-from connector_credentials.metrics import EngineCollector, Metrics, MetricsServer, aws_outcome
+from connector_credentials.metrics import Metrics, MetricsServer, aws_outcome
 from connector_credentials.settings import OperatorSettings, parse_bind_address
 from connector_credentials.values import SecretValue
 from tests.unit.test_engine import ARN, VALUE, FakePort, FakeSink, body, settle
@@ -63,7 +63,7 @@ def test_the_engine_collector_reports_each_credential_its_age_and_the_watch() ->
     ]
     connected = [True]
     metrics = Metrics()
-    metrics.registry.register(EngineCollector(StubEngine(entries), lambda: connected[0], clock=lambda: 130.5))  # type: ignore[arg-type]
+    metrics.watch(StubEngine(entries), lambda: connected[0], clock=lambda: 130.5)  # type: ignore[arg-type]
     found = scraped(metrics)
     assert sorted(
         (labels["name"], labels["reason"], labels["ready"], v) for labels, v in found["ccred_credentials"]
@@ -85,7 +85,7 @@ def test_a_failing_connected_check_reads_as_disconnected() -> None:
         raise RuntimeError("boom")
 
     metrics = Metrics()
-    metrics.registry.register(EngineCollector(StubEngine([]), broken, clock=lambda: 0.0))  # type: ignore[arg-type]
+    metrics.watch(StubEngine([]), broken, clock=lambda: 0.0)  # type: ignore[arg-type]
     assert total(scraped(metrics), "ccred_watch_connected") == 0
 
 
@@ -251,3 +251,14 @@ def test_the_same_port_as_the_liveness_endpoint_is_a_usage_error(monkeypatch: py
     result = CliRunner().invoke(main, ["run", "--metrics-bind-address", "nonsense"])
     assert result.exit_code == 2
     assert "metrics_bind_address" in result.output
+
+
+async def test_the_loop_takes_a_snapshot_and_a_thread_renders_it() -> None:
+    entries = [entry("slack", Outcome(True, Reason.ACCESS_VERIFIED, "ok"), fetched=1.0)]
+    metrics = Metrics()
+    metrics.watch(StubEngine(entries), lambda: True, clock=lambda: 3.0)  # type: ignore[arg-type]
+    snapshot = metrics.snapshot()
+    entries.clear()  # the engine changes after the snapshot: the scrape says what the snapshot saw
+    text, _ = await asyncio.get_running_loop().run_in_executor(None, metrics.render, None, snapshot)
+    assert 'ccred_value_age_seconds{name="slack",namespace="team-a"} 2.0' in text.decode()
+    assert "ccred_credentials{" not in metrics.render()[0].decode()  # read now: nothing declared
