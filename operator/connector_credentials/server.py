@@ -196,6 +196,8 @@ class CredentialServer:
             metrics = Metrics()  # a stand-in engine (tests) counts nowhere
         self._requests = metrics.socket_requests
         self._durations = metrics.socket_duration
+        #: The counter of each status code seen (labels() looks it up under a lock: not per request).
+        self._by_code: dict[int, Any] = {}
 
     @property
     def path(self) -> Path:
@@ -321,7 +323,10 @@ class CredentialServer:
         finally:
             if isinstance(request.protocol, _Handler):
                 request.protocol.answered()
-            self._requests.labels(str(code)).inc()
+            counter = self._by_code.get(code)
+            if counter is None:
+                counter = self._by_code[code] = self._requests.labels(str(code))
+            counter.inc()
             self._durations.observe(time.perf_counter() - started)
 
     async def _route(self, request: web.BaseRequest) -> web.StreamResponse:
