@@ -37,7 +37,8 @@ RUN groupadd --system --gid 10001 ccred \
 COPY --from=builder /opt/venv /opt/venv
 # Numeric, so that Kubernetes' runAsNonRoot can verify it without a runAsUser.
 USER 10001:10001
-# kopf's liveness endpoint when run with --liveness=http://0.0.0.0:8080/healthz
-EXPOSE 8080
+# kopf's liveness endpoint when run with --liveness=http://0.0.0.0:8080/healthz; /metrics as
+# the manifests run it (--metrics-bind-address=:8081; its default is :8080, for runs without --liveness)
+EXPOSE 8080 8081
 ENTRYPOINT ["connector-credentials"]
 CMD ["run"]

@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -134,8 +134,16 @@ class BatchRefused(Exception):
 class Boto3SecretsPort:
     """The port over boto3's default credential chain, insisting on IRSA unless allowed otherwise."""
 
-    def __init__(self, settings: OperatorSettings, environ: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        settings: OperatorSettings,
+        environ: dict[str, str] | None = None,
+        *,
+        instrument: Callable[[Any], None] | None = None,
+    ) -> None:
         self._settings = settings
+        #: Called with every new boto3 client (the metrics register their event hooks on it).
+        self._instrument = instrument
         self._environ = environ if environ is not None else dict(os.environ)
         self._lock = threading.Lock()
         self._session: boto3.Session | None = None
@@ -152,7 +160,7 @@ class Boto3SecretsPort:
             max_pool_connections=settings.aws_max_workers + PRIORITY_THREADS,
             user_agent_extra="connector-credential-operator",
         )
-        self._roles = RoleSessions(lambda region: self._client("sts", region), self._config)
+        self._roles = RoleSessions(lambda region: self._client("sts", region), self._config, instrument=instrument)
 
     @property
     def role(self) -> str | None:
@@ -226,6 +234,8 @@ class Boto3SecretsPort:
                 client = self._clients.get(key)
                 if client is None:
                     client = session.client(service, region_name=region, config=self._config)  # type: ignore[call-overload]
+                    if self._instrument is not None:
+                        self._instrument(client)
                     self._clients[key] = client
         return client
 

@@ -55,6 +55,13 @@ def main() -> None:
     metavar="URL",
     help="kopf's liveness endpoint, e.g. http://0.0.0.0:8080/healthz.",
 )
+@click.option(
+    "--metrics-bind-address",
+    "metrics_bind_address",
+    default=None,
+    metavar="ADDR",
+    help="Serve Prometheus metrics at http://ADDR/metrics: host:port or :port (default :8080); 0 turns it off.",
+)
 def run(**options: Any) -> None:
     """Run the operator and the credential server."""
     memory.limit_malloc_arenas()  # before any thread starts
@@ -68,12 +75,37 @@ def run(**options: Any) -> None:
         raise click.UsageError(f"invalid settings: {problems}") from None
     if settings.all_namespaces and settings.namespace:
         raise click.UsageError("use either --all-namespaces or --namespace, not both")
+    clash = _port_clash(settings)
+    if clash:
+        raise click.UsageError(clash)
     loop_factory, why = event_loop(settings.event_loop)
     try:
         with asyncio.Runner(debug=settings.debug, loop_factory=loop_factory) as runner:
             runner.run(_run(settings, why))
     except KeyboardInterrupt:
         pass
+
+
+def _port_clash(settings: OperatorSettings) -> str | None:
+    """Why the metrics and kopf's liveness endpoint cannot both listen as set, or ``None``."""
+    from urllib.parse import urlsplit
+
+    from connector_credentials.settings import parse_bind_address
+
+    bind = parse_bind_address(settings.metrics_bind_address)
+    if bind is None or not bind[1] or not settings.liveness:
+        return None
+    try:
+        liveness_port = urlsplit(settings.liveness).port
+    except ValueError:
+        return None
+    if liveness_port != bind[1]:
+        return None
+    return (
+        f"--liveness ({settings.liveness}) and --metrics-bind-address ({settings.metrics_bind_address}) use the "
+        f"same port {liveness_port}: move one of them (e.g. --metrics-bind-address=:8081), or set "
+        "--metrics-bind-address=0 to turn the metrics off"
+    )
 
 
 class LoopUnavailable(click.ClickException):
@@ -112,7 +144,9 @@ async def _run(settings: OperatorSettings, why: str) -> None:
     from connector_credentials.aws import Boto3SecretsPort
     from connector_credentials.engine import Engine
     from connector_credentials.kube import KubeStatusSink
+    from connector_credentials.metrics import Metrics, MetricsServer
     from connector_credentials.server import CredentialServer, SocketInUseError
+    from connector_credentials.settings import parse_bind_address
 
     redacting = logs.configure(verbose=settings.verbose, debug=settings.debug)
     logger.info("Running on %s (%s).", _loop_name(), why)
@@ -120,7 +154,8 @@ async def _run(settings: OperatorSettings, why: str) -> None:
         sink = KubeStatusSink()
     except (kopf.LoginError, OSError) as exc:  # OSError: e.g. the CA file of the kubeconfig
         raise click.ClickException(f"cannot log in to the Kubernetes API: {exc}") from None
-    engine = Engine(settings, Boto3SecretsPort(settings), sink)
+    metrics = Metrics()
+    engine = Engine(settings, Boto3SecretsPort(settings, instrument=metrics.instrument_client), sink, metrics=metrics)
     redacting.index = engine.redaction  # before the engine holds anything: no value is ever logged unmasked
     registry = kopf.OperatorRegistry()
     handlers.register(registry, engine)
@@ -141,10 +176,35 @@ async def _run(settings: OperatorSettings, why: str) -> None:
             and not operator_task.done()
         )
 
+    def watching() -> bool:
+        return (
+            ready.is_set()
+            and engine.synced.is_set()
+            and any(r.group == GROUP and r.plural == PLURAL for r in insights.watched_resources)
+            and operator_task is not None
+            and not operator_task.done()
+        )
+
+    metrics.watch(engine, watching)
+    metrics_server: MetricsServer | None = None
+    bind = parse_bind_address(settings.metrics_bind_address)
+    if bind is not None:
+        metrics_server = MetricsServer(metrics, *bind)
+        try:
+            await metrics_server.start()
+        except OSError as exc:
+            await sink.close()
+            raise click.ClickException(
+                f"cannot serve metrics on {settings.metrics_bind_address}: {exc} "
+                "(set --metrics-bind-address / CCRED_METRICS_BIND_ADDRESS to another port, or 0 to turn it off)"
+            ) from None
+
     server = CredentialServer(settings, engine, healthy)
     try:
         await server.start()
     except (SocketInUseError, OSError) as exc:
+        if metrics_server is not None:
+            await metrics_server.close()
         await sink.close()
         raise click.ClickException(f"cannot serve on {settings.socket_path}: {exc}") from None
     clusterwide = settings.all_namespaces or not settings.namespace
@@ -194,6 +254,8 @@ async def _run(settings: OperatorSettings, why: str) -> None:
     finally:
         await shutdown.run()  # a no-op if a signal already drained; else (kopf failed) drain now
         await engine.close()  # only now, with the socket closed, are the values dropped
+        if metrics_server is not None:
+            await metrics_server.close()
         await sink.close()
 
 

@@ -22,6 +22,7 @@ from typing import Any
 from connector_credentials.aws import AwsFailure, SecretsPort
 from connector_credentials.conditions import EVENT_ROTATED, PENDING_REASON, Reason
 from connector_credentials.entry import ApiView, Entry, Held, Key, Outcome, Schedule, Served
+from connector_credentials.metrics import Metrics
 from connector_credentials.models import (
     ConnectorCredentialSpec,
     InvalidSpecError,
@@ -65,15 +66,23 @@ __all__ = [
 class Engine:
     """Owns every resolved value; checks, serves and reports."""
 
-    def __init__(self, settings: OperatorSettings, port: SecretsPort, sink: StatusSink) -> None:
+    def __init__(
+        self, settings: OperatorSettings, port: SecretsPort, sink: StatusSink, *, metrics: Metrics | None = None
+    ) -> None:
         self.settings = settings
+        #: What the operator counts (the socket server and the status writer report to it).
+        self.metrics = metrics if metrics is not None else Metrics()
         self._port = port
         self._entries: dict[Key, Entry] = {}
         self.reader = SecretReader(port, max_workers=settings.aws_max_workers, batch=settings.batch_reads)
         self.timing = Timing(settings)
         self.roles = RoleAllowlist(settings.assumable_roles)
         self._writer = StatusWriter(
-            sink, interval_of=self.interval, forget=self._forget_gone, heartbeat=settings.status_heartbeat
+            sink,
+            interval_of=self.interval,
+            forget=self._forget_gone,
+            heartbeat=settings.status_heartbeat,
+            on_write=lambda result: self.metrics.status_writes.labels(result).inc(),
         )
         self._closed = False
         self._draining = False

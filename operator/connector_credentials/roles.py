@@ -81,9 +81,17 @@ class _Session:
 class RoleSessions:
     """Sessions of assumed roles, shared by every read of that role, renewed before expiry."""
 
-    def __init__(self, sts_client: Callable[[str], Any], config: Any, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        sts_client: Callable[[str], Any],
+        config: Any,
+        clock: Callable[[], float] = time.time,
+        instrument: Callable[[Any], None] | None = None,
+    ) -> None:
         self._sts_client = sts_client
         self._config = config
+        #: Called with every new client of a role's session (the metrics count its calls too).
+        self._instrument = instrument
         self._clock = clock
         self._lock = threading.Lock()
         self._sessions: dict[AssumedRole, _Session] = {}
@@ -102,6 +110,8 @@ class RoleSessions:
             client = current.clients.get(key)
             if client is None:
                 client = current.session.client(service, region_name=region, config=self._config)  # type: ignore[call-overload]
+                if self._instrument is not None:
+                    self._instrument(client)
                 current.clients[key] = client
             return client
 

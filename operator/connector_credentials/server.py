@@ -17,6 +17,7 @@ import os
 import re
 import socket
 import stat
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from connector_credentials.connections import FD_RESERVE, ConnectionPolicy, Peer, peer_of, raise_fd_limit
 from connector_credentials.engine import Engine, Served
+from connector_credentials.metrics import Metrics
 from connector_credentials.settings import OperatorSettings
 from connector_credentials.wire import HEADERS, JSON_HEADERS, closing_error, error_body, json_body, render_credential
 
@@ -189,6 +191,13 @@ class CredentialServer:
         self._path = Path(settings.socket_path)
         self._runner: web.ServerRunner | None = None
         self._inode: int | None = None
+        metrics = getattr(engine, "metrics", None)
+        if not isinstance(metrics, Metrics):
+            metrics = Metrics()  # a stand-in engine (tests) counts nowhere
+        self._requests = metrics.socket_requests
+        self._durations = metrics.socket_duration
+        #: The counter of each status code seen (labels() looks it up under a lock: not per request).
+        self._by_code: dict[int, Any] = {}
 
     @property
     def path(self) -> Path:
@@ -302,14 +311,23 @@ class CredentialServer:
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         # Only allowed peers get here: the uid was checked when the connection was accepted.
+        started = time.perf_counter()
+        code = 500
         try:
-            return await self._route(request)
+            response = await self._route(request)
+            code = response.status
+            return response
         except Exception as exc:  # noqa: BLE001 - any failure is a 500, logged without the request's text
             logger.error("Failed to answer a request: %s.", _failure(exc))  # noqa: TRY400 - no message, no text
             return _error(500, "InternalError", "The operator failed to answer; see its log.")
         finally:
             if isinstance(request.protocol, _Handler):
                 request.protocol.answered()
+            counter = self._by_code.get(code)
+            if counter is None:
+                counter = self._by_code[code] = self._requests.labels(str(code))
+            counter.inc()
+            self._durations.observe(time.perf_counter() - started)
 
     async def _route(self, request: web.BaseRequest) -> web.StreamResponse:
         if request.version not in ((1, 0), (1, 1)):

@@ -76,6 +76,15 @@ class OperatorSettings(BaseSettings):
     jitter: float = Field(default=0.1, ge=0, le=0.5)
 
     liveness: str | None = None
+    #: Where /metrics listens (Prometheus text format): host:port, :port (every interface), or 0 (off).
+    metrics_bind_address: str = ":8080"
+
+    @field_validator("metrics_bind_address", mode="after")
+    @classmethod
+    def _metrics_bind_address(cls, value: str) -> str:
+        parse_bind_address(value)  # raises ValueError: reported as an invalid setting
+        return value.strip()
+
     #: The event loop: uvloop when it is installed (auto), the standard library's (asyncio), or uvloop required.
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
 
@@ -137,6 +146,25 @@ class OperatorSettings(BaseSettings):
         if seconds < MIN_REFRESH_SECONDS:
             raise ValueError(f"must be at least {MIN_REFRESH_SECONDS:g}s")
         return seconds
+
+
+def parse_bind_address(address: str) -> tuple[str | None, int] | None:
+    """``host:port``, ``:port`` (every interface) or ``[v6]:port``; ``0`` (or empty): off (``None``)."""
+    text = address.strip()
+    if text in ("", "0"):
+        return None
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        raise ValueError(f"{address!r} is not host:port, :port or 0")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"{address!r}: the port {port_text!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{address!r}: the port must be between 0 and 65535")
+    return (host or None), port
 
 
 def _is_number(text: str) -> bool:

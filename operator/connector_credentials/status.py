@@ -76,8 +76,11 @@ class StatusWriter:
         interval_of: Callable[[Entry], float],
         forget: Callable[[Entry], None],
         heartbeat: float = 600.0,
+        on_write: Callable[[str], None] | None = None,
     ) -> None:
         self._sink = sink
+        #: Told how each status write ended: ok, conflict, gone or failed (the metrics).
+        self._on_write = on_write or _ignore
         self._interval_of = interval_of
         self._forget = forget
         self._heartbeat = heartbeat
@@ -168,6 +171,7 @@ class StatusWriter:
                             entry.namespace, entry.name, patch, entry.api.resource_version
                         )
                     except StatusConflict:
+                        self._on_write("conflict")
                         # Someone wrote first (another replica, a spec edit): decide again from
                         # what the API says now. If it already says our verdict, so does its Event.
                         logger.info(
@@ -176,6 +180,7 @@ class StatusWriter:
                         )
                         await self._reconsider(entry)
                         continue
+                    self._on_write("ok" if body is not None else "gone")
                     if state.pending_status is patch:
                         state.pending_status = None
                     if body is None:
@@ -199,6 +204,8 @@ class StatusWriter:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - any API failure is retried
+                if what == "status":
+                    self._on_write("failed")
                 attempt += 1
                 await asyncio.sleep(self._after_failure(entry, what, exc, attempt))
 
@@ -270,6 +277,10 @@ class StatusWriter:
         if patch is None or set(patch) <= {"lastCheckedTime"}:
             return None
         return patch
+
+
+def _ignore(result: str) -> None:
+    pass
 
 
 def stable_identity(arn: str) -> str:

@@ -180,3 +180,21 @@ def test_iam_templates_are_least_privilege() -> None:
     chained = json.loads((REPO / "deploy/iam/cross-account-trust-policy.json").read_text())
     (statement,) = chained["Statement"]
     assert statement["Action"] == "sts:AssumeRole" and "AWS" in statement["Principal"]
+
+
+def test_the_metrics_port_is_exposed_and_the_service_monitor_is_optional() -> None:
+    docs = render("deploy")
+    assert not [d for d in docs if d["kind"] == "ServiceMonitor"], "the ServiceMonitor must stay optional"
+    sidecar = containers(one(docs, "Deployment", "xpander-controller"))[SIDECAR]
+    ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
+    assert ports == {"ccred-health": 8080, "metrics": 8081}
+    assert "--metrics-bind-address=:8081" in sidecar["args"]  # not 8080: the liveness endpoint's
+    monitoring = render("deploy/monitoring")
+    service = one(monitoring, "Service", "connector-credentials-metrics")
+    [port] = service["spec"]["ports"]
+    assert (port["name"], port["targetPort"]) == ("metrics", "metrics")
+    pod_labels = one(docs, "Deployment", "xpander-controller")["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    monitor = one(monitoring, "ServiceMonitor", "connector-credentials")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert [(e["port"], e["path"]) for e in monitor["spec"]["endpoints"]] == [("metrics", "/metrics")]

@@ -8,6 +8,7 @@ import boto3
 import botocore.config
 
 from tests.integration.conftest import World
+from tests.integration.test_metrics import free_port, samples, scrape, value
 from tests.support.awsemu import DEFAULT_REGION
 from tests.support.runner import wait_until
 
@@ -44,7 +45,9 @@ def test_an_allowed_role_is_assumed_and_its_session_shared(world: World) -> None
     world.apply("jira", {"secretArn": second, "roleArn": READER, "externalId": "xpander-tenant-1"})
     world.apply("slack", {"secretArn": own})
     before = world.proxy.calls("AssumeRole")
-    world.start_operator(extra_env=ALLOW)
+    reads_before = world.proxy.calls("GetSecretValue") + world.proxy.calls("BatchGetSecretValue")
+    port = free_port()
+    world.start_operator(extra_env={**ALLOW, "CCRED_METRICS_BIND_ADDRESS": f"127.0.0.1:{port}"})
     for name in ("github", "jira", "slack"):
         world.wait_reason(name, "AccessVerified")
     status = world.status("github")
@@ -56,6 +59,14 @@ def test_an_allowed_role_is_assumed_and_its_session_shared(world: World) -> None
     with world.client() as client:
         assert client.get(world.namespace, "github", refresh=True).value in world.canaries
     assert world.proxy.calls("AssumeRole") - before == 1
+    # The metrics count the role's calls too: its AssumeRole, and its reads beside the own identity's.
+    found = samples(scrape(port))
+    assert value(found, "ccred_aws_requests_total", operation="AssumeRole", outcome="ok") == 1
+    reads = world.proxy.calls("GetSecretValue") + world.proxy.calls("BatchGetSecretValue") - reads_before
+    counted = value(found, "ccred_aws_requests_total", operation="GetSecretValue") + value(
+        found, "ccred_aws_requests_total", operation="BatchGetSecretValue"
+    )
+    assert counted == reads >= 3  # the role's batch or reads, slack's, the refresh
     # Reads as the role never share a call with reads as the operator's own identity.
     for seen in world.proxy.seen:
         if seen.secret_ids and any(world.prefix in secret_id for secret_id in seen.secret_ids):

@@ -103,6 +103,9 @@ class OperatorProcess(Service):
         elif home is None:
             home = self._own_home = tempfile.mkdtemp(prefix="ccred-home-")
         env = hermetic_env(home)
+        # No /metrics unless a test asks for it (extra_env): the default :8080 would clash between
+        # operators running side by side, and with a --liveness on 8080.
+        env["CCRED_METRICS_BIND_ADDRESS"] = "0"
         if kubeconfig is not None:
             env["KUBECONFIG"] = str(kubeconfig)
         if socket_path is not None:
