@@ -13,7 +13,8 @@ from connector_credentials.models import SecretArn
 
 MAX_AWS_MESSAGE = 600
 
-_THROTTLE_CODES = frozenset(
+#: Error codes AWS services use for throttling (the metrics' ``throttled`` outcome too).
+THROTTLE_CODES = frozenset(
     {
         "ThrottlingException",
         "Throttling",
@@ -126,7 +127,7 @@ def classify_error(
     said = f" AWS said: {code}: {aws_said}" if aws_said else f" AWS said: {code}"
     if special := _credential_problem(code, aws_said, said, operation, arn=arn, role=role_text):
         return special
-    if operation in _STS_OPERATIONS and code not in _THROTTLE_CODES | _UNAVAILABLE_CODES:
+    if operation in _STS_OPERATIONS and code not in THROTTLE_CODES | _UNAVAILABLE_CODES:
         return AwsFailure(
             Reason.ASSUME_ROLE_FAILED,
             f"STS refused {operation} for role {role_text}.{said} Check the role's trust policy: "
@@ -135,7 +136,7 @@ def classify_error(
             "<issuer>:aud = sts.amazonaws.com; that this OIDC provider exists in IAM in the role's "
             "account; and that the projected token is current.",
         )
-    if code in _THROTTLE_CODES or status == 429:
+    if code in THROTTLE_CODES or status == 429:
         return AwsFailure(
             Reason.THROTTLED,
             f"AWS throttled the request for {arn.arn} in {arn.region} and retries did not get through.{said} "

@@ -37,6 +37,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
+from connector_credentials.awserrors import THROTTLE_CODES
 from connector_credentials.conditions import PENDING_REASON
 
 if TYPE_CHECKING:
@@ -51,17 +52,6 @@ AWS_OUTCOMES = ("ok", "throttled", "denied", "not_found", "client_error", "serve
 #: How a status write ended (the ``result`` label).
 STATUS_RESULTS = ("ok", "conflict", "gone", "failed")
 
-_THROTTLED = frozenset(
-    {
-        "ThrottlingException",
-        "Throttling",
-        "TooManyRequestsException",
-        "RequestLimitExceeded",
-        "RequestThrottled",
-        "RequestThrottledException",
-        "SlowDown",
-    }
-)
 _NOT_FOUND = frozenset({"ResourceNotFoundException", "NoSuchEntity"})
 _STARTED = "ccred_metrics_started"
 #: AWS calls take tens of milliseconds to seconds (timeouts and retries included).
@@ -76,7 +66,7 @@ def aws_outcome(status: int | None, code: str) -> str:
         return "network_error"
     if status < 300:
         return "ok"
-    if code in _THROTTLED or status == 429:
+    if code in THROTTLE_CODES or status == 429:
         return "throttled"
     if "AccessDenied" in code or status == 403:
         return "denied"
