@@ -83,6 +83,12 @@ def test_demo_shows_every_sample_and_a_masked_read() -> None:
         assert "xpander/slack" in output
         assert MASKED.search(output), output
         assert "Try:" in output
+        # The operator's own /metrics, scraped by the demo: the samples' verdicts, counted.
+        assert re.search(
+            r"ccred_credentials: 1 AccessDenied, 3 AccessVerified, 1 SecretNotFound; "
+            r"ccred_aws_requests_total: .*\d+ GetCallerIdentity",
+            output,
+        ), output
         assert_no_values(output, "the demo's output")
         log = (workdir / "operator.log").read_text(encoding="utf-8")
         assert "Serving credentials on" in log

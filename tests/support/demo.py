@@ -18,9 +18,11 @@ import copy
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import textwrap
 import time
+import urllib.request
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,7 @@ from types import FrameType
 from typing import Any
 
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from connector_credentials.client import CredentialClient, CredentialError
 from connector_credentials.models import API_VERSION, GROUP, KIND, PLURAL, VERSION, SecretArn
@@ -424,6 +427,7 @@ def run(
     step(f"Applied {len(samples)} ConnectorCredentials from deploy/samples/ to namespace {namespace} ({arns})")
 
     socket_path = str(workdir / "credentials.sock")
+    metrics = f"127.0.0.1:{free_port()}"  # loopback only: the demo shares the machine
     operator = OperatorProcess(
         namespace=namespace,
         kubeconfig=kubeconfig,
@@ -432,7 +436,7 @@ def run(
         log_path=log_path,
         home=workdir / "home",
         # Stop at once when the demo ends: no controller beside it needs the shutdown drain.
-        extra_env={"CCRED_SHUTDOWN_DRAIN": "0"},
+        extra_env={"CCRED_SHUTDOWN_DRAIN": "0", "CCRED_METRICS_BIND_ADDRESS": metrics},
     )
     operators.append(operator)
     stack.callback(operator.stop)
@@ -454,6 +458,9 @@ def run(
     say("\nRead through the socket with the client library (CredentialClient(socket).get):")
     read_back(socket_path, namespace, READ_BACK)
 
+    say(f"\n$ curl http://{metrics}/metrics   (Prometheus; names, reasons and counts, never a value)")
+    say(f"  {metrics_summary(metrics)}")
+
     cli = console_script()
     if args.keep:
         kubectl = "" if shutil.which("kubectl") else "   (kubectl is not installed here)"
@@ -467,10 +474,38 @@ def run(
         say(f"  socket: {socket_path}")
         say(f"  {cli} get {namespace}/{READ_BACK} --socket-path {socket_path}")
         say(f"  {cli} list --socket-path {socket_path}")
+        say(f"  curl -s http://{metrics}/metrics | grep ^ccred_")
         say(f"  tail -f {log_path}")
     else:
         say("\nTry: make demo ARGS=--keep   (keeps it running; then kubectl get ccred and connector-credentials get)")
     return operator
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def metrics_summary(address: str) -> str:
+    """One line from a scrape: credentials by reason, and the AWS calls made so far."""
+    try:
+        with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as response:
+            text = response.read().decode("utf-8")
+    except OSError as exc:
+        raise DemoError(f"/metrics on {address} did not answer ({exc})") from None
+    reasons: dict[str, int] = {}
+    calls: dict[str, int] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "ccred_credentials" and sample.value:
+                reasons[sample.labels["reason"]] = reasons.get(sample.labels["reason"], 0) + int(sample.value)
+            elif sample.name == "ccred_aws_requests_total" and sample.value:
+                operation = sample.labels["operation"]
+                calls[operation] = calls.get(operation, 0) + int(sample.value)
+    by_reason = ", ".join(f"{count} {reason}" for reason, count in sorted(reasons.items()))
+    by_call = ", ".join(f"{count} {operation}" for operation, count in sorted(calls.items()))
+    return f"ccred_credentials: {by_reason}; ccred_aws_requests_total: {by_call}"
 
 
 if __name__ == "__main__":
