@@ -97,3 +97,18 @@ def test_neither_identity_names_both_fixes(world: World) -> None:
     for phrase in ("eks.amazonaws.com/role-arn", "Pod Identity association", "AWS_CONTAINER_CREDENTIALS_FULL_URI"):
         assert phrase in condition["message"]
     assert ROLE_ARN not in condition["message"]
+
+
+def test_static_keys_beside_pod_identity_are_refused_unless_allowed(world: World, agent: PodIdentityAgent) -> None:
+    # Static keys come before the container provider in boto3's chain: they would win silently.
+    env = {**env_for(world, agent.uri), "AWS_ACCESS_KEY_ID": "AKIDEXAMPLE", "AWS_SECRET_ACCESS_KEY": "not-a-real-key"}
+    world.apply("slack", {"secretArn": world.secret("slack")})
+    first = world.start_operator(aws_env=env)
+    condition = world.wait_reason("slack", "IRSANotConfigured")
+    assert "picked credentials from 'env'" in condition["message"]
+    assert "EKS Pod Identity" in condition["message"] and "AWS_CONTAINER_CREDENTIALS_FULL_URI" in condition["message"]
+    assert world.proxy.reads(f"{world.prefix}/slack") == 0
+    first.stop()
+    world.start_operator(aws_env=env, extra_env={"CCRED_ALLOW_NON_IRSA_CREDENTIALS": "true"})
+    world.wait_reason("slack", "AccessVerified")
+    assert world.status("slack")["credentialSource"] == "env"  # the boto3 method that was let through
