@@ -613,6 +613,9 @@ class Row:
     cycle_writes: int = 0
     rss_idle: float = 0.0
     rss_peak: float = 0.0
+    #: GET /metrics after the first pass: median time and body size.
+    scrape_ms: float = 0.0
+    scrape_kib: float = 0.0
     reads: Reads = field(default_factory=Reads)
     verdicts: Counter[str] = field(default_factory=Counter)
     live: float | None = None
@@ -638,9 +641,20 @@ def namespace_with_identity(env: Env, label: str) -> Iterator[tuple[str, str, Pa
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def start_operator(env: Env, namespace: str, token: str, workdir: Path) -> Any:
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_operator(env: Env, namespace: str, token: str, workdir: Path, metrics_port: int | None = None) -> Any:
+    """The console script as deployed: production logging; /metrics on (loopback) when a port is given."""
     from tests.support.awsemu import irsa_env
     from tests.support.runner import OperatorProcess, console_script
+
+    extra_env = {"CCRED_SHUTDOWN_DRAIN": "0"}
+    if metrics_port is not None:
+        extra_env["CCRED_METRICS_BIND_ADDRESS"] = f"127.0.0.1:{metrics_port}"
 
     kubeconfig = env.cluster.write_kubeconfig(
         workdir / "kubeconfig", token=token, namespace=namespace, server=env.kube_proxy.url
@@ -650,11 +664,33 @@ def start_operator(env: Env, namespace: str, token: str, workdir: Path) -> Any:
         kubeconfig=kubeconfig,
         aws_env=irsa_env(workdir, env.proxy.endpoint, role_arn=ROLE_ARN),
         socket_path=str(workdir / "c.sock"),
-        extra_env={"CCRED_SHUTDOWN_DRAIN": "0"},
+        extra_env=extra_env,
         log_path=workdir / "operator.log",
         home=workdir / "home",
         command=[console_script(), "run", "-n", namespace],  # no --verbose: production logging
     )
+
+
+def scrape_metrics(port: int, n: int, times: int = 5) -> tuple[float, float, int]:
+    """Scrape /metrics a few times: the median time (ms), the body's size (KiB), the credential series."""
+    took: list[float] = []
+    body = b""
+    for _ in range(times):
+        start = time.monotonic()
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            connection.request("GET", "/metrics")
+            response = connection.getresponse()
+            body = response.read()
+        finally:
+            connection.close()
+        took.append(time.monotonic() - start)
+        if response.status != 200:
+            raise BenchError(f"/metrics answered {response.status}")
+    series = sum(1 for line in body.splitlines() if line.startswith(b"ccred_credentials{"))
+    if series != n:
+        raise BenchError(f"/metrics has {series} ccred_credentials series for {n} credentials")
+    return statistics.median(took) * 1000, len(body) / 1024, series
 
 
 def aws_calls(env: Env, start: float, end: float) -> list[Any]:
@@ -686,7 +722,8 @@ def measure(env: Env, n: int) -> Row:
         status_path = rf"/namespaces/{namespace}/connectorcredentials/[^/]+/status$"
         events_path = rf"/namespaces/{namespace}/events$"
 
-        operator = start_operator(env, namespace, token, workdir)
+        metrics_port = free_port()
+        operator = start_operator(env, namespace, token, workdir, metrics_port)
         socket_path = str(workdir / "c.sock")
         ready = Readiness(env.cluster.url, env.context, namespace)
         reads, done = Reads(), threading.Event()
@@ -764,6 +801,8 @@ def measure(env: Env, n: int) -> Row:
             row.first_writes = len(writes)
             row.first_conflicts = sum(1 for seen in writes if seen.status == 409)
             row.first_events = len(kube_requests(env, "POST", events_path, t0, t_all))
+            # As Prometheus would, every scrape interval: before the steady cycle, so the peak includes it.
+            row.scrape_ms, row.scrape_kib, _ = scrape_metrics(metrics_port, n)
 
             # One steady refresh cycle: a window of one refreshInterval, starting once the jitter of the
             # first refreshes has passed. Every credential refreshes once per interval on average.
@@ -946,6 +985,7 @@ def print_details(rows: list[Row], args: argparse.Namespace) -> None:
         if row.live is not None:
             print(f"  created while running: AWS calls {dict(row.live_calls)}")
         print(f"  readiness listing (Table, no objects): median {row.list_ms:.0f} ms")
+        print(f"  /metrics scrape after the first pass: median {row.scrape_ms:.0f} ms, {row.scrape_kib:.0f} KiB")
 
 
 def environment() -> str:
