@@ -65,6 +65,20 @@ def main() -> None:
 def run(**options: Any) -> None:
     """Run the operator and the credential server."""
     memory.limit_malloc_arenas()  # before any thread starts
+    settings = settings_from(options)
+    clash = _port_clash(settings)
+    if clash:
+        raise click.UsageError(clash)
+    loop_factory, why = event_loop(settings.event_loop)
+    try:
+        with asyncio.Runner(debug=settings.debug, loop_factory=loop_factory) as runner:
+            runner.run(_run(settings, why))
+    except KeyboardInterrupt:
+        pass
+
+
+def settings_from(options: dict[str, Any]) -> OperatorSettings:
+    """The settings: ``CCRED_*`` variables overridden by the options given (``None`` or ``()``: not given)."""
     overrides: dict[str, Any] = {k: v for k, v in options.items() if v not in (None, ())}
     if "namespaces" in overrides:
         overrides["namespace"] = list(overrides.pop("namespaces"))
@@ -75,15 +89,7 @@ def run(**options: Any) -> None:
         raise click.UsageError(f"invalid settings: {problems}") from None
     if settings.all_namespaces and settings.namespace:
         raise click.UsageError("use either --all-namespaces or --namespace, not both")
-    clash = _port_clash(settings)
-    if clash:
-        raise click.UsageError(clash)
-    loop_factory, why = event_loop(settings.event_loop)
-    try:
-        with asyncio.Runner(debug=settings.debug, loop_factory=loop_factory) as runner:
-            runner.run(_run(settings, why))
-    except KeyboardInterrupt:
-        pass
+    return settings
 
 
 def _port_clash(settings: OperatorSettings) -> str | None:
@@ -207,10 +213,10 @@ async def _run(settings: OperatorSettings, why: str) -> None:
             await metrics_server.close()
         await sink.close()
         raise click.ClickException(f"cannot serve on {settings.socket_path}: {exc}") from None
-    clusterwide = settings.all_namespaces or not settings.namespace
+    namespaces = settings.watched_namespaces()
+    clusterwide = namespaces is None
     if clusterwide and not settings.all_namespaces:
         logger.warning("No --namespace given: watching all namespaces (pass -n NS to limit it).")
-    namespaces = None if clusterwide else settings.namespace
 
     stop = asyncio.Event()
     shutdown = _Shutdown(engine, server, settings.shutdown_drain, then=stop.set)
@@ -229,7 +235,7 @@ async def _run(settings: OperatorSettings, why: str) -> None:
                 registry=registry,
                 standalone=True,
                 clusterwide=clusterwide,
-                namespaces=[] if clusterwide else settings.namespace,
+                namespaces=namespaces or [],
                 ready_flag=ready,
                 stop_flag=stop,
                 insights=insights,
@@ -363,6 +369,23 @@ async def _sync(engine: Any, sink: Any, namespaces: list[str] | None) -> None:
         engine.synced.set()
         logger.info("Loaded %d declared credential(s).", count)
         return
+
+
+@main.command("doctor")
+@click.option("-A", "--all-namespaces", "all_namespaces", is_flag=True, default=None, help="Check every namespace.")
+@click.option("-n", "--namespace", "namespaces", multiple=True, metavar="NS", help="Check this namespace (repeatable).")
+@click.option(
+    "-o", "--output", type=click.Choice(["text", "json"]), default="text", show_default=True, help="Report format."
+)
+@click.argument("names", nargs=-1, metavar="[NAME]...")
+def doctor(names: tuple[str, ...], output: str, **options: Any) -> None:
+    """Check the workload identity, AWS, RBAC and each credential, in order; exit 1 if a check fails.
+
+    Namespaces as for `run` (-n, -A, CCRED_NAMESPACE). NAME (or NAMESPACE/NAME): only these credentials.
+    """
+    from connector_credentials import doctor as checkup
+
+    sys.exit(checkup.run(settings_from(options), names, output=output))
 
 
 def _client(socket_path: str | None) -> Any:

@@ -175,7 +175,7 @@ class Engine:
         schedule.wake.set()
         outcome = schedule.outcome
         if outcome.ready and not outcome.transient and entry.api.spec is not None and entry.held.identity:
-            outcome = schedule.outcome = self._verified(entry.api.spec, entry.held.identity, interval)
+            outcome = schedule.outcome = verified_outcome(entry.api.spec, entry.held.identity, interval)
         self._writer.report(entry, outcome, interval)
 
     def remove(self, namespace: str, name: str) -> None:
@@ -287,7 +287,7 @@ class Engine:
         outcome: Outcome
         spec = entry.api.spec
         if spec is None:
-            outcome = Outcome(False, Reason.INVALID_SPEC, f"Invalid spec: {entry.api.spec_error}. Fix the resource.")
+            outcome = invalid_spec_outcome(str(entry.api.spec_error))
             self._drop_value(entry)
             schedule.due = float("inf")  # nothing to do until the spec changes
         else:
@@ -320,12 +320,7 @@ class Engine:
             except AwsFailure as failure:
                 outcome = self._on_failure(entry, failure, interval)
             except JsonKeyError as exc:
-                outcome = Outcome(
-                    False,
-                    Reason.JSON_KEY_NOT_FOUND,
-                    f"Read {arn.arn} but jsonKey {spec.json_key!r} does not apply: {exc}. "
-                    "Fix spec.jsonKey or the secret's content.",
-                )
+                outcome = json_key_outcome(spec, exc)
                 self._drop_value(entry)
                 schedule.failures = 0
                 schedule.due = self._next_due(spec, interval)
@@ -340,7 +335,7 @@ class Engine:
                 held.credential_source = self._port.credential_source
                 schedule.failures = 0
                 schedule.due = self._next_due(spec, interval)
-                outcome = self._verified(spec, identity, interval)
+                outcome = verified_outcome(spec, identity, interval)
                 if (
                     previous_version
                     and previous_version != fetched.version_id
@@ -369,17 +364,6 @@ class Engine:
             logger.warning("%s/%s: %s: %s", *entry.key, outcome.reason, outcome.message)
         self._writer.report(entry, outcome, interval)
 
-    @staticmethod
-    def _verified(spec: ConnectorCredentialSpec, identity: str, interval: float) -> Outcome:
-        selector = f"versionId {spec.version_id}" if spec.version_id else f"stage {spec.effective_stage}"
-        key_text = f", key {spec.json_key!r}" if spec.json_key else ""
-        return Outcome(
-            True,
-            Reason.ACCESS_VERIFIED,
-            f"Read {spec.arn.arn} ({selector}{key_text}) as {stable_identity(identity)}; re-checked every "
-            f"{format_duration(interval)}.",
-        )
-
     def _next_due(self, spec: ConnectorCredentialSpec, interval: float) -> float:
         return self.timing.next_due(spec, interval, asyncio.get_running_loop().time())
 
@@ -393,7 +377,7 @@ class Engine:
             schedule.failures = 0
             spec = entry.api.spec
             schedule.due = self._next_due(spec, interval) if spec else loop.time() + self.timing.jittered(interval)
-            return Outcome(False, failure.reason, failure.message)
+            return failed_outcome(failure)
         schedule.failures += 1
         retry_in = self.timing.backoff(schedule.failures)
         staleness = self.settings.max_staleness
@@ -413,7 +397,7 @@ class Engine:
         self._drop_value(entry)
         entry.held.verified_mono = None
         schedule.due = loop.time() + retry_in
-        return Outcome(False, failure.reason, failure.message, transient=True)
+        return failed_outcome(failure)
 
     # --- serving -----------------------------------------------------------------------
 
@@ -515,6 +499,43 @@ class Engine:
             self._drop_value(entry)
         self._entries.clear()
         self.reader.close()
+
+
+# --- verdicts -------------------------------------------------------------------------------
+# What a check concludes from what it found, for a credential holding no verified value: pure, so that
+# `connector-credentials doctor` words its verdicts exactly as the status does.
+
+
+def invalid_spec_outcome(error: str) -> Outcome:
+    """The spec did not parse (``error``: :class:`InvalidSpecError`'s text)."""
+    return Outcome(False, Reason.INVALID_SPEC, f"Invalid spec: {error}. Fix the resource.")
+
+
+def failed_outcome(failure: AwsFailure) -> Outcome:
+    """A failed read (or a role refused before any read), with no verified value to fall back on."""
+    return Outcome(False, failure.reason, failure.message, transient=failure.transient)
+
+
+def json_key_outcome(spec: ConnectorCredentialSpec, exc: JsonKeyError) -> Outcome:
+    """The secret was read, but ``spec.jsonKey`` does not apply to its content."""
+    return Outcome(
+        False,
+        Reason.JSON_KEY_NOT_FOUND,
+        f"Read {spec.arn.arn} but jsonKey {spec.json_key!r} does not apply: {exc}. "
+        "Fix spec.jsonKey or the secret's content.",
+    )
+
+
+def verified_outcome(spec: ConnectorCredentialSpec, identity: str, interval: float) -> Outcome:
+    """The secret was read as ``identity`` and the value extracted."""
+    selector = f"versionId {spec.version_id}" if spec.version_id else f"stage {spec.effective_stage}"
+    key_text = f", key {spec.json_key!r}" if spec.json_key else ""
+    return Outcome(
+        True,
+        Reason.ACCESS_VERIFIED,
+        f"Read {spec.arn.arn} ({selector}{key_text}) as {stable_identity(identity)}; re-checked every "
+        f"{format_duration(interval)}.",
+    )
 
 
 def _reads(spec: ConnectorCredentialSpec) -> tuple[Any, ...]:

@@ -77,3 +77,18 @@ def configure(*, verbose: bool, debug: bool) -> RedactingFilter:
     for handler in logging.getLogger().handlers:
         handler.addFilter(redacting)
     return redacting
+
+
+def configure_for_command() -> RedactingFilter:
+    """Logging for a one-shot command (``doctor``): warnings and errors only, on stderr, through the
+    redacting filter (its index empty until the command adds what it reads); libraries stay quiet."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    redacting = RedactingFilter()
+    handler.addFilter(redacting)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    for name in (*PINNED_LOGGERS, "kopf", "asyncio"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    return redacting

@@ -69,6 +69,12 @@ def format_duration(seconds: float) -> str:
     return "".join(f"{n}{u}" for n, u in ((hours, "h"), (minutes, "m"), (secs, "s")) if n)
 
 
+def region_of(arn: str) -> str | None:
+    """The region an ARN names (its fourth part), or ``None`` when there is no valid one."""
+    parts = arn.split(":", 6)
+    return parts[3] if len(parts) > 3 and parts[0] == "arn" and _REGION.match(parts[3]) else None
+
+
 @dataclass(frozen=True, slots=True)
 class SecretArn:
     """A Secrets Manager secret ARN, split into the parts the operator uses."""

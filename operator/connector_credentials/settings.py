@@ -98,6 +98,11 @@ class OperatorSettings(BaseSettings):
     watch_server_timeout: float = Field(default=300.0, gt=0)
     watch_client_timeout: float = Field(default=330.0, gt=0)
 
+    def watched_namespaces(self) -> list[str] | None:
+        """The namespaces to watch: ``--namespace`` / ``CCRED_NAMESPACE``; ``None``: every namespace
+        (``--all-namespaces``, or no namespace given)."""
+        return None if self.all_namespaces or not self.namespace else list(self.namespace)
+
     @field_validator("namespace", mode="before")
     @classmethod
     def _namespaces(cls, value: Any) -> Any:
