@@ -34,7 +34,6 @@ from connector_credentials.doctor_checks import (
     select,
     token_check,
 )
-from connector_credentials.engine import failed_outcome, invalid_spec_outcome, json_key_outcome, verified_outcome
 from connector_credentials.entry import Outcome
 from connector_credentials.identity import Environ, configured
 from connector_credentials.models import ConnectorCredentialSpec, InvalidSpecError, parse_spec, region_of
@@ -43,6 +42,7 @@ from connector_credentials.roles import RoleAllowlist
 from connector_credentials.settings import OperatorSettings
 from connector_credentials.status import stable_identity
 from connector_credentials.values import JsonKeyError, NeedleIndex, extract
+from connector_credentials.verdicts import failed_outcome, invalid_spec_outcome, json_key_outcome, verified_outcome
 
 __all__ = ["FAIL", "PASS", "SKIP", "Check", "LiveProbe", "Probe", "as_document", "as_text", "diagnose", "run"]
 
@@ -207,7 +207,9 @@ def as_text(checks: Sequence[Check]) -> str:
     for check in checks:
         label = f"credential {check.credential}" if check.credential else check.check
         detail = f"{check.reason}: {check.detail}" if check.reason else check.detail
-        lines.append(f"{check.result}  {label:<11}  {detail}" + (f" Fix: {check.fix}" if check.fix else ""))
+        # On FAIL, what to fix follows on the same line (one line per check, for grep and for scripts).
+        fix = f"{'' if detail.endswith('.') else '.'} Fix: {check.fix}" if check.fix else ""
+        lines.append(f"{check.result}  {label:<11}  {detail}{fix}")
     counts = {result: sum(c.result == result for c in checks) for result in (FAIL, PASS, SKIP)}
     lines.append(
         f"{'FAIL' if failed(checks) else 'PASS'}: {counts[FAIL]} failed, {counts[PASS]} passed, {counts[SKIP]} skipped"

@@ -203,7 +203,7 @@ def kube_failure(exc: BaseException, namespaces: list[str] | None) -> Check:
         if namespaces is None:
             fix = (
                 "Listing every namespace needs a ClusterRole; the shipped RBAC is a Role in the operator's namespace "
-                f"({RBAC_FILE}): pass -n NAMESPACE (the sidecar runs with --namespace=$(POD_NAMESPACE))."
+                f"({RBAC_FILE}): pass -n NAMESPACE (the shipped sidecar sets CCRED_NAMESPACE to its own namespace)."
             )
         else:
             fix = (

@@ -58,7 +58,10 @@ def assert_sidecar_wired(deployment: dict[str, Any], controller: str = "controll
         env = {e["name"]: e.get("value") for e in container["env"]}
         assert env["CCRED_SOCKET_PATH"] == f"{SOCKET_DIR}/credentials.sock", container["name"]
     assert {m["name"]: m for m in main["volumeMounts"]}["connector-credentials-socket"]["readOnly"] is True
-    assert "--namespace=$(POD_NAMESPACE)" in sidecar["args"]
+    # The pod's namespace in the environment, so that `doctor` (kubectl exec) sees it as `run` does.
+    assert not [arg for arg in sidecar["args"] if arg.startswith("--namespace")]
+    namespace = next(e for e in sidecar["env"] if e["name"] == "CCRED_NAMESPACE")
+    assert namespace["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
     assert "--liveness=http://0.0.0.0:8080/healthz" in sidecar["args"]
     assert sidecar["livenessProbe"]["httpGet"]["path"] == "/healthz"
     # A native sidecar: started before the controller, once its socket says healthy; stopped after it.
