@@ -182,7 +182,8 @@ def test_iam_templates_are_least_privilege() -> None:
     assert statement["Condition"]["StringEquals"] == {"aws:SourceAccount": "ACCOUNT_ID"}
     chained = json.loads((REPO / "deploy/iam/cross-account-trust-policy.json").read_text())
     (statement,) = chained["Statement"]
-    assert statement["Action"] == "sts:AssumeRole" and "AWS" in statement["Principal"]
+    # sts:TagSession: a Pod Identity session's tags are transitive, and the chained role must accept them.
+    assert sorted(statement["Action"]) == ["sts:AssumeRole", "sts:TagSession"] and "AWS" in statement["Principal"]
 
 
 def test_the_metrics_port_is_exposed_and_the_service_monitor_is_optional() -> None:
