@@ -44,6 +44,7 @@ from connector_credentials.identity import (
     pod_identity_failure,
     pod_identity_problem,
     source_name,
+    token_problem_of,
 )
 from connector_credentials.models import AssumedRole, SecretArn
 from connector_credentials.roles import RoleSessions
@@ -160,7 +161,14 @@ class Boto3SecretsPort:
             max_pool_connections=settings.aws_max_workers + PRIORITY_THREADS,
             user_agent_extra="connector-credential-operator",
         )
-        self._roles = RoleSessions(lambda region: self._client("sts", region), self._config, instrument=instrument)
+        self._roles = RoleSessions(
+            lambda region: self._client("sts", region),
+            self._config,
+            instrument=instrument,
+            own_failure=lambda exc, region: self._classify(
+                exc, arn=_identity_placeholder(region), role=None, version=""
+            ),
+        )
 
     @property
     def role(self) -> str | None:
@@ -192,7 +200,7 @@ class Boto3SecretsPort:
         session = self._get_session()
         try:
             credentials = session.get_credentials()
-        except botocore.exceptions.CredentialRetrievalError as exc:
+        except (botocore.exceptions.CredentialRetrievalError, ValueError) as exc:
             raise self._classify(exc, arn=_identity_placeholder("(credentials)"), role=None, version="") from None
         except OSError as exc:  # the Pod Identity token file vanished between the check and the read
             if kind != POD_IDENTITY:
@@ -245,6 +253,8 @@ class Boto3SecretsPort:
             failure = from_retrieval_error(exc, self._environ)
             if failure is not None:
                 return failure
+        if isinstance(exc, ValueError) and (failure := token_problem_of(exc, self._environ)) is not None:
+            return failure  # the token file was rewritten with a line break since it was checked
         return classify(exc, arn=arn, role=role.arn if role else self.role, version=version)
 
     def _reader(self, region: str, role: AssumedRole | None) -> Any:

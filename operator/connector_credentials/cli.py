@@ -82,6 +82,9 @@ def settings_from(options: dict[str, Any]) -> OperatorSettings:
     overrides: dict[str, Any] = {k: v for k, v in options.items() if v not in (None, ())}
     if "namespaces" in overrides:
         overrides["namespace"] = list(overrides.pop("namespaces"))
+    elif overrides.get("all_namespaces"):
+        # -A given on the command line outweighs CCRED_NAMESPACE (which the shipped sidecar sets).
+        overrides["namespace"] = []
     try:
         settings = OperatorSettings(**overrides)
     except ValidationError as exc:

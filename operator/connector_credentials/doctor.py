@@ -157,6 +157,8 @@ def diagnose(
                 f"{failure.reason}: {failure.message}",
                 f"See docs/troubleshooting.md#{failure.reason.lower()}.",
             )
+        except Exception as exc:  # noqa: BLE001 - a report line, never a traceback
+            sts = unexpected("sts", exc)
         else:
             source = probe.credential_source or "unknown"
             sts = Check(
@@ -177,13 +179,28 @@ def diagnose(
             if blocked is not None:
                 checks.append(Check("credential", SKIP, f"{blocked} failed: not read", credential=item.ref))
                 continue
-            verdict = read_verdict(verdict, probe, default_interval, redaction or NeedleIndex())
+            try:
+                verdict = read_verdict(verdict, probe, default_interval, redaction or NeedleIndex())
+            except Exception as exc:  # noqa: BLE001 - a report line, never a traceback
+                checks.append(unexpected("credential", exc, credential=item.ref))
+                continue
         checks.append(credential_line(item, verdict))
     for name in missing:
         where = f"namespace {', '.join(namespaces)}" if namespaces else "any namespace"
         fix = "Check the name (kubectl get ccred), or pass -n for its namespace."
         checks.append(Check("credential", FAIL, f"not declared in {where}", fix, credential=name))
     return checks
+
+
+def unexpected(check: str, exc: BaseException, *, credential: str | None = None) -> Check:
+    """A failure the product has no words for: its type only (its text could quote anything)."""
+    return Check(
+        check,
+        FAIL,
+        f"failed unexpectedly ({type(exc).__name__})",
+        "Run the operator with --verbose and see its log, or report it with this line.",
+        credential=credential,
+    )
 
 
 # --- output -----------------------------------------------------------------------------------------

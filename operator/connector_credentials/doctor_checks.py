@@ -124,6 +124,9 @@ def token_check(kind: str, path: str, content: bytes | OSError, now: float) -> C
         return Check("token", FAIL, f"{where} cannot be read ({content.strerror or type(content).__name__})", remount)
     if not content.strip():
         return Check("token", FAIL, f"{where} is empty", remount)
+    if kind == POD_IDENTITY and (b"\n" in content or b"\r" in content):
+        # Sent as-is in the Authorization header, which the SDK refuses with a line break in it.
+        return Check("token", FAIL, f"{where} contains a line break", f"It must hold the token only. {remount}")
     try:
         claims = token_claims(content)
     except TokenError as exc:

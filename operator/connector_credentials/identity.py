@@ -12,6 +12,7 @@ import base64
 import json
 import os
 import re
+import urllib.parse
 
 import botocore.exceptions
 
@@ -25,6 +26,8 @@ TOKEN_ENV = "AWS_WEB_IDENTITY_TOKEN_FILE"
 FULL_URI_ENV = "AWS_CONTAINER_CREDENTIALS_FULL_URI"
 AUTH_TOKEN_FILE_ENV = "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"
 POD_IDENTITY_AGENT = "169.254.170.23"
+#: How much of a Pod Identity token file is read to check it (a projected token is about 1 KiB).
+MAX_HEADER_TOKEN = 65536
 
 #: status.credentialSource for the two workload identities (any other source: boto3's method name).
 IRSA = "IRSA"
@@ -75,17 +78,33 @@ def pod_identity_problem(environ: Environ) -> str | None:
     token_file = environ.get(AUTH_TOKEN_FILE_ENV)
     if not token_file:
         return f"{FULL_URI_ENV} is set but {AUTH_TOKEN_FILE_ENV} is not"
-    return _token_problem(token_file, "Pod Identity")
+    return _token_problem(token_file, "Pod Identity", header=True)
 
 
-def _token_problem(token_file: str, kind: str) -> str | None:
+def _token_problem(token_file: str, kind: str, *, header: bool = False) -> str | None:
+    """Why the token cannot be sent. ``header``: it goes as-is into an HTTP header (Pod Identity)."""
     try:
         with open(token_file, "rb") as handle:
-            if not handle.read(1):
-                return f"the {kind} token file {token_file} is empty"
+            head = handle.read(MAX_HEADER_TOKEN if header else 1)
     except OSError as exc:
         return f"the {kind} token file {token_file} cannot be read ({exc.strerror or type(exc).__name__})"
+    if not head:
+        return f"the {kind} token file {token_file} is empty"
+    if header and (b"\n" in head or b"\r" in head):
+        # The SDK refuses to send it (not a legal header value); a projected token never has one.
+        return (
+            f"the {kind} token file {token_file} contains a line break; it must hold the projected token only "
+            "(mount the eks-pod-identity-token volume as EKS injects it)"
+        )
     return None
+
+
+def token_problem_of(exc: ValueError, environ: Environ) -> AwsFailure | None:
+    """The SDK's refusal to send a Pod Identity token as a header, in a status's words (else ``None``)."""
+    if "header" not in str(exc) or not environ.get(FULL_URI_ENV):
+        return None
+    token_file = environ.get(AUTH_TOKEN_FILE_ENV, "")
+    return pod_identity_failure(f"the token in {token_file} cannot be sent (it contains a line break)", environ)
 
 
 def service_account(environ: Environ) -> tuple[str, str] | None:
@@ -111,13 +130,15 @@ def pod_identity_checks(environ: Environ) -> str:
     """What to check when Pod Identity fails, naming this pod's namespace and service account."""
     subject = service_account(environ)
     namespace, account = subject if subject else ("<namespace>", "<service-account>")
+    # The agent's address as EKS injected it: 169.254.170.23, or [fd00:ec2::23] on IPv6 clusters.
+    agent = urllib.parse.urlsplit(environ.get(FULL_URI_ENV, "")).hostname or POD_IDENTITY_AGENT
     return (
         f"Check that an EKS Pod Identity association exists for namespace {namespace} and service account "
         f"{account} (aws eks list-pod-identity-associations --cluster-name <cluster> --namespace {namespace} "
         f"--service-account {account}) and that the pod was restarted after it was created; that the "
         f"eks-pod-identity-agent add-on is installed and its pod runs on this node (kubectl -n kube-system get "
         f"pods -l app.kubernetes.io/name=eks-pod-identity-agent); and, if the pod uses an HTTP proxy, that "
-        f"NO_PROXY includes {POD_IDENTITY_AGENT}."
+        f"NO_PROXY includes {agent}."
     )
 
 

@@ -49,12 +49,10 @@ class RoleAllowlist:
 
     def __init__(self, patterns: Sequence[str]) -> None:
         self.patterns = tuple(patterns)
-        self._compiled = [
-            re.compile("^" + ".*".join(re.escape(part) for part in pattern.split("*")) + "$") for pattern in patterns
-        ]
+        self._compiled = [re.compile(".*".join(re.escape(part) for part in pattern.split("*"))) for pattern in patterns]
 
     def allows(self, role_arn: str) -> bool:
-        return any(pattern.match(role_arn) for pattern in self._compiled)
+        return any(pattern.fullmatch(role_arn) for pattern in self._compiled)
 
     def refusal(self, role_arn: str) -> AwsFailure | None:
         """Why this role may not be assumed (``None``: it may). Decided without asking AWS."""
@@ -87,9 +85,13 @@ class RoleSessions:
         config: Any,
         clock: Callable[[], float] = time.time,
         instrument: Callable[[Any], None] | None = None,
+        own_failure: Callable[[BaseException, str], AwsFailure] | None = None,
     ) -> None:
         self._sts_client = sts_client
         self._config = config
+        #: How a failure of the operator's own credentials reads (exception, region): the SDK fetches
+        #: them lazily, inside the AssumeRole call, so their failures surface here too.
+        self._own_failure = own_failure or _own_failure
         #: Called with every new client of a role's session (the metrics count its calls too).
         self._instrument = instrument
         self._clock = clock
@@ -142,7 +144,13 @@ class RoleSessions:
         self.assumed += 1
         try:
             answer = self._sts_client(region).assume_role(**request)
+        except botocore.exceptions.CredentialRetrievalError as exc:  # the Pod Identity agent, say
+            raise self._own_failure(exc, region) from None
         except botocore.exceptions.ClientError as exc:
+            if exc.operation_name != "AssumeRole":
+                # AssumeRoleWithWebIdentity (IRSA) refused while fetching the operator's own credentials:
+                # the fix is on the operator's role, not on the chained one.
+                raise self._own_failure(exc, region) from None
             error = exc.response.get("Error", {})
             code = str(error.get("Code", "Unknown"))
             status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
@@ -162,6 +170,10 @@ class RoleSessions:
             aws_session_token=credentials["SessionToken"],
         )
         return _Session(identity=str(answer["AssumedRoleUser"]["Arn"]), expires=expires, session=session)
+
+
+def _own_failure(exc: BaseException, region: str) -> AwsFailure:
+    return classify(exc, arn=_placeholder(region), role=None, version="")
 
 
 def refused(role: AssumedRole, code: str, said: str, base_identity: str | None) -> AwsFailure:

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.integration.conftest import ROLE_ARN, World
+from tests.integration.test_roles import ALLOW, READER, other_account_secret
 from tests.support.awsemu import free_port
 from tests.support.podidentity import PodIdentityAgent, pod_identity_env
 
@@ -17,7 +18,7 @@ from tests.support.podidentity import PodIdentityAgent, pod_identity_env
 CHECKS = (
     "Pod Identity association exists for namespace xpander and service account xpander-controller",
     "eks-pod-identity-agent",
-    "NO_PROXY includes 169.254.170.23",
+    "NO_PROXY includes 127.0.0.1",  # the agent's host as the URI names it (169.254.170.23 on EKS)
 )
 
 
@@ -112,3 +113,30 @@ def test_static_keys_beside_pod_identity_are_refused_unless_allowed(world: World
     world.start_operator(aws_env=env, extra_env={"CCRED_ALLOW_NON_IRSA_CREDENTIALS": "true"})
     world.wait_reason("slack", "AccessVerified")
     assert world.status("slack")["credentialSource"] == "env"  # the boto3 method that was let through
+
+
+def test_a_token_with_a_line_break_is_pod_identity_failed(world: World, agent: PodIdentityAgent) -> None:
+    env = env_for(world, agent.uri)
+    token_file = env["AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"]
+    with open(token_file, "a", encoding="utf-8") as handle:
+        handle.write("\n")  # the SDK would refuse to send it as a header (a ValueError, not a reason)
+    world.apply("slack", {"secretArn": world.secret("slack")})
+    world.start_operator(aws_env=env)
+    condition = world.wait_reason("slack", "PodIdentityFailed")
+    assert "contains a line break" in condition["message"] and token_file in condition["message"]
+    assert agent.requests == 0
+
+
+def test_the_agent_failing_as_a_role_is_assumed_is_pod_identity_failed(world: World, agent: PodIdentityAgent) -> None:
+    # Short-lived agent credentials: the SDK fetches them anew inside the AssumeRole call itself.
+    agent.lifetime = 60
+    world.apply("slack", {"secretArn": world.secret("slack")})
+    world.start_operator(aws_env=env_for(world, agent.uri), extra_env=ALLOW)
+    world.wait_reason("slack", "AccessVerified")
+    agent.refuse()
+    world.apply("github", {"secretArn": other_account_secret(world, "github"), "roleArn": READER})
+    condition = world.wait_reason("github", "PodIdentityFailed", timeout=40)
+    # The operator's own identity failed, not the chained role's trust: no AssumeRoleFailed naming it.
+    assert "answered with an error" in condition["message"] and READER not in condition["message"]
+    for phrase in CHECKS:
+        assert phrase in condition["message"]

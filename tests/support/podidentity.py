@@ -11,6 +11,7 @@ so that moto's ``GetCallerIdentity`` names the associated role. ``refuse()`` mak
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 import threading
 import time
@@ -104,6 +105,9 @@ class PodIdentityAgent(Service):
         self.role_arn = role_arn
         self.requests = 0
         self.refused = 0
+        #: Seconds the credentials handed out are valid (None: as STS says). Under 10 minutes, the SDK
+        #: fetches new ones before every call that signs with them.
+        self.lifetime: float | None = None
         self._refuse: str | None = None
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -152,10 +156,13 @@ class PodIdentityAgent(Service):
         )
         session = sts.assume_role(RoleArn=self.role_arn, RoleSessionName="eks-test-xpander-controller")
         credentials = session["Credentials"]
+        expiration = credentials["Expiration"]
+        if self.lifetime is not None:
+            expiration = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=self.lifetime)
         return 200, {
             "AccessKeyId": credentials["AccessKeyId"],
             "SecretAccessKey": credentials["SecretAccessKey"],
             "Token": credentials["SessionToken"],
             "AccountId": self.role_arn.split(":")[4],
-            "Expiration": credentials["Expiration"].strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "Expiration": expiration.strftime("%Y-%m-%dT%H:%M:%SZ"),
         }

@@ -138,6 +138,32 @@ def test_pod_identity_expects_its_own_audience() -> None:
     assert token_check("PodIdentity", "/t", jwt(), NOW).result == FAIL
 
 
+def test_a_pod_identity_token_with_a_line_break_fails() -> None:
+    # It is sent as a header as it is: the SDK refuses a line break (IRSA's token goes in a body).
+    token = jwt(aud=["pods.eks.amazonaws.com"])
+    check = token_check("PodIdentity", "/t", token + b"\n", NOW)
+    assert (check.result, check.detail) == (FAIL, "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE=/t contains a line break")
+    assert token_check("IRSA", "/t", jwt() + b"\n", NOW).result == PASS
+
+
+def test_an_unexpected_error_is_a_fail_line_that_does_not_quote_it() -> None:
+    class Broken(FakeProbe):
+        def read(self, spec: ConnectorCredentialSpec) -> ReadResult:
+            raise ValueError("CANARY-value in an error text")
+
+        def caller_identity(self, region: str) -> str:
+            raise RuntimeError("CANARY-value again")
+
+    checks = diagnose(Broken(IRSA_ENV, items=[item("slack")]), namespaces=["ns"], now=NOW)
+    assert results(checks)[4:] == [("sts", FAIL), ("kubernetes", PASS), ("ns/slack", SKIP)]
+    assert checks[4].detail == "failed unexpectedly (RuntimeError)"
+    probe = Broken(IRSA_ENV, items=[item("slack")])
+    probe.caller_identity = lambda region: "arn:aws:sts::123456789012:assumed-role/x/y"  # type: ignore[method-assign]
+    checks = diagnose(probe, namespaces=["ns"], now=NOW)
+    assert results(checks)[-1] == ("ns/slack", FAIL) and checks[-1].detail == "failed unexpectedly (ValueError)"
+    assert "CANARY" not in as_text(checks)
+
+
 def test_an_unreadable_or_empty_file_fails() -> None:
     assert "cannot be read (No such file" in token_check("IRSA", "/t", FileNotFoundError(2, "No such file"), NOW).detail
     assert "is empty" in token_check("IRSA", "/t", b"\n", NOW).detail

@@ -11,6 +11,7 @@ import pytest
 
 from connector_credentials import identity
 from connector_credentials.aws import Boto3SecretsPort
+from connector_credentials.awserrors import AwsFailure
 from connector_credentials.conditions import Reason
 from connector_credentials.models import AssumedRole, InvalidSpecError, parse_spec
 from connector_credentials.roles import RENEW_BEFORE, RoleAllowlist, RoleSessions
@@ -179,3 +180,55 @@ def test_an_sts_refusal_names_the_role() -> None:
         with pytest.raises(Exception) as caught:
             sessions.identity(role, "us-east-1", base_identity=ROLE)
         assert getattr(caught.value, "transient", False), code
+
+
+def test_the_operators_own_credentials_failing_inside_assume_role_are_not_the_chained_roles() -> None:
+    # The SDK fetches the operator's own credentials lazily, inside the AssumeRole call.
+    web_identity = botocore.exceptions.ClientError(
+        {"Error": {"Code": "AccessDenied", "Message": "Not authorized to perform sts:AssumeRoleWithWebIdentity"}},
+        "AssumeRoleWithWebIdentity",
+    )
+    agent = botocore.exceptions.CredentialRetrievalError(
+        provider="container-role", error_msg="Received non 200 response 403 from container metadata: denied"
+    )
+    role = AssumedRole("arn:aws:iam::111122223333:role/reader")
+    seen: list[tuple[BaseException, str]] = []
+
+    def own_failure(exc: BaseException, region: str) -> AwsFailure:
+        seen.append((exc, region))
+        return AwsFailure(Reason.IRSA_NOT_CONFIGURED, "the operator's own identity")
+
+    for error in (web_identity, agent):
+        sessions = RoleSessions(
+            lambda region, error=error: FakeSts(error), None, clock=lambda: NOW[0], own_failure=own_failure
+        )
+        with pytest.raises(AwsFailure) as caught:
+            sessions.identity(role, "eu-west-1", base_identity=ROLE)
+        assert caught.value.reason == Reason.IRSA_NOT_CONFIGURED
+        assert role.arn not in caught.value.message
+    assert seen == [(web_identity, "eu-west-1"), (agent, "eu-west-1")]
+    # Without a callback: the operator's own web-identity refusal, in its words, not the chained role's.
+    sessions = RoleSessions(lambda region: FakeSts(web_identity), None, clock=lambda: NOW[0])
+    with pytest.raises(AwsFailure) as caught:
+        sessions.identity(role, "eu-west-1", base_identity=ROLE)
+    assert "refused AssumeRoleWithWebIdentity" in caught.value.message and role.arn not in caught.value.message
+
+
+def test_a_pod_identity_token_with_a_line_break_is_pod_identity_failed(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    path.write_text(Path(token_file(tmp_path)).read_text() + "\n")
+    env = {identity.FULL_URI_ENV: FULL_URI, identity.AUTH_TOKEN_FILE_ENV: str(path)}
+    assert "line break" in (identity.pod_identity_problem(env) or "")
+    port = Boto3SecretsPort(OperatorSettings(), environ=env)
+    with pytest.raises(AwsFailure) as caught:
+        port.caller_identity("us-east-1")
+    assert caught.value.reason == Reason.POD_IDENTITY_FAILED and "line break" in caught.value.message
+    # The SDK's own refusal (the file rewritten after the check) reads the same way.
+    refused = identity.token_problem_of(ValueError("Auth token value is not a legal header value"), env)
+    assert refused is not None and refused.reason == Reason.POD_IDENTITY_FAILED
+
+
+def test_the_no_proxy_hint_names_the_agent_as_injected() -> None:
+    ipv6 = {identity.FULL_URI_ENV: "http://[fd00:ec2::23]/v1/credentials"}
+    assert "NO_PROXY includes fd00:ec2::23" in identity.pod_identity_checks(ipv6)
+    assert "NO_PROXY includes 169.254.170.23" in identity.pod_identity_checks({})

@@ -59,6 +59,17 @@ def test_run_refuses_both_namespace_modes() -> None:
     assert "either --all-namespaces or --namespace" in result.output
 
 
+def test_all_namespaces_on_the_command_line_outweighs_the_namespace_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from connector_credentials.cli import settings_from
+
+    monkeypatch.setenv("CCRED_NAMESPACE", "xpander")  # as the shipped sidecar sets it
+    assert settings_from({"all_namespaces": True, "namespaces": ()}).watched_namespaces() is None
+    assert settings_from({"all_namespaces": None, "namespaces": ()}).watched_namespaces() == ["xpander"]
+    assert settings_from({"all_namespaces": None, "namespaces": ("team-a",)}).watched_namespaces() == ["team-a"]
+    result = CliRunner().invoke(main, ["doctor", "-A", "-n", "team-a"])
+    assert result.exit_code == 2 and "not both" in result.output
+
+
 def test_get_needs_namespace_slash_name() -> None:
     result = CliRunner().invoke(main, ["get", "just-a-name", "--socket-path", "/nonexistent.sock"])
     assert result.exit_code == 2
