@@ -4,7 +4,6 @@ fault proxies. Every check is made to fail for real; no run may print a secret v
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import subprocess
@@ -20,6 +19,7 @@ from tests.integration.conftest import World
 from tests.integration.test_roles import ALLOW, READER, other_account_secret
 from tests.support.podidentity import PodIdentityAgent, pod_identity_env
 from tests.support.runner import OperatorProcess, console_script
+from tests.support.tokens import service_account_token
 
 #: The fixed checks, in the order the contract gives them; then one line per credential.
 ORDER = ["identity", "token", "role-arn", "regions", "sts", "kubernetes"]
@@ -82,22 +82,6 @@ def assert_nothing_secret(world: World, output: str, env: dict[str, str]) -> Non
                 assert part not in output, "a token (or a part of it) was printed"
 
 
-def jwt(**claims: Any) -> str:
-    def part(data: dict[str, Any]) -> str:
-        return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
-
-    now = int(time.time())
-    body = {
-        "aud": ["sts.amazonaws.com"],
-        "iss": "https://oidc.eks.us-east-1.amazonaws.com/id/TEST",
-        "sub": "system:serviceaccount:xpander:xpander-controller",
-        "iat": now,
-        "exp": now + 86400,
-        **claims,
-    }
-    return f"{part({'alg': 'RS256'})}.{part(body)}.{part({'sig': 'not-checked'})}"
-
-
 def test_all_pass_exits_0_with_every_check_in_order(world: World) -> None:
     world.apply("slack", {"secretArn": world.secret("slack")})
     world.apply(
@@ -134,12 +118,12 @@ def token_not_a_jwt(path: Path) -> str:
 
 
 def token_expired(path: Path) -> str:
-    path.write_text(jwt(iat=int(time.time()) - 7200, exp=int(time.time()) - 3600), encoding="utf-8")
+    path.write_text(service_account_token(iat=int(time.time()) - 7200, exp=int(time.time()) - 3600), encoding="utf-8")
     return "it has expired"
 
 
 def token_wrong_audience(path: Path) -> str:
-    path.write_text(jwt(aud=["https://kubernetes.default.svc"]), encoding="utf-8")
+    path.write_text(service_account_token("https://kubernetes.default.svc"), encoding="utf-8")
     return "aud is not sts.amazonaws.com"
 
 

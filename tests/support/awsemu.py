@@ -6,11 +6,8 @@ shares the same secrets (``reset()`` wipes them).
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import socket
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
@@ -19,6 +16,7 @@ import botocore.config
 from moto.server import ThreadedMotoServer
 
 from tests.support.lifecycle import Service
+from tests.support.tokens import service_account_token
 
 if TYPE_CHECKING:
     from mypy_boto3_secretsmanager import SecretsManagerClient
@@ -37,29 +35,13 @@ def free_port() -> int:
         return port
 
 
-def _fake_jwt(role_arn: str) -> str:
-    # moto does not validate the token; it only has to look like a projected service-account JWT.
-    def part(data: dict[str, Any]) -> str:
-        return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
-
-    now = int(time.time())
-    claims = {
-        "aud": ["sts.amazonaws.com"],
-        "iss": "https://oidc.eks.us-east-1.amazonaws.com/id/TEST",
-        "sub": "system:serviceaccount:xpander:xpander-controller",
-        "iat": now,
-        "exp": now + 86400,
-        "role": role_arn,
-    }
-    return f"{part({'alg': 'RS256', 'kid': 'test'})}.{part(claims)}.{part({'sig': 'not-checked'})}"
-
-
 def irsa_env(tmp_path: str | Path, endpoint: str, role_arn: str = DEFAULT_ROLE_ARN) -> dict[str, str]:
     """Write a web-identity token file and return the env an EKS pod with IRSA gets (no static keys)."""
     token_dir = Path(tmp_path) / "eks.amazonaws.com" / "serviceaccount"
     token_dir.mkdir(parents=True, exist_ok=True)
     token_file = token_dir / "token"
-    token_file.write_text(_fake_jwt(role_arn), encoding="utf-8")
+    # moto does not validate the token; it only has to look like a projected service-account JWT.
+    token_file.write_text(service_account_token(role=role_arn), encoding="utf-8")
     return {
         "AWS_ROLE_ARN": role_arn,
         "AWS_WEB_IDENTITY_TOKEN_FILE": str(token_file),

@@ -10,11 +10,9 @@ so that moto's ``GetCallerIdentity`` names the associated role. ``refuse()`` mak
 
 from __future__ import annotations
 
-import base64
 import datetime
 import json
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Self
@@ -24,6 +22,7 @@ import botocore.config
 
 from tests.support.awsemu import DEFAULT_REGION, DEFAULT_ROLE_ARN
 from tests.support.lifecycle import Service
+from tests.support.tokens import service_account_token
 
 CREDENTIALS_PATH = "/v1/credentials"
 AUDIENCE = "pods.eks.amazonaws.com"
@@ -32,19 +31,7 @@ _ADMIN_KEY = "testing"
 
 def pod_identity_token(namespace: str = "xpander", service_account: str = "xpander-controller") -> str:
     """A projected service-account token as EKS mounts it for Pod Identity (not signed: nobody checks)."""
-
-    def part(data: dict[str, Any]) -> str:
-        return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
-
-    now = int(time.time())
-    claims = {
-        "aud": [AUDIENCE],
-        "iss": "https://oidc.eks.us-east-1.amazonaws.com/id/TEST",
-        "sub": f"system:serviceaccount:{namespace}:{service_account}",
-        "iat": now,
-        "exp": now + 86400,
-    }
-    return f"{part({'alg': 'RS256', 'kid': 'test'})}.{part(claims)}.{part({'sig': 'not-checked'})}"
+    return service_account_token(AUDIENCE, sub=f"system:serviceaccount:{namespace}:{service_account}")
 
 
 def pod_identity_env(tmp_path: str | Path, endpoint: str, agent_uri: str) -> dict[str, str]:

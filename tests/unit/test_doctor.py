@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 from typing import Any
 
@@ -28,6 +27,7 @@ from connector_credentials.kube import KubeApiError
 from connector_credentials.models import ConnectorCredentialSpec
 from connector_credentials.reads import ReadResult
 from connector_credentials.roles import RoleAllowlist
+from tests.support.tokens import unsigned_jwt
 
 NOW = 1_750_000_000.0
 ROLE = "arn:aws:iam::123456789012:role/xpander-controller"
@@ -36,9 +36,6 @@ IRSA_ENV = {"AWS_ROLE_ARN": ROLE, "AWS_WEB_IDENTITY_TOKEN_FILE": "/token"}
 
 
 def jwt(**claims: Any) -> bytes:
-    def part(data: dict[str, Any]) -> str:
-        return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
-
     body = {
         "aud": ["sts.amazonaws.com"],
         "sub": "system:serviceaccount:xpander:xpander-controller",
@@ -47,7 +44,7 @@ def jwt(**claims: Any) -> bytes:
         "exp": NOW + 82800,
         **claims,
     }
-    return f"{part({'alg': 'RS256'})}.{part(body)}.c2lnbmF0dXJlLW5vdC1jaGVja2Vk".encode()
+    return unsigned_jwt(body).encode()  # at a fixed NOW
 
 
 class FakeProbe:
