@@ -191,9 +191,7 @@ class CredentialServer:
         self._path = Path(settings.socket_path)
         self._runner: web.ServerRunner | None = None
         self._inode: int | None = None
-        metrics = getattr(engine, "metrics", None)
-        if not isinstance(metrics, Metrics):
-            metrics = Metrics()  # a stand-in engine (tests) counts nowhere
+        metrics: Metrics = engine.metrics
         self._requests = metrics.socket_requests
         self._durations = metrics.socket_duration
         #: The counter of each status code seen (labels() looks it up under a lock: not per request).

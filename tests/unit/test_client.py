@@ -15,6 +15,7 @@ import socket
 import tempfile
 import threading
 import time
+import types
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -959,12 +960,15 @@ async def test_against_the_operators_server(sock_dir: Path) -> None:
     """Both clients against ``connector_credentials.server`` itself, with a stub engine behind it."""
     server_module = pytest.importorskip("connector_credentials.server")
     from connector_credentials.engine import Served
+    from connector_credentials.metrics import Metrics
     from connector_credentials.settings import OperatorSettings
     from connector_credentials.values import SecretValue
 
     refreshes: list[tuple[str, bool]] = []
 
     class StubEngine:
+        metrics = Metrics()
+
         def cached_body(self, namespace: str, name: str) -> bytes | None:
             return None
 
@@ -1042,7 +1046,10 @@ async def test_operators_server_refuses_other_uids(sock_dir: Path) -> None:
 
     path = str(sock_dir / "operator.sock")
     settings = OperatorSettings(socket_path=path, allowed_uids=[os.getuid() + 1])
-    operator = server_module.CredentialServer(settings, object(), lambda: True)
+    from connector_credentials.metrics import Metrics
+
+    nothing = types.SimpleNamespace(metrics=Metrics())  # never asked: the peer is refused first
+    operator = server_module.CredentialServer(settings, nothing, lambda: True)
     await operator.start()
     try:
         async with AsyncCredentialClient(path) as client:

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from connector_credentials import connections
 from connector_credentials import server as server_module
 from connector_credentials.connections import ConnectionPolicy, ConnectionTable, Report, raise_fd_limit
+from connector_credentials.metrics import Metrics
 from connector_credentials.server import CredentialServer
 from connector_credentials.settings import OperatorSettings
 from connector_credentials.wire import closing_error
@@ -132,6 +133,8 @@ def test_the_refusal_is_a_whole_http_answer() -> None:
 
 
 class Engine:
+    metrics = Metrics()
+
     def cached_body(self, namespace: str, name: str) -> bytes | None:
         return b'{"value": "v"}'
 
