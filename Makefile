@@ -44,8 +44,17 @@ bench: $(STAMP) controlplane ## Benchmarks: socket vs bare aiohttp (asyncio and 
 	$(PY) bench/socket_hostile_bench.py
 	$(PY) bench/scale.py
 
-e2e: $(STAMP) ## End-to-end on kind (needs Docker and kind; skips otherwise)
+cluster: $(STAMP) ## Start a real single-node cluster here (root; no Docker): prints export KUBECONFIG=... AWS_ENDPOINT_URL=...
+	@$(PY) -m tests.localnode up
+
+cluster-down: $(STAMP) ## Stop the local cluster and undo every change it made to this machine
+	@$(PY) -m tests.localnode down
+
+e2e: $(STAMP) ## End-to-end in real pods on the local cluster (started and stopped unless one runs; E2E_CLUSTER=kind for kind)
 	bash tests/e2e/run.sh
+
+demo-cluster: $(STAMP) ## The demo's story in real pods on the local cluster (ARGS=--keep leaves them for a look)
+	$(PY) -m tests.e2e.demo $(ARGS)
 
 image: ## Build the container image
 	docker build -t $(IMAGE) .
@@ -59,4 +68,4 @@ lock: ## Re-pin constraints.txt from a fresh resolve
 clean: ## Remove the virtual environment and caches
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build *.egg-info operator/*.egg-info
 
-.PHONY: help venv controlplane demo test unit lint typecheck bench e2e image lock clean
+.PHONY: help venv controlplane demo test unit lint typecheck bench cluster cluster-down e2e demo-cluster image lock clean

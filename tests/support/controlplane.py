@@ -119,8 +119,15 @@ class _Pki:
         return path
 
     def issue(
-        self, name: str, common_name: str, *, groups: tuple[str, ...] = (), server: bool = False
+        self,
+        name: str,
+        common_name: str,
+        *,
+        groups: tuple[str, ...] = (),
+        server: bool = False,
+        addresses: tuple[str, ...] = ("localhost", "127.0.0.1"),
     ) -> tuple[Path, Path]:
+        """A key and a certificate signed by the CA; a serving one names ``addresses`` (DNS names or IPs)."""
         key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name(
             [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
@@ -132,9 +139,7 @@ class _Pki:
         )
         if server:
             builder = builder.add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-                ),
+                x509.SubjectAlternativeName([_general_name(address) for address in addresses]),
                 critical=False,
             )
         cert = builder.sign(self._ca_key, hashes.SHA256())
@@ -149,6 +154,13 @@ class _Pki:
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
         return self._write("sa.pub", public), self._write("sa.key", _private_pem(key))
+
+
+def _general_name(address: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(address))
+    except ValueError:
+        return x509.DNSName(address)
 
 
 def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:

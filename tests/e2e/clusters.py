@@ -1,0 +1,126 @@
+"""The clusters the e2e suite runs on, behind one small interface.
+
+* :class:`LocalNode` (the default, what CI runs): the single-node cluster of ``tests/localnode``
+  on this machine. The tests reach it as a user would (kubectl with its kubeconfig), plus the
+  node's own files where a test must look below Kubernetes: etcd's data files, the daemons'
+  logs, and containerd (to kill a container's process as a crash would).
+* :class:`Kind` (``E2E_CLUSTER=kind``, for machines with Docker): a kind cluster, the images built
+  with Docker. What needs the node's files is skipped there, with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.localnode import host as localnode_host
+from tests.localnode import node as localnode
+
+REPO = Path(__file__).resolve().parents[2]
+OVERLAYS = REPO / "tests" / "e2e" / "overlays"
+NAMESPACE = "xpander"
+#: The image reference deploy/ renders (deploy/kustomization.yaml `images:`): the local node
+#: loads the image under exactly this name, so the shipped manifests run unchanged.
+OPERATOR_IMAGE = "registry.example.com/xpander/connector-credential-operator:0.1.0"
+
+
+class Cluster:
+    name = "cluster"
+    #: Where pods reach the AWS stand-in, and where this test process reaches it.
+    aws_url = ""
+    kubeconfig: Path
+
+    def kubectl(
+        self, *args: str, check: bool = True, stdin: str | None = None, timeout: float = 300
+    ) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            ["kubectl", "--kubeconfig", str(self.kubeconfig), *args],
+            cwd=REPO,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if check and done.returncode != 0:
+            pytest.fail(
+                f"`kubectl {' '.join(args)}` exited {done.returncode}\n--- stdout\n{done.stdout}\n"
+                f"--- stderr\n{done.stderr}",
+                pytrace=False,
+            )
+        return done
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self.kubectl(*args, "-o", "json").stdout)
+
+    def kill_container(self, container_id: str) -> None:
+        """SIGKILL a container's main process, as an out-of-memory kill or a crash would."""
+        raise NotImplementedError
+
+    def etcd_files(self) -> list[Path]:
+        pytest.skip(f"etcd's data files are not reachable on {self.name}")
+
+    def node_logs(self) -> str:
+        return ""
+
+
+class LocalNode(Cluster):
+    name = "the local node"
+    aws_url = localnode.AWS_URL
+
+    def __init__(self) -> None:
+        if not localnode.running():
+            pytest.fail("the local cluster is not running: `make e2e` starts it (or `make cluster`)", pytrace=False)
+        self.kubeconfig = localnode.STATE / "admin.kubeconfig"
+
+    def kill_container(self, container_id: str) -> None:
+        subprocess.run(
+            [
+                "ctr", "--address", str(localnode.STATE / "containerd.sock"), "-n", "k8s.io",
+                "tasks", "kill", "--signal", "SIGKILL", container_id.removeprefix("containerd://"),
+            ],
+            check=True, capture_output=True, text=True,
+        )  # fmt: skip
+
+    def etcd_files(self) -> list[Path]:
+        return [path for path in (localnode.STATE / "etcd").rglob("*") if path.is_file()]
+
+    def node_logs(self) -> str:
+        return "\n".join(path.read_text(errors="replace") for path in sorted((localnode.STATE / "logs").glob("*.log")))
+
+    @staticmethod
+    def in_node(*command: str) -> list[str]:
+        return localnode_host.in_netns(*command)
+
+
+class Kind(Cluster):
+    """A kind cluster named ``E2E_KIND_CLUSTER`` (default ccred-e2e), created by the tests if missing."""
+
+    name = "kind"
+    aws_url = "http://moto.xpander.svc:5000"
+
+    def __init__(self, tmp: Path) -> None:
+        self.cluster = os.environ.get("E2E_KIND_CLUSTER", "ccred-e2e")
+        self.kubeconfig = tmp / "kubeconfig"
+        clusters = subprocess.run(["kind", "get", "clusters"], capture_output=True, text=True, check=True).stdout
+        if self.cluster not in clusters.split():
+            subprocess.run(["kind", "create", "cluster", "--name", self.cluster, "--wait", "180s"], check=True)
+        subprocess.run(
+            ["kind", "export", "kubeconfig", "--name", self.cluster, "--kubeconfig", str(self.kubeconfig)], check=True
+        )
+        subprocess.run(["docker", "build", "-t", OPERATOR_IMAGE, str(REPO)], check=True)
+        subprocess.run(["kind", "load", "docker-image", OPERATOR_IMAGE, "--name", self.cluster], check=True)
+
+    def kill_container(self, container_id: str) -> None:
+        subprocess.run(
+            [
+                "docker", "exec", f"{self.cluster}-control-plane", "ctr", "-n", "k8s.io", "tasks", "kill",
+                "--signal", "SIGKILL", container_id.removeprefix("containerd://"),
+            ],
+            check=True, capture_output=True, text=True,
+        )  # fmt: skip
