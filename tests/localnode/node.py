@@ -87,7 +87,9 @@ def build_binaries() -> Path:
 
 
 def build_images() -> None:
-    done = subprocess.run(["bash", str(ROOT / "tests/localnode/images.sh"), "build"], stdout=subprocess.DEVNULL, check=False)
+    done = subprocess.run(
+        ["bash", str(ROOT / "tests/localnode/images.sh"), "build"], stdout=subprocess.DEVNULL, check=False
+    )
     if done.returncode != 0:
         raise NodeError(f"tests/localnode/images.sh build failed with exit code {done.returncode} (see above)")
 
