@@ -70,13 +70,19 @@ operator_ref() {
 # podman, confined to the cache. Every global flag below points something podman would
 # otherwise put on the host (/var/lib/containers, /run/containers, /run/libpod, the events log,
 # /etc/cni/net.d's lock) into $store. --cgroup-manager cgroupfs: no systemd is needed.
+#
+# The one exception is the run state (--runroot, --tmpdir: locks, mount counts, "alive" file):
+# podman refuses a runroot longer than 50 characters (socket paths), and it records both paths
+# in its database and refuses a different one later, so they live at one short fixed path per
+# cache, $rt under /run (tmpfs: what run state is for), which this script removes when it exits.
 store="$cache/podman"
 driver=""
+rt="/run/ccred-images-$(printf '%s' "$cache" | sha256sum | cut -c1-8)"
 
 pm() {
   TMPDIR="$store/tmp" podman \
-    --root "$store/$driver/root" --runroot "$store/$driver/run" --storage-driver "$driver" \
-    --tmpdir "$store/$driver/libpod" --network-config-dir "$store/net" \
+    --root "$store/$driver/root" --runroot "$rt/$driver/run" --storage-driver "$driver" \
+    --tmpdir "$rt/$driver/libpod" --network-config-dir "$store/net" \
     --events-backend none --cgroup-manager cgroupfs "$@"
 }
 
@@ -93,9 +99,10 @@ choose_driver() {
   else
     driver=overlay
     if ! pm info >/dev/null 2>"$store/tmp/overlay-probe.log"; then
-      log "podman's overlay storage does not work here ($(tail -n1 "$store/tmp/overlay-probe.log")); using vfs"
       driver=vfs
-      pm info >/dev/null || die "podman does not start with the vfs storage driver either (see above)"
+      pm info >/dev/null 2>&1 ||
+        die "podman does not start (with overlay: $(tail -n1 "$store/tmp/overlay-probe.log"))"
+      log "podman's overlay storage does not work here ($(tail -n1 "$store/tmp/overlay-probe.log")); using vfs"
     fi
     echo "$driver" >"$store/driver"
   fi
@@ -117,6 +124,20 @@ record() { mkdir -p "$cache/state"; echo "$2" >"$cache/state/$1.key"; }
 scratch=""
 cleanup() {
   local status=$?
+  if [[ -d $rt ]]; then
+    # Nothing is left running or mounted between commands; if something is (a killed build),
+    # keep the run state so that podman can still account for it.
+    if findmnt -rn -o TARGET | grep -qF "$store/"; then
+      log "podman still has mounts under $store, keeping $rt: $(findmnt -rn -o TARGET | grep -F "$store/" | tr '\n' ' ')"
+    else
+      rm -rf "$rt"
+    fi
+  fi
+  if [[ $varlib_was_there == 0 && -d /var/lib/containers ]] &&
+     [[ -z "$(find /var/lib/containers -mindepth 1 -not -path /var/lib/containers/cache \
+                -not -path '/var/lib/containers/cache/blob-info-cache-*' -print -quit)" ]]; then
+    rm -rf /var/lib/containers
+  fi
   if [[ -n $scratch && -d $scratch ]]; then
     local m
     # deepest first
@@ -127,6 +148,12 @@ cleanup() {
   exit "$status"
 }
 trap cleanup EXIT
+
+# containers/image keeps a blob-info cache at /var/lib/containers/cache for root whatever
+# --root says (podman 4.3 offers no flag for it). If this run is what creates
+# /var/lib/containers, it removes it again on exit (see cleanup).
+varlib_was_there=0
+[[ -e /var/lib/containers ]] && varlib_was_there=1
 
 save_archive() {  # save_archive REF FILE: podman save, atomically
   rm -f "$cache/$2.part"
@@ -153,6 +180,9 @@ build_base() {
     die "debootstrap of $BASE_RELEASE failed (see above; log in $rootfs/debootstrap/debootstrap.log is removed on exit)"
   # What python:3.11-slim leaves out too: downloaded .debs and apt lists.
   rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
+  # The mount point of the operator build's pip config (see build_operator): present in the
+  # base, the bind mount adds no empty directory to the operator image's layers.
+  mkdir -p "$rootfs/etc/xdg/pip"
   # A container gets its own /dev, /proc, /sys from the runtime: do not ship debootstrap's.
   tar --numeric-owner --xattrs -C "$rootfs" \
       --exclude=./dev/* --exclude=./proc/* --exclude=./sys/* --exclude=./run/* \
@@ -240,9 +270,23 @@ build_operator() {
     return
   fi
   log "operator $ref: podman build of ./Dockerfile on $BASE_REF (pip install from PyPI; a few minutes)"
+  # pip in the build must trust what this host trusts: where egress TLS is re-signed by a
+  # local CA (as on these machines), pip's own bundle fails with CERTIFICATE_VERIFY_FAILED.
+  # So the RUN steps get a read-only /etc/xdg/pip (a pip site config dir) holding the host's
+  # CA bundle and a pip.conf that points at it. A bind mount, not a COPY: none of it enters
+  # an image layer, and the Dockerfile stays as it is for Docker users.
+  # CCRED_BUILD_CA_BUNDLE=none leaves it out; =FILE picks another bundle.
+  local ca=${CCRED_BUILD_CA_BUNDLE:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}} pipconf=()
+  if [[ $ca != none ]]; then
+    [[ -f $ca ]] || die "CA bundle $ca (CCRED_BUILD_CA_BUNDLE / SSL_CERT_FILE) does not exist"
+    mkdir -p "$scratch/pip"
+    cp "$ca" "$scratch/pip/host-ca.crt"
+    printf '[global]\ncert = /etc/xdg/pip/host-ca.crt\n' >"$scratch/pip/pip.conf"
+    pipconf=(--volume "$scratch/pip:/etc/xdg/pip:ro")
+  fi
   # --isolation chroot: RUN steps without a container runtime's namespaces setup (works here);
   # --network host: pip reaches PyPI without a CNI network; --pull=never: the base is local.
-  pm build --isolation chroot --network host --pull=never \
+  pm build --isolation chroot --network host --pull=never "${pipconf[@]}" \
       --build-arg PYTHON_IMAGE="$BASE_REF" \
       -f "$repo/Dockerfile" -t "$ref" "$repo" >&2 || die "podman build of the operator image (./Dockerfile) failed"
   save_archive "$ref" operator.oci.tar
@@ -260,6 +304,9 @@ cmd_build() {
   local ref start=$SECONDS
   ref="$(operator_ref)"
   mkdir -p "$cache"
+  # One build at a time per cache: they would share podman's storage and the archives.
+  exec 9>"$cache/.lock"
+  flock 9 || die "cannot lock $cache/.lock"
   scratch="$(mktemp -d "$cache/.build.XXXXXX")"
   choose_driver
   build_base
