@@ -341,7 +341,7 @@ import_one() {  # import_one ADDRESS ARCHIVE REF
   local ctr=(ctr --address "$address" -n k8s.io)
   [[ -f $archive ]] || die "$archive is missing: run '$0 build' first"
   # The manifest digest the archive's index names: how the imported image is found again.
-  digest="$(tar -xOf "$archive" index.json | grep -o '"digest": *"sha256:[0-9a-f]*"' | head -n1 | grep -o 'sha256:[0-9a-f]*')" ||
+  digest="$({ tar -xOf "$archive" index.json 2>/dev/null || tar -xOf "$archive" ./index.json; } | grep -o '"digest": *"sha256:[0-9a-f]*"' | head -n1 | grep -o 'sha256:[0-9a-f]*')" ||
     die "cannot read the manifest digest from $archive's index.json"
   log "importing $archive as $ref"
   imported="$("${ctr[@]}" images import ${CCRED_SNAPSHOTTER:+--snapshotter "$CCRED_SNAPSHOTTER"} "$archive" 2>&1)" || {
