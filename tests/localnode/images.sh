@@ -125,8 +125,15 @@ scratch=""
 cleanup() {
   local status=$?
   if [[ -d $rt ]]; then
-    # Nothing is left running or mounted between commands; if something is (a killed build),
-    # keep the run state so that podman can still account for it.
+    # containers/storage's overlay driver bind-mounts its own directory (root/overlay) onto
+    # itself, private, and podman may exit without undoing it (seen after a failed build and
+    # after `podman image mount`/`diff`): undo it when it is the only mount left under $store.
+    local home="$store/overlay/root/overlay"
+    if [[ "$(findmnt -rn -o TARGET | grep -F "$store/")" == "$home" ]]; then
+      umount "$home" 2>/dev/null || true
+    fi
+    # Nothing else is left running or mounted between commands; if something is (a killed
+    # build), keep the run state so that podman can still account for it.
     if findmnt -rn -o TARGET | grep -qF "$store/"; then
       log "podman still has mounts under $store, keeping $rt: $(findmnt -rn -o TARGET | grep -F "$store/" | tr '\n' ' ')"
     else
@@ -147,13 +154,13 @@ cleanup() {
   fi
   exit "$status"
 }
-trap cleanup EXIT
 
 # containers/image keeps a blob-info cache at /var/lib/containers/cache for root whatever
 # --root says (podman 4.3 offers no flag for it). If this run is what creates
 # /var/lib/containers, it removes it again on exit (see cleanup).
 varlib_was_there=0
 [[ -e /var/lib/containers ]] && varlib_was_there=1
+trap cleanup EXIT
 
 save_archive() {  # save_archive REF FILE: podman save, atomically
   rm -f "$cache/$2.part"
