@@ -21,6 +21,11 @@
 # nothing goes to /var/lib/containers, /run/libpod or /etc/cni, so `rm -rf` of that directory
 # leaves the machine as it was. (Unmount first if a build was killed: see `mount | grep images`.)
 #
+# For the node's containerd: its CRI plugin must use this pause image and must not try to pull
+# it, i.e. in config.toml  [plugins."io.containerd.grpc.v1.cri"] sandbox_image =
+# "localhost/ccred-pause:3.10" (the CRI plugin also pins it against the kubelet's image GC).
+# Check with:  ctr --address <address> -n k8s.io images ls
+#
 # Environment:
 #   CCRED_IMAGES_CACHE            cache directory (default above)
 #   CCRED_IMAGES_STORAGE_DRIVER   podman storage driver: overlay or vfs (default: overlay if
@@ -308,6 +313,8 @@ cmd_build() {
   need podman "to build the images (apt-get install podman)"
   need tar "to pack the base rootfs"
   need sha256sum "for the cache keys"
+  need flock "to keep two builds from sharing the cache at once (util-linux)"
+  need findmnt "to find mounts a failed step left behind (util-linux)"
   local ref start=$SECONDS
   ref="$(operator_ref)"
   mkdir -p "$cache"
