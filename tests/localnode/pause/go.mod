@@ -1,0 +1,3 @@
+module connector-credential-operator/tests/localnode/pause
+
+go 1.22
