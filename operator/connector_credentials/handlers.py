@@ -6,6 +6,7 @@ from typing import Any, cast
 
 import kopf
 
+from connector_credentials import kube
 from connector_credentials.engine import Engine
 from connector_credentials.models import ANNOTATION_PREFIX, GROUP, PLURAL, VERSION
 
@@ -48,9 +49,8 @@ def register(registry: kopf.OperatorRegistry, engine: Engine) -> None:
         settings.networking.connect_timeout = 10
 
     @kopf.on.login(registry=registry, id="login")
-    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-        # In a pod: the service account; elsewhere: the current kubeconfig (KUBECONFIG).
-        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+    def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo | None:
+        return kube.login(settings)
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry, id="watch")
     async def on_event(type: str | None, body: kopf.Body, **_: Any) -> None:

@@ -66,16 +66,31 @@ class KubeApiError(Exception):
         super().__init__(f"HTTP {status} {reason}".strip() + (f": {message}" if message else ""))
 
 
+def login(settings: kopf.OperatorSettings) -> kopf.ConnectionInfo | None:
+    """In a pod: its service account; elsewhere: the current kubeconfig (``KUBECONFIG``).
+
+    In a pod the API server is addressed as client-go's in-cluster config addresses it: by
+    ``KUBERNETES_SERVICE_HOST`` and ``KUBERNETES_SERVICE_PORT``, which the kubelet injects into
+    every container, rather than by kopf's ``https://kubernetes.default.svc``: a DNS name, so the
+    operator would need cluster DNS to reach the API server, and a DNS outage would stop it.
+    """
+    info = kopf.login_with_service_account(settings=settings)
+    host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT")
+    if info is not None and host and port:
+        return dataclasses.replace(info, server=f"https://{f'[{host}]' if ':' in host else host}:{port}")
+    return info or kopf.login_with_kubeconfig(settings=settings)
+
+
 def default_login() -> kopf.ConnectionInfo:
     """In a pod: its service account; elsewhere: the current kubeconfig (``KUBECONFIG``).
 
-    kopf's own minimal logins, as ``handlers.login`` does for the watch: a token, a client
+    kopf's own minimal logins (:func:`login`, as the watch uses): a token, a client
     certificate or a username and password. Kubeconfig ``exec`` plugins and auth providers that
     need refreshing are not run (kopf's watch has the same limit).
     """
     settings = kopf.OperatorSettings()
     try:
-        info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
+        info = login(settings)
     except kopf.LoginError:
         raise
     except Exception as exc:  # a kubeconfig that is missing, unreadable or lacks its context

@@ -133,7 +133,10 @@ class Node:
                 tail = self.log_tail(name, 1500)
                 if tail:
                     print(f"--- {name} (last lines of {self.logs / name}.log)\n{tail}", file=sys.stderr)
-            down(quiet=True)
+            if os.environ.get("CCRED_LOCALNODE_KEEP_ON_FAILURE") == "1":
+                print(f"localnode: kept for a look ({STATE}); `make cluster-down` removes it", file=sys.stderr)
+            else:
+                down(quiet=True)
             raise
         state["pids"] = self.pids
         state["started_in"] = round(time.monotonic() - built, 1)
@@ -155,7 +158,9 @@ class Node:
         self.kubelet_serving = pki.issue(
             "kubelet-serving", configs.NODE_NAME, server=True, addresses=(host.NODE_IP, configs.NODE_NAME)
         )
-        self.webhook_cert = pki.issue("webhook", "pod-identity-webhook", server=True, addresses=("127.0.0.1",))
+        self.webhook_cert = pki.issue(
+            "webhook", "pod-identity-webhook", server=True, addresses=("127.0.0.1", host.NODE_IP)
+        )
         self.apiserver_kubelet_client = pki.issue(
             "apiserver-kubelet-client", "kube-apiserver", groups=("system:masters",)
         )

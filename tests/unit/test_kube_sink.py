@@ -464,4 +464,21 @@ def test_default_login_prefers_the_service_account(tmp_path: Path, monkeypatch: 
     info = kopf.ConnectionInfo(server="https://kubernetes.default.svc", token="sa")
     monkeypatch.setattr(kopf, "login_with_service_account", lambda **_: info)
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     assert default_login() is info
+
+
+@pytest.mark.parametrize(
+    ("host", "server"), [("10.100.0.1", "https://10.100.0.1:443"), ("fd00:10::1", "https://[fd00:10::1]:443")]
+)
+def test_in_a_pod_the_api_server_is_its_service_address_not_a_dns_name(
+    monkeypatch: pytest.MonkeyPatch, host: str, server: str
+) -> None:
+    """As client-go's in-cluster config: no cluster DNS is needed to reach the API server."""
+    info = kopf.ConnectionInfo(server="https://kubernetes.default.svc", token="sa", ca_path="/ca.crt")
+    monkeypatch.setattr(kopf, "login_with_service_account", lambda **_: info)
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", host)
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
+    logged_in = default_login()
+    assert logged_in.server == server
+    assert (logged_in.token, logged_in.ca_path) == ("sa", "/ca.crt")
