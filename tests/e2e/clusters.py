@@ -10,9 +10,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,27 @@ class Cluster:
     def etcd_files(self) -> list[Path]:
         pytest.skip(f"etcd's data files are not reachable on {self.name}")
 
+    def containerd_events(self) -> list[str]:
+        """The command that streams containerd's events on the node."""
+        pytest.skip(f"containerd's events are not reachable on {self.name}")
+
+    @contextlib.contextmanager
+    def container_exits(self) -> Iterator[dict[str, tuple[str, int]]]:
+        """Collects, while the block runs, the exits of containers' main processes as containerd
+        reports them: container id -> (exit time with nanoseconds, exit status)."""
+        exits: dict[str, tuple[str, int]] = {}
+        stream = subprocess.Popen(self.containerd_events(), stdout=subprocess.PIPE, text=True)
+        try:
+            yield exits
+        finally:
+            stream.terminate()
+            out, _ = stream.communicate(timeout=10)
+        for line in out.splitlines():
+            if " /tasks/exit " in line:
+                event = json.loads(line.split(" /tasks/exit ", 1)[1])
+                if event.get("id") == event["container_id"]:  # the main process, not an exec
+                    exits[event["container_id"]] = (event["exited_at"], int(event.get("exit_status", 0)))
+
     def node_logs(self) -> str:
         return ""
 
@@ -86,6 +109,9 @@ class LocalNode(Cluster):
             ],
             check=True, capture_output=True, text=True,
         )  # fmt: skip
+
+    def containerd_events(self) -> list[str]:
+        return ["ctr", "--address", str(localnode.STATE / "containerd.sock"), "-n", "k8s.io", "events"]
 
     def etcd_files(self) -> list[Path]:
         return [path for path in (localnode.STATE / "etcd").rglob("*") if path.is_file()]

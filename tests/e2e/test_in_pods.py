@@ -5,10 +5,12 @@ deploy/examples/existing-controller (the ``install`` fixture)."""
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 import subprocess
 import textwrap
 import time
+import uuid
 from typing import Any
 
 import boto3
@@ -42,12 +44,21 @@ def container_status(pod: dict[str, Any], name: str) -> dict[str, Any]:
     return next(status for status in statuses if status["name"] == name)
 
 
-def pod_events(install: Install, pod: str, reason: str) -> list[dict[str, Any]]:
-    """The pod's Events of one reason, in the order the API server stored them."""
+def containers_in_event_order(install: Install, pod: str, reason: str) -> list[str]:
+    """The containers named by the pod's Events of one reason, in the order the API server stored them."""
     events = install.cluster.json(
         "-n", NAMESPACE, "get", "events", "--field-selector", f"involvedObject.name={pod},reason={reason}"
     )["items"]
-    return sorted(events, key=lambda event: int(event["metadata"]["resourceVersion"]))
+    events.sort(key=lambda event: int(event["metadata"]["resourceVersion"]))
+    # e.g. spec.initContainers{connector-credentials}
+    return [event["involvedObject"].get("fieldPath", "").partition("{")[2].rstrip("}") for event in events]
+
+
+def nanoseconds(timestamp: str) -> int:
+    """A UTC RFC 3339 time with up to 9 decimals (Go trims trailing zeros), as integer nanoseconds."""
+    whole, _, fraction = timestamp.removesuffix("Z").partition(".")
+    seconds = datetime.datetime.fromisoformat(whole).replace(tzinfo=datetime.UTC).timestamp()
+    return int(seconds) * 10**9 + int(fraction.ljust(9, "0"))
 
 
 def token_claims(token: str) -> dict[str, Any]:
@@ -63,9 +74,8 @@ def test_controller_pod_is_ready_with_the_sidecar_started_first(install: Install
     assert any(c["type"] == "Ready" and c["status"] == "True" for c in pod["status"]["conditions"]), pod["status"]
     sidecar = next(c for c in pod["spec"]["initContainers"] if c["name"] == SIDECAR)
     assert sidecar.get("restartPolicy") == "Always"  # a native sidecar
-    started = [event["message"] for event in pod_events(install, pod["metadata"]["name"], "Started")]
-    order = [name for name in (SIDECAR, CONTROLLER) for message in started if message.endswith(f'"{name}"')]
-    assert order[:2] == [SIDECAR, CONTROLLER], started
+    started = containers_in_event_order(install, pod["metadata"]["name"], "Started")
+    assert started == [SIDECAR, CONTROLLER]
     # The controller started after the sidecar passed its startup probe (the socket's /healthz).
     sidecar_status, controller_status = container_status(pod, SIDECAR), container_status(pod, CONTROLLER)
     assert sidecar_status["started"] is True
@@ -252,7 +262,7 @@ def test_a_canary_value_is_found_only_in_the_socket_answer(install: Install, can
         aws_access_key_id="e2e",
         aws_secret_access_key="e2e",
     )
-    arn = aws.create_secret(Name=f"xpander/prod/{canary}", SecretString=canary)["ARN"]
+    arn = aws.create_secret(Name=f"xpander/prod/e2e-canary-{uuid.uuid4().hex[:8]}", SecretString=canary)["ARN"]
     credential = {
         "apiVersion": "connectors.xpander.ai/v1alpha1",
         "kind": "ConnectorCredential",
@@ -360,9 +370,17 @@ def test_a_rolling_update_fails_no_read(install: Install) -> None:
 
 
 def test_on_pod_deletion_the_sidecar_stops_after_the_controller(install: Install) -> None:
-    pod = install.pod()["metadata"]["name"]
-    install.kubectl("delete", "pod", pod, "--wait=true", "--timeout=120s", timeout=150)
-    stopping = [event["message"] for event in pod_events(install, pod, "Killing")]
-    order = [name for message in stopping for name in (SIDECAR, CONTROLLER) if message.endswith(f'"{name}"')]
-    assert order == [CONTROLLER, SIDECAR], stopping
+    pod = install.pod()
+    ids = {
+        name: container_status(pod, name)["containerID"].removeprefix("containerd://") for name in (SIDECAR, CONTROLLER)
+    }
+    with install.cluster.container_exits() as exits:
+        began = time.monotonic()
+        install.kubectl("delete", "pod", pod["metadata"]["name"], "--wait=true", "--timeout=120s", timeout=150)
+        deleted_in = time.monotonic() - began
+    sidecar, controller = exits[ids[SIDECAR]], exits[ids[CONTROLLER]]
+    assert nanoseconds(controller[0]) < nanoseconds(sidecar[0]), exits
+    # Both stopped on SIGTERM, in time: no one waited out the grace period and was killed.
+    assert (controller[1], sidecar[1]) == (0, 0), exits
+    assert deleted_in < 25
     install.kubectl("rollout", "status", "deploy/xpander-controller", "--timeout=120s", timeout=150)

@@ -43,6 +43,8 @@ cache="${CCRED_IMAGES_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/connector-credentia
 
 BASE_REF=localhost/ccred-python-base:bookworm
 PAUSE_REF=localhost/ccred-pause:3.10
+# The e2e tests' stand-in for the controller of deploy/examples/existing-controller.
+STANDIN_REF=localhost/ccred-standin-controller:e2e
 # The base recipe; all of it is part of the base's cache key.
 BASE_RELEASE=bookworm                     # bookworm's python3 is 3.11, as python:3.11-slim
 BASE_VARIANT=minbase
@@ -308,6 +310,26 @@ build_operator() {
   record operator "$key"
 }
 
+# ---------------------------------------------------------------------------------------------
+# 4. The e2e stand-in controller (tests/e2e/standin): the operator image plus a tiny HTTP
+# controller. Its key: its two files and the operator's image ID.
+build_standin() {
+  local operator=$1 key operator_id
+  operator_id="$(pm image inspect --format '{{.Id}}' "$operator")" || die "operator image $operator is missing"
+  key="$(cat "$repo/tests/e2e/standin/Containerfile" "$repo/tests/e2e/standin/controller.py" \
+           <(echo "$operator_id") <(declare -f build_standin) | hash)"
+  if current standin "$key" && [[ -f $cache/standin.oci.tar ]] && pm image exists "$STANDIN_REF"; then
+    log "standin $STANDIN_REF: up to date"
+    return
+  fi
+  log "standin $STANDIN_REF: tests/e2e/standin on $operator"
+  pm build --isolation chroot --pull=never --build-arg OPERATOR_IMAGE="$operator" \
+      -f "$repo/tests/e2e/standin/Containerfile" -t "$STANDIN_REF" "$repo" >&2 ||
+    die "podman build of the stand-in controller image failed"
+  save_archive "$STANDIN_REF" standin.oci.tar
+  record standin "$key"
+}
+
 cmd_build() {
   [[ $(id -u) == 0 ]] || die "build needs root (debootstrap, podman's storage)"
   need podman "to build the images (apt-get install podman)"
@@ -326,7 +348,8 @@ cmd_build() {
   build_base
   build_pause
   build_operator "$ref"
-  log "done in $((SECONDS - start)) s: $cache/{pause,operator}.oci.tar"
+  build_standin "$ref"
+  log "done in $((SECONDS - start)) s: $cache/{pause,operator,standin}.oci.tar"
   pm images --format '{{.Repository}}:{{.Tag}} {{.Size}}' 2>/dev/null | grep -v '<none>' >&2 || true
   echo "$cache"
 }
@@ -346,8 +369,9 @@ cmd_load() {
   ref="$(operator_ref)"
   import_one "$address" "$cache/pause.oci.tar" "$PAUSE_REF"
   import_one "$address" "$cache/operator.oci.tar" "$ref"
+  import_one "$address" "$cache/standin.oci.tar" "$STANDIN_REF"
   log "loaded into $address (namespace k8s.io):"
-  ctr --address "$address" -n k8s.io images ls | awk -v a="$PAUSE_REF" -v b="$ref" 'NR == 1 || $1 == a || $1 == b' >&2
+  ctr --address "$address" -n k8s.io images ls | awk -v a="$PAUSE_REF" -v b="$ref" -v c="$STANDIN_REF" 'NR == 1 || $1 == a || $1 == b || $1 == c' >&2
 }
 
 import_one() {  # import_one ADDRESS ARCHIVE REF

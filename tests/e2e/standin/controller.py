@@ -6,6 +6,8 @@ It reads no credential by itself (the tests do, with ``kubectl exec``) and write
 from __future__ import annotations
 
 import http.server
+import signal
+import sys
 
 from connector_credentials.client import CredentialClient
 
@@ -27,4 +29,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """Quiet: probes every few seconds would fill the log."""
 
 
+# PID 1 of its container: SIGTERM is ignored unless handled, and the pod's deletion would wait
+# out the grace period, leaving the sidecar none to drain in.
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 http.server.ThreadingHTTPServer(("", 9000), Handler).serve_forever()
