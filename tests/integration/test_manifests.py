@@ -117,7 +117,8 @@ def test_sidecar_component_patches_an_existing_controller() -> None:
     assert containers(deployment)["controller"]["image"] == "registry.example.com/xpander/controller:1.2.3"
     assert_sidecar_wired(deployment)
     env = {e["name"]: e.get("value") for e in containers(deployment)[SIDECAR]["env"]}
-    assert env["CCRED_ALLOWED_UIDS"] == "1000"
+    # The controller's uid, and the sidecar's own (its startup probe connects as the image's 10001).
+    assert env["CCRED_ALLOWED_UIDS"] == "1000,10001"
     assert one(docs, "Role", "connector-credentials")["metadata"]["namespace"] == "xpander"
 
 
