@@ -107,19 +107,20 @@ def delete_network() -> None:
 # --- cgroups ---------------------------------------------------------------------------------
 
 
-def hierarchies() -> list[Path]:
-    """Every cgroup v1 hierarchy mounted under /sys/fs/cgroup (a name each, co-mounts once)."""
+def hierarchies(types: tuple[str, ...] = ("cgroup", "cgroup2")) -> list[Path]:
+    """Every cgroup hierarchy mounted under /sys/fs/cgroup: the v1 ones, and the unified (v2)
+    one that hybrid hosts mount beside them, where runc creates groups too."""
     found = []
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
         fields = line.split()
         separator = fields.index("-")
-        if fields[separator + 1] == "cgroup" and fields[4].startswith(str(CGROUP_ROOT) + "/"):
+        if fields[separator + 1] in types and fields[4].startswith(str(CGROUP_ROOT) + "/"):
             found.append(Path(fields[4]))
     return sorted(set(found))
 
 
 def create_cgroups() -> None:
-    for hierarchy in hierarchies():
+    for hierarchy in hierarchies(("cgroup",)):
         group = hierarchy / CGROUP_NAME
         group.mkdir(exist_ok=True)
         if (hierarchy / "cpuset.cpus").exists():
@@ -166,6 +167,16 @@ def peak_memory_bytes() -> int | None:
     usage = CGROUP_ROOT / "memory" / CGROUP_NAME / "memory.max_usage_in_bytes"
     with contextlib.suppress(OSError, ValueError):
         return int(usage.read_text())
+    return None
+
+
+def resident_memory_bytes() -> int | None:
+    """Anonymous memory of every process of the cluster now (memory.stat's total_rss)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in (CGROUP_ROOT / "memory" / CGROUP_NAME / "memory.stat").read_text().splitlines():
+            name, value = line.split()
+            if name == "total_rss":
+                return int(value)
     return None
 
 

@@ -65,7 +65,7 @@ def preflight() -> None:
             f"missing: {', '.join(missing)}. Install the Debian packages: apt-get install containerd runc "
             "containernetworking-plugins podman debootstrap iptables conntrack util-linux"
         )
-    names = {path.name for path in host.hierarchies()}
+    names = {path.name for path in host.hierarchies(("cgroup",))}
     if not {"pids", "memory", "cpu", "cpuset"} <= {n for name in names for n in name.split(",")}:
         raise NodeError(
             f"cgroup v1 hierarchies pids, memory, cpu and cpuset are needed under /sys/fs/cgroup (found: "
@@ -411,21 +411,28 @@ def down(*, quiet: bool = False) -> list[str]:
     state: dict[str, Any] = {}
     with contextlib.suppress(OSError, ValueError):
         state = json.loads(STATE_FILE.read_text())
-    peak = host.peak_memory_bytes()
+    peak, resident = host.peak_memory_bytes(), host.resident_memory_bytes()
     host.kill_cgroup_processes()
     left = [f"process {pid}" for pid in host.cgroup_processes()]
-    left += [f"mount {point}" for point in host.unmount_under(STATE, *map(Path, state.get("created_paths", ())))]
+    # The namespace first: `ip netns` may mount /run/netns again while it deletes one.
     host.delete_network()
+    left += [f"mount {point}" for point in host.unmount_under(STATE, *map(Path, state.get("created_paths", ())))]
     left += [f"cgroup {group}" for group in host.delete_cgroups()]
     restored = host.restore_sysctls(state.get("sysctls", {}))
     shutil.rmtree(STATE, ignore_errors=True)
     for created in map(Path, state.get("created_paths", ())):
         if created.exists():
             shutil.rmtree(created, ignore_errors=True)
+        if created.exists():
+            left.append(f"path {created}")
     left += leftovers()
     if not quiet:
-        if peak is not None:
-            print(f"localnode: peak memory of the cluster {peak / 2**20:.0f} MiB", file=sys.stderr)
+        if peak is not None and resident is not None:
+            print(
+                f"localnode: memory of the cluster (daemons and pods): {resident / 2**20:.0f} MiB resident at the end, "
+                f"peak {peak / 2**20:.0f} MiB counting page cache",
+                file=sys.stderr,
+            )
         if restored:
             print(f"localnode: restored sysctls {', '.join(restored)}", file=sys.stderr)
         print("localnode: down" + (f"; LEFT BEHIND: {'; '.join(left)}" if left else ", nothing left"), file=sys.stderr)
