@@ -54,7 +54,7 @@ e2e: $(STAMP) ## End-to-end in real pods on the local cluster (started and stopp
 	bash tests/e2e/run.sh
 
 demo-cluster: $(STAMP) ## The demo's story in real pods on the local cluster (ARGS=--keep leaves them for a look)
-	$(PY) -m tests.e2e.demo $(ARGS)
+	$(PY) -m tests.localnode.demo $(ARGS)
 
 image: ## Build the container image
 	docker build -t $(IMAGE) .
