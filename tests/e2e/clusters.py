@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import subprocess
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,9 +34,21 @@ OPERATOR_IMAGE = "registry.example.com/xpander/connector-credential-operator:0.1
 
 class Cluster:
     name = "cluster"
-    #: Where pods reach the AWS stand-in, and where this test process reaches it.
-    aws_url = ""
     kubeconfig: Path
+    #: Whether EKS's own pod identity webhook runs in the cluster (else an overlay stands in for it).
+    irsa_webhook = True
+
+    def overlay(self, install: str) -> Path:
+        """The kustomization that installs ``install`` (deploy, existing-controller) here."""
+        return OVERLAYS / install
+
+    def seeded_arns(self) -> dict[str, str]:
+        """The ARNs of the secrets the AWS stand-in seeded, by secret name."""
+        raise NotImplementedError
+
+    def aws_client(self) -> Any:
+        """A Secrets Manager client of this test process on the AWS stand-in."""
+        pytest.skip(f"the AWS stand-in is not reachable from the tests on {self.name}")
 
     def kubectl(
         self, *args: str, check: bool = True, stdin: str | None = None, timeout: float = 300
@@ -94,7 +107,6 @@ class Cluster:
 
 class LocalNode(Cluster):
     name = "the local node"
-    aws_url = localnode.AWS_URL
 
     def __init__(self) -> None:
         if not localnode.running():
@@ -109,6 +121,21 @@ class LocalNode(Cluster):
             ],
             check=True, capture_output=True, text=True,
         )  # fmt: skip
+
+    def seeded_arns(self) -> dict[str, str]:
+        with urllib.request.urlopen(f"{localnode.AWS_URL}/_e2e/seeded", timeout=10) as answer:
+            return dict(json.loads(answer.read())["arns"])
+
+    def aws_client(self) -> Any:
+        import boto3
+
+        return boto3.client(
+            "secretsmanager",
+            endpoint_url=localnode.AWS_URL,
+            region_name="us-east-1",
+            aws_access_key_id="e2e",
+            aws_secret_access_key="e2e",
+        )
 
     def containerd_events(self) -> list[str]:
         return ["ctr", "--address", str(localnode.STATE / "containerd.sock"), "-n", "k8s.io", "events"]
@@ -125,10 +152,12 @@ class LocalNode(Cluster):
 
 
 class Kind(Cluster):
-    """A kind cluster named ``E2E_KIND_CLUSTER`` (default ccred-e2e), created by the tests if missing."""
+    """A kind cluster named ``E2E_KIND_CLUSTER`` (default ccred-e2e), created if missing, for
+    machines with Docker. The AWS stand-in runs as a pod (tests/e2e/moto.Dockerfile) and an overlay
+    stands in for EKS's IRSA webhook (tests/e2e/overlays/kind). Not run in CI."""
 
     name = "kind"
-    aws_url = "http://moto.xpander.svc:5000"
+    irsa_webhook = False
 
     def __init__(self, tmp: Path) -> None:
         self.cluster = os.environ.get("E2E_KIND_CLUSTER", "ccred-e2e")
@@ -139,8 +168,24 @@ class Kind(Cluster):
         subprocess.run(
             ["kind", "export", "kubeconfig", "--name", self.cluster, "--kubeconfig", str(self.kubeconfig)], check=True
         )
-        subprocess.run(["docker", "build", "-t", OPERATOR_IMAGE, str(REPO)], check=True)
-        subprocess.run(["kind", "load", "docker-image", OPERATOR_IMAGE, "--name", self.cluster], check=True)
+        for image, dockerfile in ((OPERATOR_IMAGE, "Dockerfile"), ("ccred-fake-aws:e2e", "tests/e2e/moto.Dockerfile")):
+            subprocess.run(["docker", "build", "-t", image, "-f", dockerfile, str(REPO)], check=True)
+            subprocess.run(["kind", "load", "docker-image", image, "--name", self.cluster], check=True)
+        self.kubectl("apply", "-k", str(OVERLAYS / "kind" / "aws"))
+        self.kubectl("-n", "ccred-aws", "rollout", "status", "deploy/moto", "--timeout=300s", timeout=330)
+
+    def overlay(self, install: str) -> Path:
+        overlay = OVERLAYS / "kind" / install
+        if not overlay.exists():
+            pytest.skip(f"no kind overlay for {install}")
+        return overlay
+
+    def seeded_arns(self) -> dict[str, str]:
+        proxy = "/api/v1/namespaces/ccred-aws/services/http:moto:5000/proxy/_e2e/seeded"
+        return dict(json.loads(self.kubectl("get", "--raw", proxy).stdout)["arns"])
+
+    def containerd_events(self) -> list[str]:
+        return ["docker", "exec", f"{self.cluster}-control-plane", "ctr", "-n", "k8s.io", "events"]
 
     def kill_container(self, container_id: str) -> None:
         subprocess.run(

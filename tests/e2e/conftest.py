@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.clusters import NAMESPACE, OVERLAYS, Cluster, Kind, LocalNode
+from tests.e2e.clusters import NAMESPACE, Cluster, Kind, LocalNode
 from tests.e2e.install import Install, apply_samples
 
 HERE = Path(__file__).resolve().parent
@@ -39,7 +39,7 @@ def install(request: pytest.FixtureRequest, cluster: Cluster) -> Iterator[Instal
     """The shipped install (deploy/), then the sidecar added to an existing Deployment
     (deploy/examples/existing-controller): every test of the module runs against each."""
     installed = Install(request.param, cluster)
-    overlay = OVERLAYS / request.param
+    overlay = cluster.overlay(request.param)
     if request.param == "existing-controller":  # it brings no Namespace: yours exists already
         cluster.kubectl("create", "namespace", NAMESPACE)
     cluster.kubectl("apply", "-k", str(overlay))

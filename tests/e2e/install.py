@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import time
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,15 +58,10 @@ class Install:
         return None
 
 
-def seeded_arns(cluster: Cluster) -> dict[str, str]:
-    with urllib.request.urlopen(f"{cluster.aws_url}/_e2e/seeded", timeout=10) as answer:
-        return dict(json.loads(answer.read())["arns"])
-
-
 def apply_samples(install: Install) -> None:
     """deploy/samples as a user applies them, with the ARNs of the secrets the stand-in seeded
     (it gives every secret its own 6-character suffix, as AWS does)."""
-    seeded = seeded_arns(install.cluster)
+    seeded = install.cluster.seeded_arns()
     docs = [
         doc
         for path in sorted((REPO / "deploy" / "samples").glob("*.yaml"))

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-from tests.e2e.clusters import NAMESPACE, OVERLAYS, LocalNode
+from tests.e2e.clusters import NAMESPACE, LocalNode
 from tests.e2e.install import Install, apply_samples, wait_for
 from tests.localnode import node
 
@@ -47,7 +47,9 @@ def main() -> int:
     install = Install("deploy", cluster)
     try:
         began = time.monotonic()
-        show("kubectl apply -k tests/e2e/overlays/deploy", cluster.kubectl("apply", "-k", str(OVERLAYS / "deploy")))
+        show(
+            "kubectl apply -k tests/e2e/overlays/deploy", cluster.kubectl("apply", "-k", str(cluster.overlay("deploy")))
+        )
         apply_samples(install)
         install.kubectl("rollout", "status", "deploy/xpander-controller", "--timeout=180s", timeout=200)
         for name in ("slack", "jira", "github", "denied", "missing"):
