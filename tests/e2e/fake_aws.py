@@ -108,7 +108,7 @@ def policy_allows(policy: dict[str, Any], action: str, resource: str) -> bool:
 def jwt_claims(token: str) -> dict[str, Any]:
     """The claims of a JWT, unverified."""
     payload = token.split(".")[1]
-    return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    return dict(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))))
 
 
 def trust_admits(template: str, role_arn: str, token: str) -> tuple[bool, str]:

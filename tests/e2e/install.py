@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ class Install:
     cluster: Cluster
     arns: dict[str, str] = field(default_factory=dict)
 
-    def kubectl(self, *args: str, **kwargs: Any) -> Any:
+    def kubectl(self, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
         return self.cluster.kubectl("-n", NAMESPACE, *args, **kwargs)
 
     def pods(self) -> list[dict[str, Any]]:
@@ -46,7 +47,9 @@ class Install:
     def pod(self) -> dict[str, Any]:
         return self.pods()[0]
 
-    def exec(self, container: str, *command: str, check: bool = True, pod: str | None = None) -> Any:
+    def exec(
+        self, container: str, *command: str, check: bool = True, pod: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         target = f"pod/{pod}" if pod else "deploy/xpander-controller"
         return self.kubectl("exec", target, "-c", container, "--", *command, check=check)
 

@@ -53,7 +53,11 @@ def main() -> int:
         apply_samples(install)
         install.kubectl("rollout", "status", "deploy/xpander-controller", "--timeout=180s", timeout=200)
         for name in ("slack", "jira", "github", "denied", "missing"):
-            wait_for(f"ccred/{name} to be checked", lambda name=name: install.ready_condition(name), timeout=120)
+
+            def checked(name: str = name) -> bool:
+                return install.ready_condition(name) is not None
+
+            wait_for(f"ccred/{name} to be checked", checked, timeout=120)
         print(f"\ndemo-cluster: installed and checked in {time.monotonic() - began:.0f} s", flush=True)
         show(
             "kubectl -n xpander get pods (the sidecar is a native sidecar: an init container that keeps running)",
