@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
+import shutil
+import subprocess
+from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
-from tests.e2e.e2e_helpers import REPO, require_tools, run
+REPO = Path(__file__).resolve().parents[2]
 
 SOCKET_DIR = "/var/run/connector-credentials"
 SIDECAR = "connector-credentials"
 
 
 def render(path: str) -> list[dict[str, Any]]:
-    require_tools("kubectl")
-    return [doc for doc in yaml.safe_load_all(run("kubectl", "kustomize", path).stdout) if doc]
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl is not on PATH")
+    done = subprocess.run(["kubectl", "kustomize", path], cwd=REPO, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
 
 
 def one(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
@@ -141,8 +149,38 @@ def test_samples_are_plain_manifests() -> None:
     assert ":secret:xpander/" not in by_name["denied"]["spec"]["secretArn"]
 
 
-def test_e2e_overlay_injects_irsa_like_the_eks_webhook() -> None:
-    docs = render("tests/e2e/overlay")
+def without_aws_endpoint(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    docs = copy.deepcopy(docs)
+    sidecar = containers(one(docs, "Deployment", "xpander-controller"))[SIDECAR]
+    sidecar["env"] = [e for e in sidecar["env"] if e["name"] != "AWS_ENDPOINT_URL"]
+    return docs
+
+
+@pytest.mark.parametrize(
+    ("shipped", "images"),
+    [
+        ("deploy", {}),
+        (
+            "deploy/examples/existing-controller",
+            {"registry.example.com/xpander/controller:1.2.3": "localhost/ccred-standin-controller:e2e"},
+        ),
+    ],
+)
+def test_the_e2e_overlays_change_only_the_aws_endpoint_and_named_images(shipped: str, images: dict[str, str]) -> None:
+    """What the e2e suite installs is what users install: the overlays' contract (their comments)."""
+    overlay = render(f"tests/e2e/overlays/{Path(shipped).name}")
+    sidecar = containers(one(overlay, "Deployment", "xpander-controller"))[SIDECAR]
+    assert {e["name"]: e.get("value") for e in sidecar["env"]}["AWS_ENDPOINT_URL"] == "http://10.87.0.2:5000"
+    expected = render(shipped)
+    for container in containers(one(expected, "Deployment", "xpander-controller")).values():
+        container["image"] = images.get(container["image"], container["image"])
+    assert without_aws_endpoint(overlay) == expected
+    # IRSA is the EKS webhook's to inject (tests/localnode runs it), not the overlay's.
+    assert "AWS_ROLE_ARN" not in json.dumps(overlay)
+
+
+def test_the_kind_overlay_injects_irsa_like_the_eks_webhook() -> None:
+    docs = render("tests/e2e/overlays/kind/deploy")
     deployment = one(docs, "Deployment", "xpander-controller")
     sidecar = containers(deployment)[SIDECAR]
     env = {e["name"]: e.get("value") for e in sidecar["env"]}
@@ -153,8 +191,7 @@ def test_e2e_overlay_injects_irsa_like_the_eks_webhook() -> None:
     )
     token = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "aws-iam-token")
     assert token["projected"]["sources"][0]["serviceAccountToken"]["audience"] == "sts.amazonaws.com"
-    assert sidecar["image"] == "connector-credential-operator:e2e"
-    for container in containers(one(docs, "Deployment", "moto")).values():
+    for container in containers(one(render("tests/e2e/overlays/kind/aws"), "Deployment", "moto")).values():
         assert_hardened(container)
 
 
