@@ -130,6 +130,8 @@ class Engine:
         api.generation = meta.get("generation") if isinstance(meta.get("generation"), int) else None
         status = body.get("status")
         api.live_status = dict(status) if isinstance(status, dict) else {}
+        if not created:
+            self._writer.observed(entry)
         raw_spec = body.get("spec")
         if created or _canonical(raw_spec) != _canonical(api.raw_spec):
             self._new_spec(entry, raw_spec, created=created)

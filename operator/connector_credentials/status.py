@@ -142,6 +142,20 @@ class StatusWriter:
         if patch is not None or state.pending_events:
             self._ensure_flushing(entry)
 
+    def observed(self, entry: Entry) -> None:
+        """The watch showed a newer live status. If it already says the verdict this replica has
+        yet to write (another replica wrote it first, e.g. while this one's write was retrying),
+        that replica posted the transition's Event: ours stands down, and so does a write that
+        would change nothing. Once our own write went through, the Events queued are ours."""
+        state = entry.reporting
+        outcome = entry.schedule.outcome
+        if state.pending_status is None or outcome is None:
+            return
+        live = find_condition(entry.api.live_status.get("conditions"))
+        if live is not None and (live.get("reason"), live.get("status") == "True") == state.reported:
+            state.pending_events = [e for e in state.pending_events if e[1] == EVENT_ROTATED]
+            state.pending_status = self.desired_status(entry, outcome, self._interval_of(entry))
+
     def event(self, entry: Entry, *, warning: bool, reason: str, message: str) -> None:
         """Queue an Event that is not a transition (e.g. Rotated)."""
         entry.reporting.pending_events.append((warning, reason, message))

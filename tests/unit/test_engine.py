@@ -476,6 +476,44 @@ async def test_replicas_starting_together_post_one_event(settings: OperatorSetti
         await second.close()
 
 
+async def test_a_replica_whose_write_is_retrying_when_another_reports_the_verdict_posts_no_event(
+    settings: OperatorSettings,
+) -> None:
+    """Reproduced in tests/integration (two replicas starting together, about 1 run in 10): the
+    second replica's first status write failed; before its retry, its watch showed the first
+    replica's write of the same verdict; the retry then carried the new resourceVersion, was
+    accepted, and the transition got a second Event."""
+    sink = FakeSink()
+    sink.objects["team-a", "slack"] = {"status": {}, "metadata": {"resourceVersion": "1"}}
+    flaky = FakeSink()
+    flaky.objects, flaky.events, flaky.fail_next = sink.objects, sink.events, 1
+    second, first = Engine(settings, FakePort(), flaky), Engine(settings, FakePort(), sink)
+    try:
+        seen = body({"secretArn": ARN})
+        seen["metadata"]["resourceVersion"] = "1"
+        second.upsert(json.loads(json.dumps(seen)))
+        for _ in range(300):  # its first write fails; it retries in 0.5 s
+            await asyncio.sleep(0.01)
+            if flaky.fail_next == 0:
+                break
+        first.upsert(json.loads(json.dumps(seen)))
+        for _ in range(300):
+            await asyncio.sleep(0.01)
+            if sink.events:
+                break
+        watched = json.loads(json.dumps(sink.objects["team-a", "slack"]))
+        second.upsert({**seen, "status": watched["status"], "metadata": {**seen["metadata"], **watched["metadata"]}})
+        for _ in range(300):
+            await asyncio.sleep(0.01)
+            tasks = [e.reporting.task for engine in (first, second) for e in engine.entries()]
+            if all(t is None or t.done() for t in tasks):
+                break
+        assert [e[1] for e in sink.events] == ["AccessVerified"]
+    finally:
+        await first.close()
+        await second.close()
+
+
 async def test_an_answer_for_an_old_spec_is_not_written_for_the_new_one(setup: Any) -> None:
     import threading
 
