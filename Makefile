@@ -11,10 +11,10 @@ IMAGE ?= connector-credential-operator:dev
 help: ## List the targets
 	@grep -hE '^[a-z][a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml client/pyproject.toml constraints.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=24.3"
-	$(PIP) install --quiet -c constraints.txt -e '.[test]'
+	$(PIP) install --quiet -c constraints.txt -e ./client -e '.[test]'
 	@touch $(STAMP)
 
 venv: $(STAMP) ## Create the virtual environment and install everything (pinned)
@@ -31,9 +31,10 @@ test: $(STAMP) lint typecheck controlplane ## Lint, type-check, and run the unit
 unit: $(STAMP) ## Unit tests only
 	$(PY) -m pytest tests/unit
 
-lint: $(STAMP) ## ruff (lint and format check)
-	$(VENV)/bin/ruff check operator tests bench
-	$(VENV)/bin/ruff format --check operator tests bench
+lint: $(STAMP) ## ruff (lint and format check) and the import contracts (.importlinter)
+	$(VENV)/bin/ruff check operator client tests bench
+	$(VENV)/bin/ruff format --check operator client tests bench
+	PYTHONPATH=.:operator:client/src $(VENV)/bin/lint-imports --no-cache
 
 typecheck: $(STAMP) ## mypy --strict on the package
 	$(VENV)/bin/mypy

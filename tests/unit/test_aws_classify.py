@@ -1,9 +1,11 @@
 import botocore.exceptions
 import pytest
 
-from connector_credentials.aws import AwsFailure, classify, irsa_problem, scrub
-from connector_credentials.conditions import Reason
-from connector_credentials.models import SecretArn
+from connector_credentials.adapters.aws.errors import classify
+from connector_credentials.adapters.aws.secrets import irsa_problem
+from connector_credentials.api.conditions import Reason
+from connector_credentials.api.models import SecretArn
+from connector_credentials.core.failures import AwsFailure, scrub
 
 ARN = SecretArn.parse("arn:aws:secretsmanager:eu-west-1:123456789012:secret:xpander/prod/slack-AbCdEf")
 ROLE = "arn:aws:iam::123456789012:role/xpander-controller"

@@ -957,12 +957,12 @@ async def test_async_list_and_health(server: ContractServer) -> None:
 
 
 async def test_against_the_operators_server(sock_dir: Path) -> None:
-    """Both clients against ``connector_credentials.server`` itself, with a stub engine behind it."""
-    server_module = pytest.importorskip("connector_credentials.server")
-    from connector_credentials.engine import Served
-    from connector_credentials.metrics import Metrics
-    from connector_credentials.settings import OperatorSettings
-    from connector_credentials.values import SecretValue
+    """Both clients against ``connector_credentials.adapters.socket.server`` itself, with a stub engine behind it."""
+    server_module = pytest.importorskip("connector_credentials.adapters.socket.server")
+    from connector_credentials.adapters.metrics.prometheus import Metrics
+    from connector_credentials.api.values import SecretValue
+    from connector_credentials.config.settings import OperatorSettings
+    from connector_credentials.core.engine import Served
 
     refreshes: list[tuple[str, bool]] = []
 
@@ -1041,12 +1041,12 @@ async def test_against_the_operators_server(sock_dir: Path) -> None:
 
 
 async def test_operators_server_refuses_other_uids(sock_dir: Path) -> None:
-    server_module = pytest.importorskip("connector_credentials.server")
-    from connector_credentials.settings import OperatorSettings
+    server_module = pytest.importorskip("connector_credentials.adapters.socket.server")
+    from connector_credentials.config.settings import OperatorSettings
 
     path = str(sock_dir / "operator.sock")
     settings = OperatorSettings(socket_path=path, allowed_uids=[os.getuid() + 1])
-    from connector_credentials.metrics import Metrics
+    from connector_credentials.adapters.metrics.prometheus import Metrics
 
     nothing = types.SimpleNamespace(metrics=Metrics())  # never asked: the peer is refused first
     operator = server_module.CredentialServer(settings, nothing, lambda: True)

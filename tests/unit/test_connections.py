@@ -20,13 +20,18 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from connector_credentials import connections
-from connector_credentials import server as server_module
-from connector_credentials.connections import ConnectionPolicy, ConnectionTable, Report, raise_fd_limit
-from connector_credentials.metrics import Metrics
-from connector_credentials.server import CredentialServer
-from connector_credentials.settings import OperatorSettings
-from connector_credentials.wire import closing_error
+from connector_credentials.adapters.metrics.prometheus import Metrics
+from connector_credentials.adapters.socket import connections
+from connector_credentials.adapters.socket import server as server_module
+from connector_credentials.adapters.socket.connections import (
+    ConnectionPolicy,
+    ConnectionTable,
+    Report,
+    raise_fd_limit,
+)
+from connector_credentials.adapters.socket.server import CredentialServer
+from connector_credentials.api.wire import closing_error
+from connector_credentials.config.settings import OperatorSettings
 
 
 class Fake:

@@ -6,8 +6,8 @@ from typing import Any
 import pytest
 import yaml
 
-from connector_credentials import models
-from connector_credentials.conditions import Reason
+from connector_credentials.api import models
+from connector_credentials.api.conditions import Reason
 
 CRD_PATH = Path(__file__).parents[2] / "crds" / "connectorcredentials.yaml"
 

@@ -8,11 +8,10 @@ from typing import Any
 
 import pytest
 
-from connector_credentials.aws import FetchedSecret
-from connector_credentials.awserrors import AwsFailure
-from connector_credentials.conditions import Reason
-from connector_credentials.doctor import as_document, as_text, diagnose
-from connector_credentials.doctor_checks import (
+from connector_credentials.adapters.kube.apiserver import KubeApiError
+from connector_credentials.api.conditions import Reason
+from connector_credentials.api.models import ConnectorCredentialSpec
+from connector_credentials.cli.checks import (
     FAIL,
     PASS,
     SKIP,
@@ -23,10 +22,11 @@ from connector_credentials.doctor_checks import (
     token_check,
     token_claims,
 )
-from connector_credentials.kube import KubeApiError
-from connector_credentials.models import ConnectorCredentialSpec
-from connector_credentials.reads import ReadResult
-from connector_credentials.roles import RoleAllowlist
+from connector_credentials.cli.doctor import as_document, as_text, diagnose
+from connector_credentials.core.allowlist import RoleAllowlist
+from connector_credentials.core.failures import AwsFailure
+from connector_credentials.core.ports import FetchedSecret
+from connector_credentials.core.reads import ReadResult
 from tests.support.tokens import unsigned_jwt
 
 NOW = 1_750_000_000.0

@@ -7,11 +7,12 @@ from typing import Any
 
 import pytest
 
-from connector_credentials.aws import AwsFailure, FetchedSecret
-from connector_credentials.conditions import Reason, find_condition
-from connector_credentials.engine import Engine, StatusConflict, stable_identity
-from connector_credentials.models import SecretArn
-from connector_credentials.settings import OperatorSettings
+from connector_credentials.api.conditions import Reason, find_condition
+from connector_credentials.api.models import SecretArn
+from connector_credentials.config.settings import OperatorSettings
+from connector_credentials.core.engine import Engine, StatusConflict, stable_identity
+from connector_credentials.core.failures import AwsFailure
+from connector_credentials.core.ports import FetchedSecret
 
 ARN = "arn:aws:secretsmanager:us-east-1:123456789012:secret:xpander/prod/slack-AbCdEf"
 IDENTITY = "arn:aws:sts::123456789012:assumed-role/xpander-controller/botocore-session-1"

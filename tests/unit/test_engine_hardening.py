@@ -16,13 +16,15 @@ from typing import Any
 
 import pytest
 
-from connector_credentials.aws import AwsFailure, FetchedSecret, SecretsPort
-from connector_credentials.conditions import Reason, find_condition
-from connector_credentials.engine import SHUTTING_DOWN, Engine, Entry, Held, Served
-from connector_credentials.logs import RedactingFilter
-from connector_credentials.settings import OperatorSettings
-from connector_credentials.values import SecretValue
-from connector_credentials.wire import RenderedBody, render_credential
+from connector_credentials.api.conditions import Reason, find_condition
+from connector_credentials.api.values import SecretValue
+from connector_credentials.api.wire import RenderedBody, render_credential
+from connector_credentials.cli.logs import RedactingFilter
+from connector_credentials.config.settings import OperatorSettings
+from connector_credentials.core.engine import SHUTTING_DOWN, Engine, Held, Served
+from connector_credentials.core.entry import Entry
+from connector_credentials.core.failures import AwsFailure
+from connector_credentials.core.ports import FetchedSecret, SecretsPort
 from tests.unit.test_engine import ARN, VALUE, FakePort, FakeSink, body, settle
 
 CANARY = "CANARY-hardening-5f0c2e9a1b7d4c3e"
@@ -292,9 +294,9 @@ def test_pytest_assertion_output_shows_no_value(tmp_path: Path) -> None:
         textwrap.dedent(
             """
             import os
-            from connector_credentials.engine import Served
-            from connector_credentials.values import SecretValue
-            from connector_credentials.wire import render_credential
+            from connector_credentials.core.engine import Served
+            from connector_credentials.api.values import SecretValue
+            from connector_credentials.api.wire import render_credential
             import datetime
 
             def served(text):

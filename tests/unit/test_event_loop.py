@@ -10,8 +10,8 @@ import uvloop
 from click.testing import CliRunner
 from pydantic import ValidationError
 
-from connector_credentials import cli
-from connector_credentials.settings import OperatorSettings
+from connector_credentials.cli import main as cli
+from connector_credentials.config.settings import OperatorSettings
 
 
 def test_the_default_is_auto() -> None:
@@ -96,7 +96,7 @@ def test_uvloop_required_but_missing_exits_2_in_a_real_process(tmp_path: Any) ->
     """The same as a process: an interpreter whose ``import uvloop`` fails, the real entry point."""
     program = (
         "import sys; sys.modules['uvloop'] = None\n"
-        "from connector_credentials.cli import main\n"
+        "from connector_credentials.cli.main import main\n"
         "main(['run', '-n', 'x'], prog_name='connector-credentials')\n"
     )
     env = {"CCRED_EVENT_LOOP": "uvloop", "HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}

@@ -9,13 +9,14 @@ from typing import Any
 import botocore.exceptions
 import pytest
 
-from connector_credentials import identity
-from connector_credentials.aws import Boto3SecretsPort
-from connector_credentials.awserrors import AwsFailure
-from connector_credentials.conditions import Reason
-from connector_credentials.models import AssumedRole, InvalidSpecError, parse_spec
-from connector_credentials.roles import RENEW_BEFORE, RoleAllowlist, RoleSessions
-from connector_credentials.settings import OperatorSettings
+from connector_credentials.adapters.aws import identity
+from connector_credentials.adapters.aws.secrets import Boto3SecretsPort
+from connector_credentials.adapters.aws.sessions import RENEW_BEFORE, RoleSessions
+from connector_credentials.api.conditions import Reason
+from connector_credentials.api.models import AssumedRole, InvalidSpecError, parse_spec
+from connector_credentials.config.settings import OperatorSettings
+from connector_credentials.core.allowlist import RoleAllowlist
+from connector_credentials.core.failures import AwsFailure
 from tests.support.podidentity import pod_identity_token
 
 ROLE = "arn:aws:iam::123456789012:role/xpander-controller"

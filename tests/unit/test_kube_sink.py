@@ -20,9 +20,9 @@ import kopf
 import pytest
 from aiohttp import web
 
-from connector_credentials import kube
-from connector_credentials.kube import KubeApiError, KubeStatusSink, default_login
-from connector_credentials.status import StatusConflict, _short_error
+from connector_credentials.adapters.kube import apiserver as kube
+from connector_credentials.adapters.kube.apiserver import KubeApiError, KubeStatusSink, default_login
+from connector_credentials.core.status import StatusConflict, _short_error
 from tests.support.controlplane import _Pki
 
 NS, NAME = "team-a", "slack"

@@ -13,14 +13,14 @@ from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
-from connector_credentials.aws import AwsFailure
-from connector_credentials.cli import main
-from connector_credentials.conditions import Reason
-from connector_credentials.engine import Engine
-from connector_credentials.entry import Entry, Outcome
-from connector_credentials.metrics import Metrics, MetricsServer, aws_outcome
-from connector_credentials.settings import OperatorSettings, parse_bind_address
-from connector_credentials.values import SecretValue
+from connector_credentials.adapters.metrics.prometheus import Metrics, MetricsServer, aws_outcome
+from connector_credentials.api.conditions import Reason
+from connector_credentials.api.values import SecretValue
+from connector_credentials.cli.main import main
+from connector_credentials.config.settings import OperatorSettings, parse_bind_address
+from connector_credentials.core.engine import Engine
+from connector_credentials.core.entry import Entry, Outcome
+from connector_credentials.core.failures import AwsFailure
 from tests.unit.test_engine import ARN, VALUE, FakePort, FakeSink, body, settle
 
 
@@ -161,7 +161,7 @@ def settings() -> OperatorSettings:
 
 async def test_the_engine_counts_status_writes_and_reports_its_credentials(settings: OperatorSettings) -> None:
     port, sink = FakePort(), FakeSink()
-    engine = Engine(settings, port, sink)
+    engine = Engine(settings, port, sink, metrics=Metrics())
     engine.metrics.watch(engine, lambda: True)
     try:
         sink.fail_next = 1

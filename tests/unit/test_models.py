@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from connector_credentials.models import (
+from connector_credentials.api.models import (
     ARN_SCHEMA_PATTERN,
     DURATION_PATTERN,
     InvalidSpecError,

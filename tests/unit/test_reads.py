@@ -8,11 +8,12 @@ from typing import Any
 
 import pytest
 
-from connector_credentials.aws import AwsFailure, BatchRefused, FetchedSecret
-from connector_credentials.conditions import Reason
-from connector_credentials.models import AssumedRole, SecretArn
-from connector_credentials.reads import BATCH_RETRY_AFTER, SecretReader
-from connector_credentials.timing import Cohorts
+from connector_credentials.api.conditions import Reason
+from connector_credentials.api.models import AssumedRole, SecretArn
+from connector_credentials.core.failures import AwsFailure
+from connector_credentials.core.ports import BatchRefused, FetchedSecret
+from connector_credentials.core.reads import BATCH_RETRY_AFTER, SecretReader
+from connector_credentials.core.timing import Cohorts
 
 IDENTITY = "arn:aws:sts::123456789012:assumed-role/xpander-controller/s"
 
@@ -171,7 +172,7 @@ async def test_a_refused_batch_falls_back_to_single_reads_and_says_so_once(
     now = [1000.0]
     reader._clock = lambda: now[0]
     port.refuse_batches = True
-    caplog.set_level(logging.WARNING, logger="connector_credentials.reads")
+    caplog.set_level(logging.WARNING, logger="connector_credentials.core.reads")
     first = await asyncio.gather(*(reader.read(arn(f"a{i}"), None, None, window=0.2) for i in range(20)))
     second = await asyncio.gather(*(reader.read(arn(f"b{i}"), None, None, window=0) for i in range(5)))
     assert len(first) == 20 and len(second) == 5

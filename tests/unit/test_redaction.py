@@ -16,8 +16,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from connector_credentials.logs import RedactingFilter
-from connector_credentials.values import MASK, MIN_NEEDLE, NeedleIndex, SecretValue
+from connector_credentials.api.values import MASK, MIN_NEEDLE, NeedleIndex, SecretValue
+from connector_credentials.cli.logs import RedactingFilter
 
 VALUE = "CANARY-unit-4f1e9c"
 

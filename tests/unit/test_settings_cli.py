@@ -4,8 +4,8 @@ import pytest
 from click.testing import CliRunner
 from pydantic import ValidationError
 
-from connector_credentials.cli import main
-from connector_credentials.settings import OperatorSettings
+from connector_credentials.cli.main import main
+from connector_credentials.config.settings import OperatorSettings
 
 
 def test_environment_settings_are_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -60,7 +60,7 @@ def test_run_refuses_both_namespace_modes() -> None:
 
 
 def test_all_namespaces_on_the_command_line_outweighs_the_namespace_variable(monkeypatch: pytest.MonkeyPatch) -> None:
-    from connector_credentials.cli import settings_from
+    from connector_credentials.cli.main import settings_from
 
     monkeypatch.setenv("CCRED_NAMESPACE", "xpander")  # as the shipped sidecar sets it
     assert settings_from({"all_namespaces": True, "namespaces": ()}).watched_namespaces() is None

@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from connector_credentials.conditions import find_condition, same_condition, set_condition
-from connector_credentials.values import JsonKeyError, SecretValue, extract
+from connector_credentials.api.conditions import find_condition, same_condition, set_condition
+from connector_credentials.api.values import JsonKeyError, SecretValue, extract
 
 VALUE = "CANARY-unit-4f1e9c"
 
