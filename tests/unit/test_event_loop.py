@@ -10,7 +10,8 @@ import uvloop
 from click.testing import CliRunner
 from pydantic import ValidationError
 
-from connector_credentials.cli import main as cli
+from connector_credentials.cli import operate as cli
+from connector_credentials.cli.main import main as cli_main
 from connector_credentials.config.settings import OperatorSettings
 
 
@@ -28,7 +29,7 @@ def test_an_unknown_loop_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("CCRED_EVENT_LOOP", "trio")
     with pytest.raises(ValidationError, match="'auto', 'asyncio' or 'uvloop'"):
         OperatorSettings()
-    result = CliRunner().invoke(cli.main, ["run", "-n", "x"])
+    result = CliRunner().invoke(cli_main, ["run", "-n", "x"])
     assert result.exit_code == 2
     assert "invalid settings: event_loop" in result.output
 
@@ -60,7 +61,7 @@ def test_run_starts_the_loop_asked_for(
 ) -> None:
     if value is not None:
         monkeypatch.setenv("CCRED_EVENT_LOOP", value)
-    result = CliRunner().invoke(cli.main, ["run", "-n", "x"])
+    result = CliRunner().invoke(cli_main, ["run", "-n", "x"])
     assert result.exit_code == 0, result.output
     assert started == [(name, why)]
 
@@ -73,7 +74,7 @@ def test_auto_without_uvloop_runs_the_standard_loop(
     monkeypatch: pytest.MonkeyPatch, started: list[tuple[str, str]]
 ) -> None:
     _without_uvloop(monkeypatch)
-    result = CliRunner().invoke(cli.main, ["run", "-n", "x"])
+    result = CliRunner().invoke(cli_main, ["run", "-n", "x"])
     assert result.exit_code == 0, result.output
     assert started == [("the standard asyncio event loop", "CCRED_EVENT_LOOP=auto: uvloop is not installed")]
 
@@ -85,7 +86,7 @@ def test_uvloop_required_but_missing_is_an_error_before_anything_starts(
     monkeypatch.setenv("CCRED_EVENT_LOOP", "uvloop")
     with pytest.raises(cli.LoopUnavailable):
         cli.event_loop("uvloop")
-    result = CliRunner().invoke(cli.main, ["run", "-n", "x"])
+    result = CliRunner().invoke(cli_main, ["run", "-n", "x"])
     assert result.exit_code == 2
     assert "CCRED_EVENT_LOOP=uvloop, but uvloop is not installed" in result.output
     assert "connector-credential-operator[uvloop]" in result.output

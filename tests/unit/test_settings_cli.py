@@ -60,7 +60,7 @@ def test_run_refuses_both_namespace_modes() -> None:
 
 
 def test_all_namespaces_on_the_command_line_outweighs_the_namespace_variable(monkeypatch: pytest.MonkeyPatch) -> None:
-    from connector_credentials.cli.main import settings_from
+    from connector_credentials.cli.operate import settings_from
 
     monkeypatch.setenv("CCRED_NAMESPACE", "xpander")  # as the shipped sidecar sets it
     assert settings_from({"all_namespaces": True, "namespaces": ()}).watched_namespaces() is None
