@@ -10,93 +10,12 @@ import pytest
 from connector_credentials.api.conditions import Reason, find_condition
 from connector_credentials.api.models import SecretArn
 from connector_credentials.config.settings import OperatorSettings
-from connector_credentials.core.engine import Engine, StatusConflict, stable_identity
+from connector_credentials.core.engine import Engine, stable_identity
 from connector_credentials.core.failures import AwsFailure
 from connector_credentials.core.ports import FetchedSecret
-
-ARN = "arn:aws:secretsmanager:us-east-1:123456789012:secret:xpander/prod/slack-AbCdEf"
-IDENTITY = "arn:aws:sts::123456789012:assumed-role/xpander-controller/botocore-session-1"
-VALUE = "CANARY-engine-91ab"
+from tests.support.fakes import ARN, IDENTITY, VALUE, FakePort, FakeSink, body, settle
 
 Script = Callable[[SecretArn], FetchedSecret]
-
-
-class FakePort:
-    credential_source = "IRSA"
-
-    def __init__(self) -> None:
-        self.answer: FetchedSecret | AwsFailure = FetchedSecret("v1", VALUE, ("AWSCURRENT",))
-        self.calls = 0
-
-    def caller_identity(self, region: str, *, role: Any = None) -> str:
-        return IDENTITY
-
-    def get_secret(
-        self, arn: SecretArn, *, version_id: str | None, version_stage: str | None, role: Any = None
-    ) -> FetchedSecret:
-        self.calls += 1
-        if isinstance(self.answer, AwsFailure):
-            raise self.answer
-        return self.answer
-
-    def get_current_secrets(self, region: str, arns: Any, *, role: Any = None) -> dict[str, FetchedSecret | AwsFailure]:
-        """A batch: each secret as get_secret answers it (so subclasses script both paths)."""
-        found: dict[str, FetchedSecret | AwsFailure] = {}
-        for arn in arns:
-            try:
-                found[arn.arn] = self.get_secret(arn, version_id=None, version_stage="AWSCURRENT")
-            except AwsFailure as failure:
-                found[arn.arn] = failure
-        return found
-
-
-class FakeSink:
-    """Holds objects like an API server: merge-patches status, records events, can fail."""
-
-    def __init__(self) -> None:
-        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
-        self.patches: list[dict[str, Any]] = []
-        self.events: list[tuple[bool, str, str]] = []
-        self.fail_next = 0
-        self.gate: asyncio.Event | None = None
-
-    async def get(self, namespace: str, name: str) -> dict[str, Any] | None:
-        obj = self.objects.get((namespace, name))
-        return None if obj is None else json.loads(json.dumps(obj))
-
-    async def patch_status(
-        self, namespace: str, name: str, status: dict[str, Any], resource_version: str | None = None
-    ) -> dict[str, Any] | None:
-        if self.fail_next:
-            self.fail_next -= 1
-            raise ConnectionError("api down")
-        if self.gate is not None:
-            await self.gate.wait()
-        current = self.objects.get((namespace, name))
-        if (
-            resource_version is not None
-            and current is not None
-            and current["metadata"]["resourceVersion"] != resource_version
-        ):
-            raise StatusConflict(resource_version)
-        self.patches.append(status)
-        obj = self.objects.setdefault((namespace, name), {"status": {}, "metadata": {"resourceVersion": "1"}})
-        obj["status"].update(status)
-        obj["metadata"]["resourceVersion"] = str(int(obj["metadata"]["resourceVersion"]) + 1)
-        return json.loads(json.dumps(obj))
-
-    async def post_event(
-        self, namespace: str, name: str, uid: str | None, *, warning: bool, reason: str, message: str
-    ) -> None:
-        self.events.append((warning, reason, message))
-
-
-def body(spec: dict[str, Any], status: dict[str, Any] | None = None, generation: int = 1) -> dict[str, Any]:
-    return {
-        "metadata": {"namespace": "team-a", "name": "slack", "uid": "u1", "generation": generation},
-        "spec": spec,
-        "status": status or {},
-    }
 
 
 @pytest.fixture
@@ -120,14 +39,6 @@ async def setup(settings: OperatorSettings) -> Any:
     engine.synced.set()
     yield engine, port, sink
     await engine.close()
-
-
-async def settle(engine: Engine) -> None:
-    for _ in range(50):
-        await asyncio.sleep(0.01)
-        entries = engine.entries()
-        if all(e.schedule.inflight is None and (e.reporting.task is None or e.reporting.task.done()) for e in entries):
-            return
 
 
 async def test_a_role_outside_the_allowlist_is_refused_before_any_read(setup: Any) -> None:

@@ -25,7 +25,7 @@ from connector_credentials.core.engine import SHUTTING_DOWN, Engine, Held, Serve
 from connector_credentials.core.entry import Entry
 from connector_credentials.core.failures import AwsFailure
 from connector_credentials.core.ports import FetchedSecret, SecretsPort
-from tests.unit.test_engine import ARN, VALUE, FakePort, FakeSink, body, settle
+from tests.support.fakes import ARN, VALUE, FakePort, FakeSink, body, settle
 
 CANARY = "CANARY-hardening-5f0c2e9a1b7d4c3e"
 

@@ -21,7 +21,7 @@ from connector_credentials.config.settings import OperatorSettings, parse_bind_a
 from connector_credentials.core.engine import Engine
 from connector_credentials.core.entry import Entry, Outcome
 from connector_credentials.core.failures import AwsFailure
-from tests.unit.test_engine import ARN, VALUE, FakePort, FakeSink, body, settle
+from tests.support.fakes import ARN, VALUE, FakePort, FakeSink, StubEngine, body, settle
 
 
 def scraped(metrics: Metrics) -> dict[str, list[tuple[dict[str, str], float]]]:
@@ -35,14 +35,6 @@ def scraped(metrics: Metrics) -> dict[str, list[tuple[dict[str, str], float]]]:
 
 def total(found: dict[str, list[tuple[dict[str, str], float]]], name: str, **labels: str) -> float:
     return sum(v for have, v in found.get(name, []) if all(have.get(k) == want for k, want in labels.items()))
-
-
-class StubEngine:
-    def __init__(self, entries: list[Entry]) -> None:
-        self._entries = entries
-
-    def entries(self) -> list[Entry]:
-        return list(self._entries)
 
 
 def entry(name: str, outcome: Outcome | None, fetched: float | None = None) -> Entry:

@@ -3,7 +3,6 @@
 import asyncio
 import logging
 import math
-import threading
 from typing import Any
 
 import pytest
@@ -11,78 +10,16 @@ import pytest
 from connector_credentials.api.conditions import Reason
 from connector_credentials.api.models import AssumedRole, SecretArn
 from connector_credentials.core.failures import AwsFailure
-from connector_credentials.core.ports import BatchRefused, FetchedSecret
 from connector_credentials.core.reads import BATCH_RETRY_AFTER, SecretReader
 from connector_credentials.core.timing import Cohorts
+from tests.support.fakes import ScriptedPort
 
-IDENTITY = "arn:aws:sts::123456789012:assumed-role/xpander-controller/s"
+IDENTITY = ScriptedPort.identity
 
 
 def arn(name: str, region: str = "us-east-1") -> SecretArn:
     text = f"arn:aws:secretsmanager:{region}:123456789012:secret:{name}-AbCdEf"
     return SecretArn(arn=text, partition="aws", region=region, account="123456789012", name=f"{name}-AbCdEf")
-
-
-class ScriptedPort:
-    """Answers every secret with its own name as the value; records each call; can hold calls."""
-
-    credential_source = "IRSA"
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.singles: list[tuple[str, str | None, str | None]] = []
-        self.batches: list[list[str]] = []
-        self.batch_roles: list[Any] = []
-        self.failing: dict[str, AwsFailure] = {}
-        self.silent: set[str] = set()
-        self.refuse_batches = False
-        self.gate = threading.Event()
-        self.gate.set()
-        self.running = 0
-        self.most_running = 0
-
-    def _enter(self) -> None:
-        with self.lock:
-            self.running += 1
-            self.most_running = max(self.most_running, self.running)
-
-    def _leave(self) -> None:
-        with self.lock:
-            self.running -= 1
-
-    def caller_identity(self, region: str, *, role: Any = None) -> str:
-        return IDENTITY
-
-    def get_secret(
-        self, arn: SecretArn, *, version_id: str | None, version_stage: str | None, role: Any = None
-    ) -> FetchedSecret:
-        self._enter()
-        try:
-            with self.lock:
-                self.singles.append((arn.name, version_id, version_stage))
-            if arn.arn in self.failing:
-                raise self.failing[arn.arn]
-            return FetchedSecret(version_id or "v1", arn.name, ("AWSCURRENT",))
-        finally:
-            self._leave()
-
-    def get_current_secrets(self, region: str, arns: Any, *, role: Any = None) -> dict[str, FetchedSecret | AwsFailure]:
-        self._enter()
-        try:
-            self.gate.wait(10)
-            with self.lock:
-                self.batches.append([a.name for a in arns])
-                self.batch_roles.append(role)
-            if self.refuse_batches:
-                raise BatchRefused("not authorized to perform: secretsmanager:BatchGetSecretValue")
-            found: dict[str, FetchedSecret | AwsFailure] = {}
-            for a in arns:
-                if a.arn in self.silent:
-                    continue
-                found[a.arn] = self.failing.get(a.arn) or FetchedSecret("v1", a.name, ("AWSCURRENT",))
-            return found
-        finally:
-            self._leave()
 
 
 @pytest.fixture
