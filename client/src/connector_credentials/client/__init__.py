@@ -25,7 +25,6 @@ the controller installs (or vendors) these three modules without the operator's 
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 import logging
 import os
@@ -371,6 +370,8 @@ class AsyncCredentialClient:
             raise _unreachable(self.socket_path, exc) from exc
 
     async def _request(self, target: str) -> Response:
+        import asyncio  # here, not at the top: the synchronous client (and the CLI) never pay for it
+
         for attempt in (1, 2):
             if self._closed:
                 raise _closed_client()

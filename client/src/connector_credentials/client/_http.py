@@ -13,13 +13,15 @@ Nothing here knows about credentials. The clients turn :class:`Malformed` and
 
 from __future__ import annotations
 
-import asyncio
 import re
 import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    import asyncio
 
 #: Largest response body accepted (a secret is at most 64 KiB; lists can be longer).
 MAX_BODY_BYTES: Final = 16 * 1024 * 1024
@@ -207,6 +209,8 @@ class AsyncConnection:
     @classmethod
     async def open(cls, path: str) -> AsyncConnection:
         """Connect, waiting for room in a full listen backlog (the caller's timeout bounds the wait)."""
+        import asyncio  # here, not at the top: the synchronous client (and the CLI) never pay for it
+
         delay = 0.005
         # Connected here, not by asyncio: its sock_connect takes EAGAIN for "in progress" and
         # hands back a socket that never connected, so a full backlog would look like a hang-up.
@@ -236,6 +240,8 @@ class AsyncConnection:
 
     async def exchange(self, target: str) -> Response:
         """Send a GET and read the whole answer."""
+        import asyncio  # already loaded: an AsyncConnection exists only on a running loop
+
         self._writer.write(_request(target))
         try:
             await self._writer.drain()
