@@ -9,7 +9,7 @@ import yaml
 from connector_credentials.api import models
 from connector_credentials.api.conditions import Reason
 
-CRD_PATH = Path(__file__).parents[2] / "crds" / "connectorcredentials.yaml"
+CRD_PATH = Path(__file__).parents[3] / "crds" / "connectorcredentials.yaml"
 
 
 @pytest.fixture(scope="module")
