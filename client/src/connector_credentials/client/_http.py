@@ -1,7 +1,7 @@
 """HTTP/1.1 on the operator's Unix socket, as much of it as the clients need (standard library only).
 
 Both clients in :mod:`connector_credentials.client` go through here, so they frame requests
-and read answers the same way. The operator's server (``server.py``, bodies from ``wire.py``)
+and read answers the same way. The operator's server (``adapters/socket/server.py``, bodies from ``api/wire.py``)
 always answers a GET with a Content-Length and a JSON body, so that is the only framing read
 here. A chunked answer, or one that runs to the end of the connection, means something
 other than the operator is answering: it is refused as :class:`Malformed` at once, before
