@@ -19,8 +19,14 @@ A :class:`Credential` never shows its value: ``repr``, ``str`` and ``format`` ma
 is not a dataclass, has no ``__dict__`` and refuses to be pickled. The value is only read
 through ``value``, ``bytes_value`` or :meth:`Credential.as_bytes`.
 
-Nothing outside the standard library may be imported here, nor in ``_api`` and ``_http``:
-the controller installs (or vendors) these three modules without the operator's dependencies.
+This package is its own distribution, ``connector-credentials-client`` (client/pyproject.toml):
+the controller installs it alone. ``protocol`` is the one definition of the socket contract
+(the operator's server imports it too), and ``openapi.json`` describes the same contract for
+other languages.
+
+May import: the standard library only, here and in ``_api``, ``_http`` and ``protocol``; nothing
+of the operator (``.importlinter``'s client contracts; CI also runs the wheel alone under an
+import hook that refuses anything else). The controller may also vendor these four modules.
 """
 
 from __future__ import annotations
