@@ -58,6 +58,14 @@ def test_the_document_names_the_protocol_paths() -> None:
     }
 
 
+def test_the_document_uses_the_protocol_patterns_and_refresh_values() -> None:
+    operation = _openapi()["paths"][f"{protocol.CREDENTIALS_PATH}/{{namespace}}/{{name}}"]["get"]
+    parameters = {p["name"]: p["schema"] for p in operation["parameters"]}
+    assert parameters["namespace"]["pattern"] == protocol.NAMESPACE_PATTERN
+    assert parameters["name"]["pattern"] == protocol.NAME_PATTERN
+    assert set(parameters[protocol.REFRESH_PARAM]["enum"]) == set(protocol.REFRESH_VALUES)
+
+
 def test_the_document_names_every_reason_of_the_code_and_of_the_reference() -> None:
     text = json.dumps(_openapi())
     failures = {reason.value for reason in Reason if reason is not Reason.ACCESS_VERIFIED}

@@ -4,7 +4,7 @@
 * :class:`~connector_credentials.core.status.StatusSink`: write a credential's status and events
   (the kube adapter), defined next to the status writer that uses it.
 * :class:`Meter`: count what the engine and the socket do (the metrics adapter; :class:`NoMeter`
-  when metrics are off or in tests).
+  for an engine built without one: ``doctor``, the unit tests).
 
 Pure: no SDK, no HTTP, no Kubernetes client here.
 """
@@ -99,7 +99,7 @@ class Meter(Protocol):
 
 
 class NoMeter:
-    """Counts nothing: an engine built without metrics."""
+    """Counts nothing: the meter of an engine built without one."""
 
     def status_written(self, result: str) -> None:
         pass

@@ -16,6 +16,8 @@ __all__ = [
     "ENCODINGS",
     "HEALTHZ_PATH",
     "JSON_CONTENT_TYPE",
+    "NAMESPACE_PATTERN",
+    "NAME_PATTERN",
     "REFRESH_PARAM",
     "REFRESH_VALUES",
     "RESPONSE_HEADERS",
@@ -35,6 +37,10 @@ DEFAULT_SOCKET_PATH: Final = "/var/run/connector-credentials/credentials.sock"
 CREDENTIALS_PATH: Final = "/v1/credentials"
 #: ``GET``: ``200 {"status": "ok"}`` once the operator serves, else ``503 NotReady``.
 HEALTHZ_PATH: Final = "/healthz"
+#: What the server accepts as a namespace (a DNS-1123 label) and as a name; anything else is 400.
+#: (The client checks names more strictly before it sends: each dot-separated part of a name too.)
+NAMESPACE_PATTERN: Final = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+NAME_PATTERN: Final = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
 #: ``?refresh=true``: read from Secrets Manager now rather than answer from the cache.
 REFRESH_PARAM: Final = "refresh"
 #: What ``refresh`` accepts (case-insensitive), and what each means; empty is ``false``.

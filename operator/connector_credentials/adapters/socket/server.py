@@ -44,6 +44,8 @@ from connector_credentials.api.wire import (
 from connector_credentials.client.protocol import (
     CREDENTIALS_PATH,
     HEALTHZ_PATH,
+    NAME_PATTERN,
+    NAMESPACE_PATTERN,
     REFRESH_PARAM,
     REFRESH_VALUES,
     ErrorReason,
@@ -53,8 +55,8 @@ from connector_credentials.core.engine import Engine, Served
 
 logger = logging.getLogger(__name__)
 
-_NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+_NAMESPACE = re.compile(NAMESPACE_PATTERN)
+_NAME = re.compile(NAME_PATTERN)
 _PREFIX = CREDENTIALS_PATH + "/"
 _BACKLOG = 512
 #: A refused peer's bytes are read and dropped (never parsed) up to this much, then it is closed.
