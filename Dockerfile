@@ -18,9 +18,11 @@ WORKDIR /src
 # README.m[d], constraints.tx[t]: copied if present, skipped if not.
 COPY pyproject.toml README.m[d] constraints.tx[t] ./
 COPY operator/ operator/
+# The client distribution (connector-credentials-client), which the operator pins exactly.
+COPY client/ client/
 RUN set -eu; \
     if [ -f constraints.txt ]; then set -- --constraint constraints.txt; fi; \
-    /opt/venv/bin/pip install "$@" '.[uvloop]' ; \
+    /opt/venv/bin/pip install "$@" ./client '.[uvloop]' ; \
     /opt/venv/bin/connector-credentials --help >/dev/null; \
     /opt/venv/bin/python -c "import uvloop"
 

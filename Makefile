@@ -11,10 +11,10 @@ IMAGE ?= connector-credential-operator:dev
 help: ## List the targets
 	@grep -hE '^[a-z][a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml client/pyproject.toml constraints.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=24.3"
-	$(PIP) install --quiet -c constraints.txt -e '.[test]'
+	$(PIP) install --quiet -c constraints.txt -e ./client -e '.[test]'
 	@touch $(STAMP)
 
 venv: $(STAMP) ## Create the virtual environment and install everything (pinned)
@@ -25,15 +25,22 @@ controlplane: ## Build kube-apiserver and etcd from pinned Go modules into ~/.ca
 demo: $(STAMP) ## The operator against a local kube-apiserver and moto (ARGS=--keep to explore; KUBECONFIG=... for a cluster of yours)
 	$(PY) -m tests.support.demo $(if $(filter command line,$(origin KUBECONFIG)),--kubeconfig $(KUBECONFIG)) $(ARGS)
 
-test: $(STAMP) lint typecheck controlplane ## Lint, type-check, and run the unit and integration tests (real API server)
+test: $(STAMP) lint typecheck controlplane dist ## Lint, type-check, build both wheels, and run the unit and integration tests (real API server)
 	$(PY) -m pytest tests/unit tests/integration tests/e2e
+
+dist: $(STAMP) ## Build both distributions (operator and client: sdist and wheel) into dist/ and twine-check them
+	rm -rf dist
+	$(PY) -m build --outdir dist .
+	$(PY) -m build --outdir dist client
+	$(VENV)/bin/twine check --strict dist/*
 
 unit: $(STAMP) ## Unit tests only
 	$(PY) -m pytest tests/unit
 
-lint: $(STAMP) ## ruff (lint and format check)
-	$(VENV)/bin/ruff check operator tests bench
-	$(VENV)/bin/ruff format --check operator tests bench
+lint: $(STAMP) ## ruff (lint and format check) and the import contracts (.importlinter)
+	$(VENV)/bin/ruff check operator client tests bench
+	$(VENV)/bin/ruff format --check operator client tests bench
+	PYTHONPATH=.:operator:client/src $(VENV)/bin/lint-imports --no-cache
 
 typecheck: $(STAMP) ## mypy --strict on the package
 	$(VENV)/bin/mypy
@@ -61,11 +68,11 @@ image: ## Build the container image
 
 lock: ## Re-pin constraints.txt from a fresh resolve
 	rm -rf .lockenv && python3 -m venv .lockenv && .lockenv/bin/pip install -q --upgrade pip \
-	  && .lockenv/bin/pip install -q -e '.[test]' \
-	  && .lockenv/bin/pip freeze --exclude-editable | grep -v '^connector-credential-operator' > constraints.txt \
+	  && .lockenv/bin/pip install -q -e ./client -e '.[test]' \
+	  && .lockenv/bin/pip freeze --exclude-editable | grep -v '^connector-credential' > constraints.txt \
 	  && rm -rf .lockenv
 
 clean: ## Remove the virtual environment and caches
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build *.egg-info operator/*.egg-info
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build dist *.egg-info operator/*.egg-info client/build client/src/*.egg-info
 
-.PHONY: help venv controlplane demo test unit lint typecheck bench cluster cluster-down e2e demo-cluster image lock clean
+.PHONY: help venv controlplane demo test dist unit lint typecheck bench cluster cluster-down e2e demo-cluster image lock clean

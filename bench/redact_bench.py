@@ -2,7 +2,7 @@
 more value costs the redaction index at 1,000 and 10,000 values held.
 
 Run with ``make bench`` (or ``.venv/bin/python bench/redact_bench.py``). Per record, it times the
-filter the operator installs (``connector_credentials.logs.RedactingFilter`` over the engine's live
+filter the operator installs (``connector_credentials.cli.logs.RedactingFilter`` over the engine's live
 ``NeedleIndex``) on typical records, against a baseline measured in the same run: the same records
 through a filter that does nothing. For comparison, in the same run, it times the two earlier
 filters: the index rebuilt whole when the values changed (``Redactor``, below), and before it a
@@ -27,8 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "operator"))
 
-from connector_credentials.logs import RedactingFilter  # noqa: E402
-from connector_credentials.values import MASK, MIN_NEEDLE, NeedleIndex, SecretValue  # noqa: E402
+from connector_credentials.api.values import MASK, MIN_NEEDLE, NeedleIndex, SecretValue  # noqa: E402
+from connector_credentials.cli.logs import RedactingFilter  # noqa: E402
 
 VALUES = 1000
 RECORDS = 2000

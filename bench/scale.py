@@ -1034,7 +1034,7 @@ def main(argv: list[str]) -> int:
     from tests.support.kube import Cluster
     from tests.support.kubeproxy import KubeFaultProxy
 
-    from connector_credentials.models import parse_duration
+    from connector_credentials.api.models import parse_duration
 
     interval = parse_duration(args.refresh_interval)
     # SIGTERM (make, timeout) unwinds like Ctrl-C: every finally runs and every process is stopped.

@@ -48,7 +48,7 @@ RESOURCE = "connectors.xpander.ai/v1alpha1/connectorcredentials"
 ROLE_ARN = "arn:aws:iam::123456789012:role/xpander-controller"
 CREDENTIAL = "bench-credential"
 TARGET_RATIO = 0.80
-#: What the operator logs at start on each loop (cli.py).
+#: What the operator logs at start on each loop (cli/operate.py).
 LOOP_LOG = {"asyncio": "Running on the standard asyncio event loop", "uvloop": "Running on uvloop "}
 
 Answer = tuple[int, list[tuple[str, str]], bytes]

@@ -1,3 +1,3 @@
-from connector_credentials.cli import main
+from connector_credentials.cli.main import main
 
 main(prog_name="connector-credentials")

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from tests.integration.conftest import World
-from tests.integration.test_roles import ALLOW, READER, other_account_secret
 from tests.support.podidentity import PodIdentityAgent, pod_identity_env
+from tests.support.roles import ALLOW, READER, other_account_secret
 from tests.support.runner import OperatorProcess, console_script
 from tests.support.tokens import service_account_token
 

@@ -14,7 +14,12 @@ from typing import Any
 
 import pytest
 
-from connector_credentials.client import CredentialClient, CredentialError, CredentialUnavailable, ServerUnreachable
+from connector_credentials.client import (
+    CredentialClient,
+    CredentialError,
+    CredentialUnavailable,
+    ServerUnreachable,
+)
 from tests.integration.conftest import World
 from tests.support.awsbatch import READ_ACTIONS
 from tests.support.kube import shipped_rbac

@@ -8,37 +8,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from tests.integration.conftest import World
 from tests.support.runner import wait_until
-
-Samples = dict[str, list[tuple[dict[str, str], float]]]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        assert response.status == 200
-        assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-        return str(response.read().decode("utf-8"))
-
-
-def samples(text: str) -> Samples:
-    found: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            found.setdefault(sample.name, []).append((dict(sample.labels), sample.value))
-    return found
-
-
-def value(found: Samples, name: str, **labels: str) -> float:
-    return sum(v for have, v in found.get(name, []) if all(have.get(k) == want for k, want in labels.items()))
+from tests.support.scrape import Samples, free_port, samples, scrape, value
 
 
 def test_metrics_are_scraped_during_a_run_and_never_hold_a_value(world: World) -> None:

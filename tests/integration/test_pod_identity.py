@@ -10,9 +10,9 @@ from collections.abc import Iterator
 import pytest
 
 from tests.integration.conftest import ROLE_ARN, World
-from tests.integration.test_roles import ALLOW, READER, other_account_secret
 from tests.support.awsemu import free_port
 from tests.support.podidentity import PodIdentityAgent, pod_identity_env
+from tests.support.roles import ALLOW, READER, other_account_secret
 
 #: What every PodIdentityFailed message must point at (the association is xpander/xpander-controller: the token's sub).
 CHECKS = (

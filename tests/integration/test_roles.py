@@ -4,38 +4,10 @@ account's credentials), allowed by CCRED_ASSUMABLE_ROLES only; refusals through 
 
 from __future__ import annotations
 
-import boto3
-import botocore.config
-
 from tests.integration.conftest import World
-from tests.integration.test_metrics import free_port, samples, scrape, value
-from tests.support.awsemu import DEFAULT_REGION
+from tests.support.roles import ALLOW, OTHER_ACCOUNT, READER, other_account_secret
 from tests.support.runner import wait_until
-
-OTHER_ACCOUNT = "210987654321"
-READER = f"arn:aws:iam::{OTHER_ACCOUNT}:role/connector-reader"
-ALLOW = {"CCRED_ASSUMABLE_ROLES": f"arn:aws:iam::{OTHER_ACCOUNT}:role/connector-*"}
-
-
-def other_account_secret(world: World, name: str) -> str:
-    """A secret in the other account (created with that account's credentials, as its owner would)."""
-    config = botocore.config.Config(proxies={}, retries={"max_attempts": 1})
-    admin = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
-    sts = boto3.client("sts", region_name=DEFAULT_REGION, endpoint_url=world.aws.endpoint, config=config, **admin)
-    owner = sts.assume_role(RoleArn=f"arn:aws:iam::{OTHER_ACCOUNT}:role/owner", RoleSessionName="owner")
-    credentials = owner["Credentials"]
-    client = boto3.client(
-        "secretsmanager",
-        region_name=DEFAULT_REGION,
-        endpoint_url=world.aws.endpoint,
-        config=config,
-        aws_access_key_id=credentials["AccessKeyId"],
-        aws_secret_access_key=credentials["SecretAccessKey"],
-        aws_session_token=credentials["SessionToken"],
-    )
-    value = world.canary(name)
-    arn: str = client.create_secret(Name=f"{world.prefix}/{name}", SecretString=value)["ARN"]
-    return arn
+from tests.support.scrape import free_port, samples, scrape, value
 
 
 def test_an_allowed_role_is_assumed_and_its_session_shared(world: World) -> None:

@@ -33,11 +33,11 @@ import pytest
 
 from connector_credentials.client import CredentialClient, ServerUnreachable
 from tests.integration.conftest import World
-from tests.integration.test_socket import NOBODY, Reply, assert_error, exchange, parse_reply, request
 from tests.support.awsemu import AwsEmulator
 from tests.support.awsproxy import FaultProxy
 from tests.support.kube import Cluster
 from tests.support.kubeproxy import KubeFaultProxy
+from tests.support.rawhttp import NOBODY, Reply, assert_error, exchange, parse_reply, request
 from tests.support.runner import OperatorProcess, wait_until
 
 

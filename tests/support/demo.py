@@ -32,8 +32,8 @@ from typing import Any
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from connector_credentials.api.models import API_VERSION, GROUP, KIND, PLURAL, VERSION, SecretArn
 from connector_credentials.client import CredentialClient, CredentialError
-from connector_credentials.models import API_VERSION, GROUP, KIND, PLURAL, VERSION, SecretArn
 from tests.support.awsemu import AwsEmulator, irsa_env
 from tests.support.awsproxy import FaultProxy
 from tests.support.controlplane import ControlPlane, ControlPlaneUnavailable

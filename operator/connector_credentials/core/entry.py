@@ -1,0 +1,119 @@
+"""What the engine knows about one credential, in four parts, and what it answers.
+
+An :class:`Entry` groups the API's view (:class:`ApiView`), the value held (:class:`Held`,
+masked in ``repr``), the schedule (:class:`Schedule`) and the status writer's state
+(:class:`~connector_credentials.core.status.Reporting`). :class:`Served` is an answer to the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+from dataclasses import dataclass, field
+from typing import Any
+
+from connector_credentials.api.models import ConnectorCredentialSpec
+from connector_credentials.api.values import SecretValue
+from connector_credentials.api.wire import RenderedBody
+from connector_credentials.core.status import Reporting
+
+Key = tuple[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The verdict of one check."""
+
+    ready: bool
+    reason: str
+    message: str
+    transient: bool = False
+
+
+@dataclass
+class ApiView:
+    """What the API says about the credential."""
+
+    uid: str | None = None
+    generation: int | None = None
+    raw_spec: Any = None
+    spec: ConnectorCredentialSpec | None = None
+    spec_error: str | None = None
+    #: refreshInterval in seconds, parsed once per spec (the hot path asks for it on every read).
+    interval: float | None = None
+    live_status: dict[str, Any] = field(default_factory=dict)
+    resource_version: str | None = None
+
+
+@dataclass(repr=False)
+class Held:
+    """The value this replica resolved, and when. Its ``repr`` never shows the value."""
+
+    value: SecretValue | None = None
+    #: The 200 body, rendered once per fetch: the hot path serves these bytes as they are.
+    body: RenderedBody | None = None
+    version_id: str | None = None
+    fetched_at: datetime.datetime | None = None
+    fetched_mono: float | None = None
+    verified_mono: float | None = None
+    identity: str | None = None
+    #: status.credentialSource: how the operator's own credentials were obtained (IRSA, PodIdentity, ...).
+    credential_source: str | None = None
+
+    def drop(self) -> None:
+        self.value = self.body = None
+        self.version_id = self.fetched_at = self.fetched_mono = None
+
+    def __repr__(self) -> str:
+        held = "<masked>" if self.value is not None else None
+        return f"Held(value={held}, version_id={self.version_id!r}, fetched_at={self.fetched_at!r})"
+
+
+@dataclass
+class Schedule:
+    """When the credential is checked next, and how the last checks went."""
+
+    outcome: Outcome | None = None
+    failures: int = 0
+    due: float = 0.0
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    worker: asyncio.Task[None] | None = None
+    inflight: asyncio.Future[None] | None = None
+    #: Loop time of the last AWS read that started (refresh requests share reads closer than the gap).
+    last_read: float | None = None
+
+
+@dataclass(repr=False)
+class Entry:
+    """One declared credential: the API's view, the value held, the schedule, the writer's state."""
+
+    namespace: str
+    name: str
+    api: ApiView = field(default_factory=ApiView)
+    held: Held = field(default_factory=Held)
+    schedule: Schedule = field(default_factory=Schedule)
+    reporting: Reporting = field(default_factory=Reporting)
+
+    @property
+    def key(self) -> Key:
+        return (self.namespace, self.name)
+
+    def __repr__(self) -> str:
+        outcome = self.schedule.outcome
+        return f"Entry({self.namespace}/{self.name}, reason={outcome.reason if outcome else None}, held={self.held!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    """The engine's answer to a socket request (its value and body are masked in ``repr``)."""
+
+    status: int
+    value: SecretValue | None = None
+    version_id: str | None = None
+    arn: str | None = None
+    fetched_at: datetime.datetime | None = None
+    reason: str | None = None
+    message: str | None = None
+    retry_after: int | None = None
+    #: The rendered 200 body, when the engine has it already.
+    body: RenderedBody | None = None

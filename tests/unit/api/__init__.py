@@ -1,0 +1,1 @@
+"""Unit tests of the api layer: the models and the CRD, conditions, values."""
