@@ -74,7 +74,9 @@ def preflight() -> None:
 
 
 def running() -> bool:
-    return bool(host.cgroup_processes()) or host.NETNS_PATH.exists()
+    """Whether a cluster runs: its processes are alive. What a killed one left behind (its
+    namespace, mounts, cgroups) is not a running cluster: ``up`` and ``down`` clear it."""
+    return bool(host.cgroup_processes())
 
 
 def build_binaries() -> Path:
