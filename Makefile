@@ -63,7 +63,7 @@ e2e: $(STAMP) ## End-to-end in real pods on the local cluster (started and stopp
 demo-cluster: $(STAMP) ## The demo's story in real pods on the local cluster (ARGS=--keep leaves them for a look)
 	$(PY) -m tests.localnode.demo $(ARGS)
 
-image: ## Build the container image
+image: ## Build the container image with Docker (without Docker: tests/localnode/images.sh build, with podman)
 	docker build -t $(IMAGE) .
 
 lock: ## Re-pin constraints.txt from a fresh resolve
