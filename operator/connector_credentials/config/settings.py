@@ -21,7 +21,8 @@ def _split_csv(value: Any) -> Any:
 class OperatorSettings(BaseSettings):
     """Everything the operator can be told, apart from AWS (standard AWS_* variables)."""
 
-    model_config = SettingsConfigDict(env_prefix="CCRED_", extra="ignore", frozen=True)
+    # allow_inf_nan: "nan", "inf" and "1e400" (inf) are floats to Python, and durations to nothing.
+    model_config = SettingsConfigDict(env_prefix="CCRED_", extra="ignore", frozen=True, allow_inf_nan=False)
 
     namespace: Annotated[list[str], NoDecode] = Field(default_factory=list)
     all_namespaces: bool = False

@@ -22,6 +22,7 @@ from connector_credentials.api.conditions import (
     same_condition,
     set_condition,
 )
+from connector_credentials.core.timing import capped_doubling
 
 if TYPE_CHECKING:
     from connector_credentials.core.entry import Entry, Outcome
@@ -259,7 +260,7 @@ class StatusWriter:
                 )
                 entry.reporting.refused = (what, status)
             return delay
-        delay = min(RETRY_CAP, RETRY_BASE * 2.0 ** (attempt - 1))
+        delay = capped_doubling(RETRY_BASE, RETRY_CAP, attempt)
         logger.warning(
             "Writing the %s of %s/%s failed (%s); retrying in %.1fs.",
             what,

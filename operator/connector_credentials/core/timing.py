@@ -23,6 +23,17 @@ from connector_credentials.config.settings import OperatorSettings
 from connector_credentials.core.ports import BATCH_LIMIT
 from connector_credentials.core.reads import BatchKey, ReadKey, batchable
 
+
+def capped_doubling(base: float, cap: float, attempt: int) -> float:
+    """``base`` doubled for each attempt after the first, at most ``cap``. The exponent is bounded
+    before it is used: ``2.0 ** 1024`` raises OverflowError, which after about a thousand failures
+    (days of an AWS outage) would kill the task that retries."""
+    doublings = max(0, attempt - 1)
+    if doublings > 64 or base * 2.0**doublings >= cap:
+        return cap
+    return base * 2.0**doublings
+
+
 #: The batch window is at most this share of a credential's refreshInterval.
 BATCH_WINDOW_SHARE = 0.02
 #: A credential's first check waits at most this long for others to fill its batch.
@@ -84,7 +95,7 @@ class Timing:
         return max(0.0, seconds - spread + self._random.random() * 2 * spread)
 
     def backoff(self, failures: int) -> float:
-        ceiling = min(self.settings.backoff_cap, self.settings.backoff_base * 2.0 ** max(0, failures - 1))
+        ceiling = capped_doubling(self.settings.backoff_base, self.settings.backoff_cap, failures)
         # "Equal jitter": never below half the step, so retries cannot pile up at zero.
         return ceiling / 2 + self._random.random() * ceiling / 2
 

@@ -46,6 +46,24 @@ def test_bad_settings_are_refused(monkeypatch: pytest.MonkeyPatch, name: str, va
         OperatorSettings()
 
 
+@pytest.mark.parametrize(
+    "name", ["CCRED_DEFAULT_REFRESH_INTERVAL", "CCRED_MAX_STALENESS", "CCRED_BACKOFF_CAP", "CCRED_HEADER_TIMEOUT"]
+)
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e400"])
+def test_durations_that_are_not_finite_are_refused(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    """#17 defect 9: accepted before, after which every check failed."""
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match=name.removeprefix("CCRED_").lower()):
+        OperatorSettings()
+
+
+def test_run_refuses_a_duration_that_is_not_finite_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CCRED_DEFAULT_REFRESH_INTERVAL", "nan")
+    result = CliRunner().invoke(main, ["run", "-n", "x"])
+    assert result.exit_code == 2
+    assert "default_refresh_interval" in result.output.lower()
+
+
 def test_run_refuses_bad_settings_with_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CCRED_SOCKET_MODE", "0666")
     result = CliRunner().invoke(main, ["run", "-n", "x"])

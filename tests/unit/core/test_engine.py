@@ -13,6 +13,7 @@ from connector_credentials.config.settings import OperatorSettings
 from connector_credentials.core.engine import Engine, stable_identity
 from connector_credentials.core.failures import AwsFailure
 from connector_credentials.core.ports import FetchedSecret
+from connector_credentials.core.timing import capped_doubling
 from tests.support.fakes import ARN, IDENTITY, VALUE, FakePort, FakeSink, body, settle
 
 Script = Callable[[SecretArn], FetchedSecret]
@@ -184,6 +185,18 @@ async def test_transient_failure_beyond_max_staleness_turns_false_and_503(setup:
     await settle(engine)
     ready = find_condition(sink.objects["team-a", "slack"]["status"]["conditions"])
     assert (ready["status"], ready["reason"]) == ("True", "AccessVerified")  # type: ignore[index]
+
+
+@pytest.mark.parametrize("failures", [1025, 1100, 10**6])
+def test_backoff_after_days_of_failures_is_the_cap_not_an_overflow(settings: OperatorSettings, failures: int) -> None:
+    """#17 defect 1: ``2.0 ** 1024`` raised OverflowError (about 64 h of an AWS outage at the
+    defaults) and the retrying task died; the status writer's retry had the same overflow."""
+    engine = Engine(settings, FakePort(), FakeSink())
+    try:
+        assert 30 <= engine.timing.backoff(failures) <= 60
+        assert capped_doubling(0.5, 30.0, failures) == 30.0
+    finally:
+        engine.reader.close()
 
 
 def test_backoff_grows_with_jitter_and_is_capped(settings: OperatorSettings) -> None:
