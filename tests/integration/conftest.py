@@ -11,6 +11,7 @@ and an RBAC check (the operator's log shows no 403).
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -151,6 +152,22 @@ class World:
         return sorted(found, key=lambda e: str(e.get("eventTime") or e.get("lastTimestamp") or ""))
 
     # --- the operator --------------------------------------------------------------------
+    def serve_text_blob_and_denied(self, blob_tail: bytes) -> tuple[str, bytes]:
+        """Three credentials a reader in another language or process checks: a text secret, a
+        binary one (a canary followed by ``blob_tail``) and one the IAM stand-in denies; then the
+        operator, once the first and the last have their verdicts. Returns the two values."""
+        os.chmod(self.workdir, 0o755)  # the reader may run as another user of this machine
+        text = self.canary("text")
+        blob = self.canary("blob").encode() + blob_tail
+        self.apply("text", {"secretArn": self.secret("text", string=text)})
+        self.apply("blob", {"secretArn": self.secret("blob", binary=blob)})
+        self.apply("denied", {"secretArn": self.secret("denied")})
+        self.proxy.deny(secret_id_contains=f"{self.prefix}/denied")
+        self.start_operator()
+        self.wait_reason("text", "AccessVerified")
+        self.wait_reason("denied", "AccessDenied")
+        return text, blob
+
     def start_operator(
         self,
         *,

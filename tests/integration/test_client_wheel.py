@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import subprocess
 import sys
@@ -69,16 +68,7 @@ def test_the_client_wheel_declares_no_dependency(client_venv: Path) -> None:
 
 
 def test_the_client_wheel_alone_reads_from_a_live_operator(world: World, client_venv: Path) -> None:
-    os.chmod(world.workdir, 0o755)
-    text = world.canary("text")
-    blob = world.canary("blob").encode() + b"\x00\xff"
-    world.apply("text", {"secretArn": world.secret("text", string=text)})
-    world.apply("blob", {"secretArn": world.secret("blob", binary=blob)})
-    world.apply("denied", {"secretArn": world.secret("denied")})
-    world.proxy.deny(secret_id_contains=f"{world.prefix}/denied")
-    world.start_operator()
-    world.wait_reason("text", "AccessVerified")
-    world.wait_reason("denied", "AccessDenied")
+    text, blob = world.serve_text_blob_and_denied(b"\x00\xff")
     expect = {
         "text": hashlib.sha256(text.encode()).hexdigest(),
         "blob": hashlib.sha256(blob).hexdigest(),

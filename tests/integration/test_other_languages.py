@@ -44,16 +44,7 @@ def test_the_documented_example_reads_a_credential(
     if shutil.which(tool) is None:
         pytest.skip(f"{tool} is not installed")
     (tmp_path / file_name).write_text(_example(language))
-    os.chmod(world.workdir, 0o755)
-    text = world.canary("text")
-    blob = world.canary("blob").encode() + b"\x00\xff\xfe"
-    world.apply("text", {"secretArn": world.secret("text", string=text)})
-    world.apply("blob", {"secretArn": world.secret("blob", binary=blob)})
-    world.apply("denied", {"secretArn": world.secret("denied")})
-    world.proxy.deny(secret_id_contains=f"{world.prefix}/denied")
-    world.start_operator()
-    world.wait_reason("text", "AccessVerified")
-    world.wait_reason("denied", "AccessDenied")
+    text, blob = world.serve_text_blob_and_denied(b"\x00\xff\xfe")
     env = {
         "PATH": os.environ["PATH"],
         "HOME": str(tmp_path),
