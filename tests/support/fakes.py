@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 from connector_credentials.api.models import SecretArn
@@ -118,8 +120,10 @@ class ScriptedPort:
     call (``singles``, ``batches``, ``batch_roles``), and counts how many run at once (``most_running``).
 
     Limits: ``failing`` scripts a failure per ARN, ``silent`` leaves ARNs out of batch answers,
-    ``refuse_batches`` raises :class:`BatchRefused`, ``gate`` holds batches (up to 10 s) until set;
-    every version is "v1" unless one is asked for; roles are recorded, not checked.
+    ``refuse_batches`` raises :class:`BatchRefused` (for every role, or for the roles in
+    ``refused_roles``), ``gate`` holds batches (up to 10 s) until set (only those ``holds`` picks by
+    their secret names), ``latency`` adds seconds to every call; every version is "v1" unless one
+    is asked for; roles are recorded, not checked.
     """
 
     credential_source = "IRSA"
@@ -133,6 +137,9 @@ class ScriptedPort:
         self.failing: dict[str, AwsFailure] = {}
         self.silent: set[str] = set()
         self.refuse_batches = False
+        self.refused_roles: set[Any] = set()
+        self.latency = 0.0
+        self.holds: Callable[[list[str]], bool] = lambda names: True
         self.gate = threading.Event()
         self.gate.set()
         self.running = 0
@@ -142,6 +149,8 @@ class ScriptedPort:
         with self.lock:
             self.running += 1
             self.most_running = max(self.most_running, self.running)
+        if self.latency:
+            time.sleep(self.latency)
 
     def _leave(self) -> None:
         with self.lock:
@@ -166,11 +175,13 @@ class ScriptedPort:
     def get_current_secrets(self, region: str, arns: Any, *, role: Any = None) -> dict[str, FetchedSecret | AwsFailure]:
         self._enter()
         try:
-            self.gate.wait(10)
+            names = [a.name for a in arns]
+            if self.holds(names):
+                self.gate.wait(10)
             with self.lock:
-                self.batches.append([a.name for a in arns])
+                self.batches.append(names)
                 self.batch_roles.append(role)
-            if self.refuse_batches:
+            if self.refuse_batches or role in self.refused_roles:
                 raise BatchRefused("not authorized to perform: secretsmanager:BatchGetSecretValue")
             found: dict[str, FetchedSecret | AwsFailure] = {}
             for a in arns:
@@ -205,9 +216,12 @@ def body(spec: dict[str, Any], status: dict[str, Any] | None = None, generation:
 
 
 async def settle(engine: Engine) -> None:
-    """Wait (up to 0.5 s) until no read or status write of the engine is in flight."""
-    for _ in range(50):
+    """Wait (up to 1 s) until no read of the engine is running or due within 0.2 s (a first check
+    leaves after a short batch window) and no status write is in flight."""
+    for _ in range(100):
         await asyncio.sleep(0.01)
         entries = engine.entries()
-        if all(e.schedule.inflight is None and (e.reporting.task is None or e.reporting.task.done()) for e in entries):
+        if not engine.reads.busy(within=0.2) and all(
+            e.reporting.task is None or e.reporting.task.done() for e in entries
+        ):
             return

@@ -40,7 +40,7 @@ from connector_credentials.config.settings import OperatorSettings
 from connector_credentials.core.allowlist import RoleAllowlist
 from connector_credentials.core.entry import Outcome
 from connector_credentials.core.failures import AwsFailure
-from connector_credentials.core.reads import ReadResult
+from connector_credentials.core.ports import FetchedSecret
 from connector_credentials.core.status import stable_identity
 from connector_credentials.core.verdicts import (
     failed_outcome,
@@ -67,7 +67,7 @@ class Probe(Protocol):
 
     def caller_identity(self, region: str) -> str: ...  # AwsFailure
 
-    def read(self, spec: ConnectorCredentialSpec) -> ReadResult: ...  # AwsFailure
+    def read(self, spec: ConnectorCredentialSpec) -> tuple[str, FetchedSecret]: ...  # AwsFailure
 
     @property
     def credential_source(self) -> str | None: ...
@@ -267,7 +267,7 @@ class LiveProbe:
     def caller_identity(self, region: str) -> str:
         return self._port.caller_identity(region)
 
-    def read(self, spec: ConnectorCredentialSpec) -> ReadResult:
+    def read(self, spec: ConnectorCredentialSpec) -> tuple[str, FetchedSecret]:
         # As the reader's single read does: who we are (as the role, if one is named), then the secret.
         identity = self._port.caller_identity(spec.arn.region, role=spec.role)
         fetched = self._port.get_secret(

@@ -1,18 +1,18 @@
 """The credential engine: the one owner of resolved values.
 
 It learns which credentials exist from watch events (:meth:`Engine.upsert` /
-:meth:`Engine.remove`), checks each one against AWS on its own schedule, keeps the value
-in memory, reports verdicts to the :class:`~connector_credentials.core.status.StatusWriter`, and
-answers the socket server. The refresh path lives in :meth:`Engine._check_once` only.
+:meth:`Engine.remove`), asks the reader (:mod:`connector_credentials.core.reads`, the one owner of
+reads) to read each one on its schedule, applies every answer the reader delivers
+(:meth:`Engine._apply`: the only place a verdict is reached), keeps the value in memory, reports
+verdicts to the :class:`~connector_credentials.core.status.StatusWriter`, and answers the socket.
 
-Nothing here depends on kopf: a paused or slow handler cannot stop a sidecar from
-serving what it already knows.
+There is no task per credential: plans live in the reader, answers arrive by callback. Nothing
+here depends on kopf: a paused or slow handler cannot stop a sidecar from serving what it holds.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import json
 import logging
@@ -34,7 +34,7 @@ from connector_credentials.core.answers import SHUTTING_DOWN, answer, answer_dra
 from connector_credentials.core.entry import ApiView, Entry, Held, Key, Outcome, Schedule, Served
 from connector_credentials.core.failures import AwsFailure
 from connector_credentials.core.ports import Meter, NoMeter, SecretsPort
-from connector_credentials.core.reads import ReadResult, SecretReader
+from connector_credentials.core.reads import Done, ReadKey, Reads
 from connector_credentials.core.status import (
     StatusConflict,
     StatusSink,
@@ -42,7 +42,8 @@ from connector_credentials.core.status import (
     older_version,
     stable_identity,
 )
-from connector_credentials.core.timing import Timing
+from connector_credentials.core.supervise import log_bug
+from connector_credentials.core.timing import Plan, Timing
 from connector_credentials.core.verdicts import (
     failed_outcome,
     invalid_spec_outcome,
@@ -52,6 +53,8 @@ from connector_credentials.core.verdicts import (
 
 logger = logging.getLogger(__name__)
 
+#: A socket read follows a spec that changed while it waited at most this many times.
+_FOLLOW_SPEC_CHANGES = 3
 
 __all__ = [
     "SHUTTING_DOWN",
@@ -70,7 +73,7 @@ __all__ = [
 
 
 class Engine:
-    """Owns every resolved value; checks, serves and reports."""
+    """Owns every resolved value; plans reads, applies answers, serves and reports."""
 
     def __init__(
         self, settings: OperatorSettings, port: SecretsPort, sink: StatusSink, *, metrics: Meter | None = None
@@ -80,7 +83,11 @@ class Engine:
         self.metrics: Meter = metrics if metrics is not None else NoMeter()
         self._port = port
         self._entries: dict[Key, Entry] = {}
-        self.reader = SecretReader(port, max_workers=settings.aws_max_workers, batch=settings.batch_reads)
+        #: Which credentials read each key: an answer is applied to all of them.
+        self._readers: dict[ReadKey, set[Key]] = {}
+        self.reads = Reads(
+            port, deliver=self._delivered, max_workers=settings.aws_max_workers, batch=settings.batch_reads
+        )
         self.timing = Timing(settings)
         self.roles = RoleAllowlist(settings.assumable_roles)
         self._writer = StatusWriter(
@@ -140,10 +147,6 @@ class Engine:
         raw_spec = body.get("spec")
         if created or _canonical(raw_spec) != _canonical(api.raw_spec):
             self._new_spec(entry, raw_spec, created=created)
-        if entry.schedule.worker is None:
-            entry.schedule.worker = asyncio.get_running_loop().create_task(
-                self._worker(entry), name=f"ccred-worker:{namespace}/{name}"
-            )
 
     def _new_spec(self, entry: Entry, raw_spec: Any, *, created: bool) -> None:
         api, schedule = entry.api, entry.schedule
@@ -166,21 +169,54 @@ class Engine:
         if not created:
             logger.info("Spec of %s/%s changed; re-checking now.", *entry.key)
         self._drop_value(entry)
-        entry.held.verified_mono = None
         schedule.outcome = None
         schedule.failures = 0
-        schedule.due = 0.0
-        schedule.wake.set()
+        self._read_as(entry, self._read_key(entry))
+
+    def _read_key(self, entry: Entry) -> ReadKey | None:
+        """What the spec makes the operator read; ``None`` (with the verdict concluded) if nothing."""
+        spec = entry.api.spec
+        if spec is None:
+            self._conclude(entry, invalid_spec_outcome(str(entry.api.spec_error)))
+            entry.schedule.due = float("inf")  # nothing to do until the spec changes
+            return None
+        role = spec.role
+        if role is not None and (refusal := self.roles.refusal(role.arn)) is not None:
+            # Not in CCRED_ASSUMABLE_ROLES (fixed for the process's life): decided here, AWS is not asked.
+            self._conclude(entry, failed_outcome(refusal))
+            entry.schedule.due = float("inf")
+            return None
+        return ReadKey(spec.arn, spec.version_id, spec.effective_stage, role)
+
+    def _read_as(self, entry: Entry, key: ReadKey | None) -> None:
+        """The credential reads ``key`` from now on (first check soon), and no longer what it read."""
+        old = entry.api.reads
+        if old is not None and old != key:
+            self._unlink(entry.key, old)
+        entry.api.reads = key
+        if key is None:
+            return
+        self._readers.setdefault(key, set()).add(entry.key)
+        now = asyncio.get_running_loop().time()
+        entry.schedule.due = now
+        self.reads.plan(key, self.timing.first(now))
+
+    def _unlink(self, credential: Key, key: ReadKey) -> None:
+        readers = self._readers.get(key)
+        if readers is not None:
+            readers.discard(credential)
+            if not readers:
+                del self._readers[key]
+                self.reads.forget(key)  # nobody reads it any more: its plan goes too
 
     def _reschedule(self, entry: Entry) -> None:
         """A new interval for a kept verdict: the next check and the status message follow it."""
         loop = asyncio.get_running_loop()
         schedule, interval = entry.schedule, self.interval(entry)
-        if schedule.outcome is None or schedule.failures:
-            return  # never checked, or backing off: the schedule in place stands
+        if schedule.outcome is None or schedule.failures or entry.api.reads is None:
+            return  # never checked, backing off, or nothing to read: the schedule in place stands
         checked = entry.held.fetched_mono if entry.held.fetched_mono is not None else loop.time()
-        schedule.due = checked + self.timing.jittered(interval)
-        schedule.wake.set()
+        self._plan(entry, self.timing.refresh(interval, checked))
         outcome = schedule.outcome
         if outcome.ready and not outcome.transient and entry.api.spec is not None and entry.held.identity:
             outcome = schedule.outcome = verified_outcome(entry.api.spec, entry.held.identity, interval)
@@ -191,9 +227,10 @@ class Engine:
         if entry is None:
             return
         self._drop_value(entry)
-        for task in (entry.schedule.worker, entry.reporting.task):
-            if task is not None:
-                task.cancel()
+        if entry.api.reads is not None:
+            self._unlink(entry.key, entry.api.reads)
+        if entry.reporting.task is not None:
+            entry.reporting.task.cancel()
         logger.info("Forgot %s/%s: the resource was deleted.", namespace, name)
 
     def _forget_gone(self, entry: Entry) -> None:
@@ -215,6 +252,7 @@ class Engine:
         entry.held.value = value
 
     def _drop_value(self, entry: Entry) -> None:
+        """The value goes, and with it its verification (a later transient failure is not Ready)."""
         if entry.held.value is not None:
             self.redaction.discard(entry.held.value)
         entry.held.drop()
@@ -224,144 +262,86 @@ class Engine:
     def interval(self, entry: Entry) -> float:
         return entry.api.interval if entry.api.interval is not None else self.settings.default_refresh_interval
 
-    async def _worker(self, entry: Entry) -> None:
-        loop = asyncio.get_running_loop()
-        schedule = entry.schedule
-        while True:
-            delay = schedule.due - loop.time()
-            if delay > 0:
-                schedule.wake.clear()
-                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
-                # arrives as the event is set, and the worker would then never stop.
-                with contextlib.suppress(TimeoutError):
-                    # An invalid spec waits (due = inf) until a spec change wakes it.
-                    async with asyncio.timeout(None if delay == float("inf") else delay):
-                        await schedule.wake.wait()
-                if loop.time() < schedule.due:
-                    continue
-            schedule.wake.clear()
-            try:
-                await self.check(entry)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - a bug must not become a hot loop
-                # Counted like any failure: backoff up to the cap; the last verdict stays as it is.
-                schedule.failures += 1
-                retry_in = self.timing.backoff(schedule.failures)
-                schedule.due = loop.time() + retry_in
-                # No traceback: its frames and message could hold what was being parsed (the secret).
-                logger.error(  # noqa: TRY400
-                    "Check of %s/%s failed unexpectedly (%s); retrying in %.1fs.",
-                    *entry.key,
-                    type(exc).__name__,
-                    retry_in,
-                )
+    def _plan(self, entry: Entry, plan: Plan) -> None:
+        entry.schedule.due = plan.due
+        if entry.api.reads is not None:
+            self.reads.plan(entry.api.reads, plan)
 
-    # --- checking ----------------------------------------------------------------------
+    # --- applying answers --------------------------------------------------------------
 
-    async def check(self, entry: Entry, *, urgent: bool = False, not_before: float | None = None) -> None:
-        """Check now, or join the check already under way (one AWS read per credential at a time).
+    def _delivered(self, key: ReadKey, done: Done) -> None:
+        """The reader finished a read of ``key``: apply it to every credential that reads it now.
 
-        ``urgent``: someone waits for the answer (the read takes the priority lane);
-        ``not_before``: and it must be a read that starts after this loop time (``?refresh=true``).
+        Delivered by key to the live entries, never to the entry that asked: a credential deleted
+        (or recreated with another spec) while the read ran does not get it.
         """
-        schedule = entry.schedule
-        if schedule.inflight is not None:
-            recent = not_before is None or (schedule.last_read or 0.0) >= not_before
-            if urgent and entry.api.spec is not None:
-                spec = entry.api.spec
-                self.reader.expedite(spec.arn, spec.version_id, spec.effective_stage, role=spec.role)
-            await asyncio.shield(schedule.inflight)
-            if not recent:  # it started before this request: read anew, or join a read started since
-                await self.check(entry, urgent=urgent, not_before=not_before)
-            return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        schedule.inflight = future
-        try:
-            await self._check_once(entry, urgent=urgent, not_before=not_before)
-            future.set_result(None)
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # mark retrieved: joiners re-raise it, nobody else must
-            raise
-        finally:
-            schedule.inflight = None
+        for credential in list(self._readers.get(key, ())):
+            entry = self._entries.get(credential)
+            if entry is None or entry.api.reads != key or done.seq <= entry.schedule.applied:
+                continue  # gone, reads something else now, or already has a newer answer
+            entry.schedule.applied = done.seq
+            try:
+                self._apply(entry, done)
+            except Exception as exc:  # noqa: BLE001 - a bug in one credential must not stop its schedule
+                self._unexpected(entry, exc)
 
-    async def _check_once(self, entry: Entry, *, urgent: bool = False, not_before: float | None = None) -> None:
+    def _apply(self, entry: Entry, done: Done) -> None:
+        """The only place a read becomes a verdict."""
+        spec = entry.api.spec
+        assert spec is not None  # reads is set only for a valid spec
+        if done.error is not None:
+            self._unexpected(entry, done.error)
+            return
         loop = asyncio.get_running_loop()
         interval = self.interval(entry)
-        schedule, held = entry.schedule, entry.held
+        held = entry.held
         previous_version = held.version_id
         outcome: Outcome
-        spec = entry.api.spec
-        if spec is None:
-            outcome = invalid_spec_outcome(str(entry.api.spec_error))
+        if done.failure is not None:
+            self._conclude(entry, self._on_failure(entry, done.failure, interval))
+            return
+        identity, fetched = done.identity, done.fetched
+        assert fetched is not None
+        assert identity is not None
+        try:
+            value = extract(fetched.raw, spec.json_key)
+        except JsonKeyError as exc:
+            outcome = json_key_outcome(spec, exc)
             self._drop_value(entry)
-            schedule.due = float("inf")  # nothing to do until the spec changes
+            entry.schedule.failures = 0
+            self._plan(entry, self.timing.refresh(interval, loop.time()))
         else:
-            arn, role = spec.arn, spec.role
-            answer: ReadResult | AwsFailure
-            schedule.last_read = loop.time()
-            try:
-                if role is not None and (refusal := self.roles.refusal(role.arn)) is not None:
-                    raise refusal  # not in CCRED_ASSUMABLE_ROLES: decided here, AWS is not asked
-                if urgent:
-                    answer = await self.reader.read_now(
-                        arn, spec.version_id, spec.effective_stage, not_before=not_before, role=role
-                    )
-                else:
-                    window = self.timing.batch_window(interval, first=schedule.outcome is None)
-                    answer = await self.reader.read(
-                        arn, spec.version_id, spec.effective_stage, window=window, role=role
-                    )
-            except AwsFailure as exc:
-                answer = exc
-            if entry.api.spec is not spec:
-                # The spec changed while AWS answered: that answer is about the old spec.
-                await self._check_once(entry, urgent=urgent, not_before=not_before)
-                return
-            try:
-                if isinstance(answer, AwsFailure):
-                    raise answer
-                identity, fetched = answer
-                value = extract(fetched.raw, spec.json_key)
-            except AwsFailure as failure:
-                outcome = self._on_failure(entry, failure, interval)
-            except JsonKeyError as exc:
-                outcome = json_key_outcome(spec, exc)
-                self._drop_value(entry)
-                schedule.failures = 0
-                schedule.due = self._next_due(spec, interval)
-            else:
-                now = datetime.datetime.now(datetime.UTC)
-                self._hold(entry, value)
-                held.version_id = fetched.version_id
-                held.fetched_at = now
-                held.body = render_credential(value, fetched.version_id, spec.secret_arn, now)
-                held.fetched_mono = held.verified_mono = loop.time()
-                held.identity = identity
-                held.credential_source = self._port.credential_source
-                schedule.failures = 0
-                schedule.due = self._next_due(spec, interval)
-                outcome = verified_outcome(spec, identity, interval)
-                if (
-                    previous_version
-                    and previous_version != fetched.version_id
-                    # Another replica that noticed first has written the new version already.
-                    and entry.api.live_status.get("versionId") != fetched.version_id
-                ):
-                    logger.info(
-                        "Secret of %s/%s rotated: version %s -> %s.", *entry.key, previous_version, fetched.version_id
-                    )
-                    self._writer.event(
-                        entry,
-                        warning=False,
-                        reason=EVENT_ROTATED,
-                        message=f"Secret {arn.arn} rotated: version {previous_version} -> {fetched.version_id}.",
-                    )
-        # The worker may be asleep on an older due time (this check came from a socket read): wake
-        # it so that it sleeps until the new one (a backoff retry may be due much sooner).
-        schedule.wake.set()
+            now = datetime.datetime.now(datetime.UTC)
+            self._hold(entry, value)
+            held.version_id = fetched.version_id
+            held.fetched_at = now
+            held.body = render_credential(value, fetched.version_id, spec.secret_arn, now)
+            held.fetched_mono = held.verified_mono = loop.time()
+            held.identity = identity
+            held.credential_source = self._port.credential_source
+            entry.schedule.failures = 0
+            self._plan(entry, self.timing.refresh(interval, loop.time()))
+            outcome = verified_outcome(spec, identity, interval)
+            if (
+                previous_version
+                and previous_version != fetched.version_id
+                # Another replica that noticed first has written the new version already.
+                and entry.api.live_status.get("versionId") != fetched.version_id
+            ):
+                logger.info(
+                    "Secret of %s/%s rotated: version %s -> %s.", *entry.key, previous_version, fetched.version_id
+                )
+                self._writer.event(
+                    entry,
+                    warning=False,
+                    reason=EVENT_ROTATED,
+                    message=f"Secret {spec.secret_arn} rotated: version {previous_version} -> {fetched.version_id}.",
+                )
+        self._conclude(entry, outcome)
+
+    def _conclude(self, entry: Entry, outcome: Outcome) -> None:
+        """Record a verdict: log its transitions, and have the status say it."""
+        schedule = entry.schedule
         previous = schedule.outcome
         schedule.outcome = outcome
         if previous is None or (previous.reason, previous.ready) != (outcome.reason, outcome.ready):
@@ -370,31 +350,35 @@ class Engine:
         elif outcome.transient:
             # Repeated transient failures are logged each time (their pace is the backoff's).
             logger.warning("%s/%s: %s: %s", *entry.key, outcome.reason, outcome.message)
-        self._writer.report(entry, outcome, interval)
+        self._writer.report(entry, outcome, self.interval(entry))
 
-    def _next_due(self, spec: ConnectorCredentialSpec, interval: float) -> float:
-        return self.timing.next_due(spec, interval, asyncio.get_running_loop().time())
+    def _unexpected(self, entry: Entry, exc: BaseException) -> None:
+        """A bug, not an answer: counted like a failure (backoff up to the cap); the verdict stays."""
+        schedule = entry.schedule
+        schedule.failures += 1
+        retry_in = self.timing.backoff(schedule.failures)
+        # No traceback text: its frames and message could hold what was being parsed (the secret).
+        log_bug(logger, f"Check of {entry.namespace}/{entry.name}", exc, retry_in=retry_in)
+        self._plan(entry, self.timing.retry(asyncio.get_running_loop().time() + retry_in, self.interval(entry)))
 
     def _on_failure(self, entry: Entry, failure: AwsFailure, interval: float) -> Outcome:
-        loop = asyncio.get_running_loop()
+        now = asyncio.get_running_loop().time()
         schedule = entry.schedule
         if not failure.transient:
             # Permanent answers are re-checked at refreshInterval, and the value stops being served.
             self._drop_value(entry)
-            entry.held.verified_mono = None
             schedule.failures = 0
-            spec = entry.api.spec
-            schedule.due = self._next_due(spec, interval) if spec else loop.time() + self.timing.jittered(interval)
+            self._plan(entry, self.timing.refresh(interval, now))
             return failed_outcome(failure)
         schedule.failures += 1
         retry_in = self.timing.backoff(schedule.failures)
         staleness = self.settings.max_staleness
         verified = entry.held.verified_mono
         # Tolerance counts from when the value was due for refresh, so long intervals keep it too.
-        if verified is not None and loop.time() - verified < interval + staleness:
+        if verified is not None and now - verified < interval + staleness:
             # Keep serving the verified value and stay Ready; re-check before it grows too old.
             stale_at = verified + interval + staleness
-            schedule.due = min(loop.time() + retry_in, stale_at + 0.01)
+            self._plan(entry, self.timing.retry(min(now + retry_in, stale_at + 0.01), interval))
             return Outcome(
                 True,
                 Reason.ACCESS_VERIFIED,
@@ -403,28 +387,15 @@ class Engine:
                 transient=True,
             )
         self._drop_value(entry)
-        entry.held.verified_mono = None
-        schedule.due = loop.time() + retry_in
+        self._plan(entry, self.timing.retry(now + retry_in, interval))
         return failed_outcome(failure)
 
     # --- serving -----------------------------------------------------------------------
 
     async def serve(self, namespace: str, name: str, *, refresh: bool) -> Served:
         entry = self._entries.get((namespace, name))
-        if entry is None and not self.synced.is_set():
-            return Served(
-                503,
-                reason=PENDING_REASON,
-                message="The operator is still loading the declared credentials; retry shortly.",
-                retry_after=1,
-            )
         if entry is None:
-            return Served(
-                404,
-                reason="NotFound",
-                message=f"No ConnectorCredential {namespace}/{name} is declared (or it is in a namespace this "
-                "operator does not watch).",
-            )
+            return self._undeclared(namespace, name)
         if self._draining:
             return answer_draining(entry, asyncio.get_running_loop().time(), refresh=refresh)
         schedule = entry.schedule
@@ -432,7 +403,7 @@ class Engine:
         backing_off = schedule.outcome is not None and schedule.outcome.transient and loop.time() < schedule.due
         if schedule.outcome is None:
             # Never checked: read from AWS now (ahead of every scheduled read) and wait for the answer.
-            await self.check(entry, urgent=True)
+            await self.check(entry, fresh=False)
         elif refresh and not backing_off:
             await self._refresh(entry)
         elif entry.held.value is not None and not self._fresh(entry) and not backing_off:
@@ -440,20 +411,57 @@ class Engine:
             # AWS outage when a verified value is there to serve.
             await self._check_within(entry, self.settings.serve_wait)
         # Otherwise: fresh, or known failing (permanent: 502; transient: 503 until the backoff retries).
-        return self._answer(entry)
+        # After waiting, the credential may have been deleted, or recreated under its name: answer for
+        # what is declared now.
+        live = self._entries.get((namespace, name))
+        if live is None:
+            return self._undeclared(namespace, name)
+        if self._draining:
+            return answer_draining(live, loop.time(), refresh=refresh)
+        return answer(live, loop.time())
+
+    def _undeclared(self, namespace: str, name: str) -> Served:
+        if not self.synced.is_set():
+            return Served(
+                503,
+                reason=PENDING_REASON,
+                message="The operator is still loading the declared credentials; retry shortly.",
+                retry_after=1,
+            )
+        return Served(
+            404,
+            reason="NotFound",
+            message=f"No ConnectorCredential {namespace}/{name} is declared (or it is in a namespace this "
+            "operator does not watch).",
+        )
+
+    async def check(self, entry: Entry, *, fresh: bool = True, not_before: float | None = None) -> None:
+        """Have the reader read this credential now and wait until the answer is applied. ``fresh``:
+        a read that starts after this call (else one running may answer); ``not_before``: one that
+        starts after that loop time. Follows the spec if it changes meanwhile."""
+        if fresh and not_before is None:
+            not_before = asyncio.get_running_loop().time()
+        for _ in range(_FOLLOW_SPEC_CHANGES):
+            key = entry.api.reads
+            if key is None or self._entries.get(entry.key) is not entry:
+                return
+            await self.reads.hurry(key, not_before=not_before)
+            if entry.api.reads == key:
+                return
 
     async def _refresh(self, entry: Entry) -> None:
         """A read from AWS that started after this request arrived, at most one per credential per
         CCRED_MIN_REFRESH_GAP: a request within the gap waits for its end, and every request
         waiting then shares the one read that starts (or the one in flight)."""
-        schedule, loop = entry.schedule, asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
         asked = loop.time()
-        if schedule.last_read is not None:
-            wait = schedule.last_read + self.settings.min_refresh_gap - asked
+        last = self.reads.last_started(entry.api.reads) if entry.api.reads is not None else None
+        if last is not None:
+            wait = last + self.settings.min_refresh_gap - asked
             if wait > 0:
                 await asyncio.sleep(wait)
         # Joins a read that started after this request arrived (another waiter's), if any.
-        await self.check(entry, urgent=True, not_before=asked)
+        await self.check(entry, not_before=asked)
 
     def cached_body(self, namespace: str, name: str) -> bytes | None:
         """The hot path: the rendered 200 body while it may be served without asking AWS."""
@@ -469,12 +477,9 @@ class Engine:
         return fetched is not None and asyncio.get_running_loop().time() - fetched < self.interval(entry)
 
     async def _check_within(self, entry: Entry, seconds: float) -> None:
-        task = asyncio.ensure_future(self.check(entry, urgent=True))
+        task = asyncio.ensure_future(self.check(entry, fresh=False))
         task.add_done_callback(_consume)
         await asyncio.wait({task}, timeout=seconds)
-
-    def _answer(self, entry: Entry) -> Served:
-        return answer(entry, asyncio.get_running_loop().time())
 
     def describe(self) -> list[dict[str, Any]]:
         """The declared credentials and their readiness, never values."""
@@ -487,16 +492,17 @@ class Engine:
         return self._draining
 
     async def drain(self) -> None:
-        """Stop checking and writing; keep serving what is held (the socket is still open)."""
+        """Stop reading and writing; keep serving what is held (the socket is still open). A socket
+        read waiting for AWS is answered now, from what is held or with 503 ShuttingDown."""
         if self._draining:
             return
         self._draining = True
+        self.reads.pause()
         tasks = []
         for entry in self._entries.values():
-            for task in (entry.schedule.worker, entry.reporting.task):
-                if task is not None:
-                    task.cancel()
-                    tasks.append(task)
+            if entry.reporting.task is not None:
+                entry.reporting.task.cancel()
+                tasks.append(entry.reporting.task)
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def close(self) -> None:
@@ -506,7 +512,8 @@ class Engine:
         for entry in self._entries.values():
             self._drop_value(entry)
         self._entries.clear()
-        self.reader.close()
+        self._readers.clear()
+        self.reads.close()
 
 
 def _reads(spec: ConnectorCredentialSpec) -> tuple[Any, ...]:

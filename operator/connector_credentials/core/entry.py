@@ -7,7 +7,6 @@ masked in ``repr``), the schedule (:class:`Schedule`) and the status writer's st
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 from connector_credentials.api.models import ConnectorCredentialSpec
 from connector_credentials.api.values import SecretValue
 from connector_credentials.api.wire import RenderedBody
+from connector_credentials.core.reads import ReadKey
 from connector_credentials.core.status import Reporting
 
 Key = tuple[str, str]
@@ -41,6 +41,8 @@ class ApiView:
     spec_error: str | None = None
     #: refreshInterval in seconds, parsed once per spec (the hot path asks for it on every read).
     interval: float | None = None
+    #: What the spec makes the operator read (None: nothing, the spec is invalid or its role refused).
+    reads: ReadKey | None = None
     live_status: dict[str, Any] = field(default_factory=dict)
     resource_version: str | None = None
 
@@ -61,26 +63,24 @@ class Held:
     credential_source: str | None = None
 
     def drop(self) -> None:
+        """The value goes, and with it its verification: nothing verified is held any more."""
         self.value = self.body = None
-        self.version_id = self.fetched_at = self.fetched_mono = None
+        self.version_id = self.fetched_at = self.fetched_mono = self.verified_mono = None
 
     def __repr__(self) -> str:
         held = "<masked>" if self.value is not None else None
         return f"Held(value={held}, version_id={self.version_id!r}, fetched_at={self.fetched_at!r})"
 
 
-@dataclass
+@dataclass(slots=True)
 class Schedule:
-    """When the credential is checked next, and how the last checks went."""
+    """How the last checks went and when the next is due (the reader holds the plan itself)."""
 
     outcome: Outcome | None = None
     failures: int = 0
     due: float = 0.0
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    worker: asyncio.Task[None] | None = None
-    inflight: asyncio.Future[None] | None = None
-    #: Loop time of the last AWS read that started (refresh requests share reads closer than the gap).
-    last_read: float | None = None
+    #: The number of the newest read applied: an older answer that arrives late is not applied.
+    applied: int = 0
 
 
 @dataclass(repr=False)

@@ -1,23 +1,32 @@
-"""Reads from Secrets Manager: batched, shared, bounded, with a lane for reads someone waits on.
+"""The one owner of reads from Secrets Manager: what is planned, queued or running, when it leaves,
+and in which call.
 
-The engine asks for *what* to read (a :data:`ReadKey`: the secret, and a version id or stage);
-:class:`SecretReader` decides *how*:
+The engine says *what* to read and *by when* (:meth:`Reads.plan`: a :class:`ReadKey` is wanted by
+``due``, and may leave from ``earliest`` to fill a batch), or that someone waits for it
+(:meth:`Reads.hurry`). Every finished read is handed back through one callback, ``deliver``,
+which applies it to every credential that reads that key. Nothing above this module keeps a
+second map of reads in flight.
 
-* **Shared.** Credentials that ask for the same key while a read of it is queued or running
-  share that one read (their verdicts may still differ by ``jsonKey``).
-* **Batched.** Reads of the current version (no ``versionId``, stage ``AWSCURRENT``) wait in a
-  queue per region and role (``spec.roleArn``: reads as one role never share a call, or a
-  read, with reads as another, or as the operator's own identity) for at most their *window*
-  (the engine passes ``min(1 s, 2 % of the interval)``) and leave in ``BatchGetSecretValue``
-  calls of up to 20; a full batch leaves at once. Other reads are single ``GetSecretValue`` calls.
-* **Bounded.** At most ``CCRED_AWS_MAX_WORKERS`` calls run at a time; the rest wait their turn
-  here, not in a thread pool's queue, so a read someone waits on can still overtake them.
-* **Priority lane.** A read the socket waits on (a credential not checked yet) leaves at once
-  on two threads of its own, whatever is queued (see :meth:`SecretReader.read`).
-* **Fallback.** When IAM denies ``secretsmanager:BatchGetSecretValue`` the reads of that batch,
-  and every read for the next hour, are single calls; that is logged once (then once an hour).
+* **Shared.** There is at most one queued read per key; everyone who wants the key shares it.
+* **One batching mechanism: a sweep per lane.** A lane is a region and role (reads as one
+  role never share a call with reads as another, or as the operator's own identity). When the
+  earliest plan of a lane comes due, the sweep takes every key of the lane that may leave by
+  then (its ``earliest`` has passed), 20 at a time, into ``BatchGetSecretValue`` calls. Plans
+  carry the slack of their jitter, so a steady cycle of N credentials costs ``ceil(N / 20)`` calls.
+  Keys no batch can carry (a pinned version or stage; a lane whose batch action IAM denies; an
+  ARN a batch answer did not mention) are single ``GetSecretValue`` calls.
+* **Hurried.** A read someone waits for (:meth:`Reads.hurry`) joins its lane's next batch and
+  makes it leave now, with whatever else may leave; it never waits behind background reads. It
+  takes a free worker slot, else the priority lane (two threads of its own).
+* **Bounded.** Background calls run on at most ``CCRED_AWS_MAX_WORKERS`` threads; the rest
+  wait here, not in a thread pool's queue, so that hurried reads can overtake them.
+* **Fallback per lane.** When IAM denies ``secretsmanager:BatchGetSecretValue`` for a lane (one
+  role, one region) its reads are single calls for an hour; the warning names that identity.
+  Other lanes keep batching.
 
-All of this runs on the event loop; only the AWS calls run in threads.
+Everything here runs on the event loop (only the AWS calls run in threads). A bug in the sweep or
+in applying an answer is logged (:func:`~connector_credentials.core.supervise.log_bug`) and the
+sweep goes on: reads never stop silently.
 """
 
 from __future__ import annotations
@@ -26,11 +35,10 @@ import asyncio
 import heapq
 import itertools
 import logging
-from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TypeAlias
+from typing import NamedTuple
 
 from connector_credentials.api.models import DEFAULT_VERSION_STAGE, AssumedRole, SecretArn
 from connector_credentials.core.failures import AwsFailure
@@ -41,68 +49,45 @@ from connector_credentials.core.ports import (
     FetchedSecret,
     SecretsPort,
 )
+from connector_credentials.core.supervise import log_bug
+from connector_credentials.core.timing import Plan
 
 logger = logging.getLogger(__name__)
 
-#: What is read: (secret ARN, versionId, versionStage, the role read as: None for the workload identity).
-ReadKey: TypeAlias = tuple[str, str | None, str | None, AssumedRole | None]
-#: Reads batched together: same region, same role.
-BatchKey: TypeAlias = tuple[str, AssumedRole | None]
-#: Who we are (the caller identity) and what AWS returned.
-ReadResult: TypeAlias = tuple[str, FetchedSecret]
-#: After the batch action was denied, how long reads stay single before a batch is tried again.
+#: After the batch action was denied for a lane, how long its reads stay single before a batch is tried again.
 BATCH_RETRY_AFTER = 3600.0
+_NEVER = float("inf")
 
 
-def batchable(version_id: str | None, stage: str | None) -> bool:
-    """Only the current version can be read in a batch (BatchGetSecretValue takes no selector)."""
-    return version_id is None and stage in (None, DEFAULT_VERSION_STAGE)
+class ReadKey(NamedTuple):
+    """What is read: the secret, a version id or stage, and the role read as (None: the operator's own)."""
 
-
-@dataclass(eq=False)
-class _Pending:
-    key: ReadKey
     arn: SecretArn
-    future: asyncio.Future[ReadResult]
-    deadline: float
-    started: bool = False
-    started_at: float = 0.0
-    #: Queued for a batch (else for a single call).
-    batched: bool = True
-    seq: int = 0
+    version_id: str | None
+    stage: str | None
+    role: AssumedRole | None
 
     @property
-    def version_id(self) -> str | None:
-        return self.key[1]
-
-    @property
-    def stage(self) -> str | None:
-        return self.key[2]
-
-    @property
-    def role(self) -> AssumedRole | None:
-        return self.key[3]
-
-    @property
-    def batch_key(self) -> BatchKey:
-        return (self.arn.region, self.key[3])
+    def batchable(self) -> bool:
+        """Only the current version can be read in a batch (BatchGetSecretValue takes no selector)."""
+        return self.version_id is None and self.stage in (None, DEFAULT_VERSION_STAGE)
 
 
-@dataclass
-class _Region:
-    """The reads of one region and role waiting for a batch, oldest first, and their deadlines."""
+#: Reads batched together: same region, same role.
+LaneKey = tuple[str, AssumedRole | None]
 
-    waiting: dict[ReadKey, _Pending] = field(default_factory=dict)
-    deadlines: list[tuple[float, int, ReadKey]] = field(default_factory=list)
 
-    def earliest(self) -> float | None:
-        while self.deadlines:
-            deadline, seq, key = self.deadlines[0]
-            pending = self.waiting.get(key)
-            if pending is not None and pending.seq == seq:
-                return deadline
-            heapq.heappop(self.deadlines)  # already left (in a batch, or on the priority lane)
-        return None
+@dataclass(frozen=True, slots=True)
+class Done:
+    """A finished read. ``seq`` orders reads by when they started: an answer older than one already
+    applied is not applied. Exactly one of ``fetched``, ``failure`` and ``error`` is set."""
+
+    seq: int
+    identity: str | None = None
+    fetched: FetchedSecret | None = None
+    failure: AwsFailure | None = None
+    #: Not an answer from AWS but a bug (only its type is ever logged).
+    error: BaseException | None = None
 
 
 @dataclass
@@ -112,282 +97,439 @@ class ReadCounts:
     single: int = 0
     batch: int = 0
     batched_secrets: int = 0
+    #: Calls that took the priority lane (every slot was busy when someone waited).
     priority: int = 0
 
 
-class SecretReader:
-    """Queues, batches and shares reads; see the module docstring."""
+@dataclass(eq=False, slots=True)
+class _Wanted:
+    """Everything known about one key: its plan, whether someone waits, the read running."""
+
+    key: ReadKey
+    due: float = _NEVER
+    earliest: float = _NEVER
+    #: Identifies the heap entry that is this key's plan (older entries are skipped).
+    stamp: int = 0
+    #: Someone waits: leave with the next call of the lane.
+    urgent: bool = False
+    #: Resolved when the next read of the key (not started yet) has been delivered.
+    next_read: asyncio.Future[None] | None = None
+    #: The read running: when it started and what resolves when it has been delivered.
+    running_since: float | None = None
+    running: asyncio.Future[None] | None = None
+    last_started: float | None = None
+    #: A batch answer did not mention it: read it alone from now on.
+    alone: bool = False
+    lane: _Lane | None = None
+
+    @property
+    def queued(self) -> bool:
+        return self.urgent or self.due < _NEVER
+
+
+@dataclass(eq=False)
+class _Lane:
+    """The keys of one region and role waiting to leave: by due time, and those someone waits for."""
+
+    key: LaneKey
+    batched: bool
+    heap: list[tuple[float, int, ReadKey]] = field(default_factory=list)
+    urgent: dict[ReadKey, None] = field(default_factory=dict)
+
+
+@dataclass(eq=False, slots=True)
+class _Call:
+    lane: _Lane
+    keys: list[ReadKey]
+    seq: int
+    started: float
+    priority: bool
+    resolves: list[asyncio.Future[None]]
+
+
+class Reads:
+    """Plans, shares, batches and runs reads; see the module docstring."""
 
     def __init__(
-        self, port: SecretsPort, *, max_workers: int, batch: bool = True, clock: Callable[[], float] | None = None
+        self,
+        port: SecretsPort,
+        *,
+        deliver: Callable[[ReadKey, Done], None],
+        max_workers: int,
+        batch: bool = True,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self._port = port
+        self._deliver = deliver
         self._batch = batch
         self._slots = max_workers
+        self._clock = clock
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="aws")
         self._priority_executor = ThreadPoolExecutor(max_workers=PRIORITY_THREADS, thread_name_prefix="aws-now")
         self._running = 0
-        self._pending: dict[ReadKey, _Pending] = {}
-        self._regions: dict[BatchKey, _Region] = {}
-        self._singles: deque[_Pending] = deque()
+        self._wanted: dict[ReadKey, _Wanted] = {}
+        self._lanes: dict[tuple[str, AssumedRole | None, bool], _Lane] = {}
+        #: Per lane (region, role): until when its batch action stays refused.
+        self._refused_until: dict[LaneKey, float] = {}
+        self._stamps = itertools.count(1)
+        self._seqs = itertools.count(1)
         self._timer: asyncio.TimerHandle | None = None
-        self._seq = itertools.count(1)
-        self._batch_refused_until: float | None = None
-        self._clock = clock
+        self._timer_at = _NEVER
+        self._kicked = False
+        self._paused = False
         self._closed = False
         self.counts = ReadCounts()
 
     def _now(self) -> float:
         return self._clock() if self._clock is not None else asyncio.get_running_loop().time()
 
-    # --- asking ------------------------------------------------------------------------
+    # --- what the engine asks ------------------------------------------------------------
 
-    async def read(
-        self,
-        arn: SecretArn,
-        version_id: str | None,
-        stage: str | None,
-        *,
-        window: float,
-        role: AssumedRole | None = None,
-    ) -> ReadResult:
-        """Read this secret version (as ``role``), sharing a read of it that is queued or running.
+    def plan(self, key: ReadKey, plan: Plan) -> None:
+        """Read ``key`` by ``plan.due`` (from ``plan.earliest`` if that fills a batch). An earlier
+        plan of the same key stands: it is read once, for everyone who wants it."""
+        if self._closed:
+            return
+        wanted = self._wanted.get(key)
+        if wanted is None:
+            wanted = self._wanted[key] = _Wanted(key)
+        if wanted.due <= plan.due and wanted.earliest <= plan.earliest:
+            return
+        wanted.due, wanted.earliest = min(wanted.due, plan.due), min(wanted.earliest, plan.earliest)
+        self._queue(wanted)
+        if wanted.due < self._timer_at:
+            self._kick()
 
-        ``window`` bounds how long a batchable read may wait for others to join its batch.
-        Raises :class:`AwsFailure`.
-        """
-        key: ReadKey = (arn.arn, version_id, stage, role)
-        pending = self._pending.get(key)
-        if pending is None:
-            pending = self._enqueue(key, arn, window)
-        return await asyncio.shield(pending.future)
+    def forget(self, key: ReadKey) -> None:
+        """Nobody reads ``key`` any more: its plan goes; a read of it running ends unheard."""
+        wanted = self._wanted.pop(key, None)
+        if wanted is None:
+            return
+        if wanted.lane is not None:
+            wanted.lane.urgent.pop(key, None)
+        wanted.due = wanted.earliest = _NEVER
+        wanted.urgent, wanted.lane = False, None
+        _resolve(wanted.next_read)  # its waiters look again, and find their credential gone
 
-    async def read_now(
-        self,
-        arn: SecretArn,
-        version_id: str | None,
-        stage: str | None,
-        *,
-        not_before: float | None = None,
-        role: AssumedRole | None = None,
-    ) -> ReadResult:
-        """A read someone is waiting for: it leaves at once on the priority lane, or joins one
-        that is running, unless that one started before ``not_before`` (loop time)."""
-        key: ReadKey = (arn.arn, version_id, stage, role)
-        pending = self._pending.get(key)
-        if pending is not None and not_before is not None and pending.started and pending.started_at < not_before:
-            pending = None  # it answers an older question: this caller wants a read that starts now
-        if pending is None:
-            pending = self._enqueue(key, arn, 0.0, start=False)
-        if not pending.started:
-            self._leave_queue(pending)
-            self._start([pending], priority=True)
-        return await asyncio.shield(pending.future)
-
-    def expedite(
-        self, arn: SecretArn, version_id: str | None, stage: str | None, *, role: AssumedRole | None = None
-    ) -> None:
-        """Move a queued read of this key to the priority lane (no-op if it is running or unknown)."""
-        pending = self._pending.get((arn.arn, version_id, stage, role))
-        if pending is not None and not pending.started:
-            self._leave_queue(pending)
-            self._start([pending], priority=True)
-
-    def _enqueue(self, key: ReadKey, arn: SecretArn, window: float, *, start: bool = True) -> _Pending:
-        loop = asyncio.get_running_loop()
-        pending = _Pending(key, arn, loop.create_future(), self._now() + max(0.0, window), seq=next(self._seq))
-        self._pending[key] = pending
-        if not start:
-            return pending
-        if self._batch and batchable(key[1], key[2]) and not self._batch_refused():
-            region = self._regions.setdefault(pending.batch_key, _Region())
-            region.waiting[key] = pending
-            heapq.heappush(region.deadlines, (pending.deadline, pending.seq, key))
+    async def hurry(self, key: ReadKey, *, not_before: float | None = None) -> None:
+        """Return once a read of ``key`` has been delivered, one that started at or after loop time
+        ``not_before`` if given: the one running, else the next, which leaves now. Returns at once
+        when the reader is paused (the operator drains)."""
+        if self._paused or self._closed:
+            return
+        wanted = self._wanted.get(key)
+        if wanted is None:
+            wanted = self._wanted[key] = _Wanted(key)
+        if wanted.running is not None and (
+            not_before is None or (wanted.running_since is not None and wanted.running_since >= not_before)
+        ):
+            waiting = wanted.running
         else:
-            pending.batched = False
-            self._singles.append(pending)
-        self._pump()
-        return pending
+            if wanted.next_read is None:
+                wanted.next_read = asyncio.get_running_loop().create_future()
+            waiting = wanted.next_read
+            if not wanted.urgent:
+                wanted.urgent = True
+                self._queue(wanted)
+                self._kick()
+        # Shielded: a caller that gives up (its client went away) leaves the read to the others.
+        await asyncio.shield(waiting)
 
-    def _leave_queue(self, pending: _Pending) -> None:
-        region = self._regions.get(pending.batch_key)
-        if region is not None and region.waiting.get(pending.key) is pending:
-            del region.waiting[pending.key]
-        elif not pending.batched:
-            try:
-                self._singles.remove(pending)
-            except ValueError:
-                pass
+    def last_started(self, key: ReadKey) -> float | None:
+        """Loop time at which the last read of ``key`` started."""
+        wanted = self._wanted.get(key)
+        return wanted.last_started if wanted is not None else None
 
-    def _batch_refused(self) -> bool:
-        until = self._batch_refused_until
+    def busy(self, within: float = 0.0) -> int:
+        """How many keys are being read, waited for, or due within ``within`` seconds."""
+        horizon = self._now() + within
+        return sum(1 for w in self._wanted.values() if w.running is not None or w.urgent or w.due <= horizon)
+
+    # --- queueing -----------------------------------------------------------------------
+
+    def _refused(self, lane: LaneKey) -> bool:
+        until = self._refused_until.get(lane)
         if until is None:
             return False
         if self._now() < until:
             return True
-        self._batch_refused_until = None
+        del self._refused_until[lane]
         return False
 
-    # --- dispatching -------------------------------------------------------------------
+    def _lane_for(self, wanted: _Wanted) -> _Lane:
+        key = wanted.key
+        lane_key: LaneKey = (key.arn.region, key.role)
+        batched = self._batch and key.batchable and not wanted.alone and not self._refused(lane_key)
+        lane = self._lanes.get((*lane_key, batched))
+        if lane is None:
+            lane = self._lanes[(*lane_key, batched)] = _Lane(lane_key, batched)
+        return lane
 
-    def _pump(self) -> None:
-        """Start what may start: singles in order, then full or due batches, within the slots."""
-        if self._closed:
+    def _queue(self, wanted: _Wanted) -> None:
+        """(Re)file the key in its lane: by its due time, and among the urgent if someone waits."""
+        lane = self._lane_for(wanted)
+        if wanted.lane is not None and wanted.lane is not lane:
+            wanted.lane.urgent.pop(wanted.key, None)
+        wanted.lane = lane
+        if wanted.urgent:
+            lane.urgent[wanted.key] = None
+        if wanted.due < _NEVER:
+            wanted.stamp = next(self._stamps)
+            heapq.heappush(lane.heap, (wanted.due, wanted.stamp, wanted.key))
+
+    def _top(self, lane: _Lane) -> _Wanted | None:
+        """The lane's plan due first (heap entries of plans since replaced or taken are dropped)."""
+        while lane.heap:
+            _, stamp, key = lane.heap[0]
+            wanted = self._wanted.get(key)
+            if wanted is not None and wanted.stamp == stamp and wanted.lane is lane and wanted.due < _NEVER:
+                return wanted
+            heapq.heappop(lane.heap)
+        return None
+
+    # --- the sweep ------------------------------------------------------------------------
+
+    def _kick(self) -> None:
+        """Sweep soon (once, however many plans and hurries arrive meanwhile)."""
+        if not self._kicked and not self._closed:
+            self._kicked = True
+            asyncio.get_running_loop().call_soon(self._sweep)
+
+    def _sweep(self) -> None:
+        self._kicked = False
+        try:
+            self._sweep_lanes()
+        except Exception as exc:  # noqa: BLE001 - a bug must not stop every read: say it, sweep again soon
+            log_bug(logger, "The read sweep", exc, retry_in=1.0)
+            asyncio.get_running_loop().call_later(1.0, self._kick)
+
+    def _sweep_lanes(self) -> None:
+        if self._paused or self._closed:
             return
         now = self._now()
-        while self._running < self._slots and self._singles:
-            self._start([self._singles.popleft()], priority=False)
-        wake: float | None = None
-        for region in self._regions.values():
-            while self._running < self._slots and region.waiting:
-                earliest = region.earliest()
-                if len(region.waiting) < BATCH_LIMIT and earliest is not None and earliest > now:
-                    wake = earliest if wake is None else min(wake, earliest)
+        for lane in list(self._lanes.values()):
+            while lane.urgent:  # someone waits: leave now, on a free slot or the priority lane
+                self._start(lane, self._take(lane, now, urgent=True), priority=self._running >= self._slots)
+            while self._running < self._slots:
+                top = self._top(lane)
+                if top is None or top.due > now:
                     break
-                batch = list(itertools.islice(region.waiting.values(), BATCH_LIMIT))
-                for pending in batch:
-                    del region.waiting[pending.key]
-                self._start(batch, priority=False)
-        for name in [name for name, region in self._regions.items() if not region.waiting]:
-            del self._regions[name]
-        self._arm(wake)
+                self._start(lane, self._take(lane, now, urgent=False), priority=False)
+        self._arm()
 
-    def _arm(self, wake: float | None) -> None:
+    def _take(self, lane: _Lane, now: float, *, urgent: bool) -> list[_Wanted]:
+        """The next call's keys: those someone waits for first, then plans that may leave by now."""
+        limit = BATCH_LIMIT if lane.batched else 1
+        taken: list[_Wanted] = []
+        if urgent:
+            for key in list(itertools.islice(lane.urgent, limit)):
+                taken.append(self._taken(self._wanted[key]))
+        while len(taken) < limit:
+            top = self._top(lane)
+            if top is None or top.earliest > now:
+                break
+            taken.append(self._taken(top))
+        return taken
+
+    @staticmethod
+    def _taken(wanted: _Wanted) -> _Wanted:
+        """Off the lane: its heap entry is skipped from now on (it no longer matches)."""
+        if wanted.lane is not None:
+            wanted.lane.urgent.pop(wanted.key, None)
+        wanted.due = wanted.earliest = _NEVER
+        wanted.urgent = False
+        return wanted
+
+    def _arm(self) -> None:
+        """Wake up when the earliest plan of a lane with a free slot comes due."""
+        wake = _NEVER
+        if self._running < self._slots:
+            for lane in self._lanes.values():
+                top = self._top(lane)
+                if top is not None:
+                    wake = min(wake, top.due)
+        for name in [name for name, lane in self._lanes.items() if not lane.heap and not lane.urgent]:
+            del self._lanes[name]
+        if wake == self._timer_at:
+            return
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if wake is not None:
-            loop = asyncio.get_running_loop()
-            self._timer = loop.call_later(max(0.0, wake - self._now()), self._on_timer)
+        self._timer_at = wake
+        if wake < _NEVER:
+            self._timer = asyncio.get_running_loop().call_later(max(0.0, wake - self._now()), self._on_timer)
 
     def _on_timer(self) -> None:
-        self._timer = None
-        self._pump()
+        self._timer, self._timer_at = None, _NEVER
+        self._sweep()
 
-    def _start(self, batch: list[_Pending], *, priority: bool) -> None:
+    # --- calls ----------------------------------------------------------------------------
+
+    def _start(self, lane: _Lane, taken: list[_Wanted], *, priority: bool) -> None:
+        if not taken:
+            return
         loop = asyncio.get_running_loop()
         now = self._now()
-        for pending in batch:
-            pending.started, pending.started_at = True, now
+        resolves: list[asyncio.Future[None]] = []
+        for wanted in taken:
+            running = wanted.next_read or loop.create_future()
+            wanted.next_read = None
+            wanted.running, wanted.running_since, wanted.last_started = running, now, now
+            resolves.append(running)
+        call = _Call(lane, [w.key for w in taken], next(self._seqs), now, priority, resolves)
         if priority:
             self.counts.priority += 1
         else:
             self._running += 1
         executor = self._priority_executor if priority else self._executor
         job: asyncio.Future[object]
-        if len(batch) == 1 and (priority or not batch[0].batched):
-            self.counts.single += 1
-            job = loop.run_in_executor(executor, self._read_one, batch[0])
-        else:
+        if lane.batched:
             self.counts.batch += 1
-            self.counts.batched_secrets += len(batch)
-            job = loop.run_in_executor(executor, self._read_batch, batch)
-        job.add_done_callback(lambda done: self._finished(batch, done, priority=priority))
+            self.counts.batched_secrets += len(taken)
+            job = loop.run_in_executor(executor, self._read_batch, lane.key, call.keys)
+        else:
+            self.counts.single += 1
+            job = loop.run_in_executor(executor, self._read_one, call.keys[0])
+        job.add_done_callback(lambda done: self._finished(call, done))
 
-    def _finished(self, batch: list[_Pending], done: asyncio.Future[object], *, priority: bool) -> None:
-        if not priority:
+    def _finished(self, call: _Call, job: asyncio.Future[object]) -> None:
+        if not call.priority:
             self._running -= 1
-        if self._closed:
-            return  # close() cancelled every waiter already
-        if done.cancelled():
-            for pending in batch:
-                self._settle(pending, asyncio.CancelledError())
-        else:
-            error = done.exception()
+        try:
+            if self._closed or job.cancelled():
+                return
+            error = job.exception()
             if isinstance(error, BatchRefused):
-                self._refused(batch, str(error))
-            elif error is not None:
-                for pending in batch:
-                    self._settle(pending, error)
-            else:
-                self._deliver(batch, done.result())
-        self._pump()
+                self._batch_refused(call, str(error))
+                return
+            for key, running in zip(call.keys, call.resolves, strict=True):
+                done = self._outcome(call, key, job, error)
+                if done is None:  # a batch answer did not mention it: read it alone, now
+                    self._again(key, running, alone=True)
+                    continue
+                self._settle(key, running)
+                if not self._paused and key in self._wanted:
+                    try:
+                        self._deliver(key, done)
+                    except Exception as exc:  # noqa: BLE001 - one credential's bug must not stop the others
+                        log_bug(logger, "Applying a read", exc)
+                _resolve(running)
+        except Exception as exc:  # noqa: BLE001 - whoever waits is let go; the sweep goes on
+            log_bug(logger, "Handling a finished read", exc)
+            for running in call.resolves:
+                _resolve(running)
+        finally:
+            self._kick()
 
-    def _deliver(self, batch: list[_Pending], result: object) -> None:
-        if isinstance(result, tuple):  # a single read's (identity, fetched)
-            self._settle(batch[0], result)
-            return
+    def _outcome(
+        self, call: _Call, key: ReadKey, job: asyncio.Future[object], error: BaseException | None
+    ) -> Done | None:
+        if isinstance(error, AwsFailure):
+            return Done(call.seq, failure=error)
+        if error is not None:
+            return Done(call.seq, error=error)
+        result = job.result()
+        if isinstance(result, _Single):
+            return Done(call.seq, identity=result.identity, fetched=result.fetched)
         assert isinstance(result, _BatchAnswer)
-        for pending in batch:
-            answer = result.found.get(pending.arn.arn)
-            if answer is None:
-                # AWS said nothing about it (an ARN that names it differently): read it alone.
-                pending.started, pending.batched = False, False
-                self._singles.append(pending)
-            elif isinstance(answer, AwsFailure):
-                self._settle(pending, answer)
-            else:
-                self._settle(pending, (result.identity, answer))
+        answer = result.found.get(key.arn.arn)
+        if answer is None:
+            return None
+        if isinstance(answer, AwsFailure):
+            return Done(call.seq, failure=answer)
+        return Done(call.seq, identity=result.identity, fetched=answer)
 
-    def _refused(self, batch: list[_Pending], said: str) -> None:
-        if not self._batch_refused():  # batches in flight together are refused together: say it once
-            self._batch_refused_until = self._now() + BATCH_RETRY_AFTER
-            self._say_refused(said)
-        for pending in batch:
-            pending.started, pending.batched = False, False
-            self._singles.append(pending)
-        for region in self._regions.values():  # what waits for a batch now goes alone too
-            for pending in region.waiting.values():
-                pending.batched = False
-                self._singles.append(pending)
-            region.waiting.clear()
+    def _settle(self, key: ReadKey, running: asyncio.Future[None]) -> None:
+        wanted = self._wanted.get(key)
+        if wanted is not None and wanted.running is running:
+            wanted.running = wanted.running_since = None
 
-    @staticmethod
-    def _say_refused(said: str) -> None:
-        logger.warning(
-            "IAM denies secretsmanager:BatchGetSecretValue (%s); reading one secret per call instead, and trying "
-            'a batch again in %d minutes. Allow the action on "*" to save calls (see docs/install-eks.md).',
-            said or "AccessDenied",
-            BATCH_RETRY_AFTER // 60,
-        )
-
-    def _settle(self, pending: _Pending, outcome: ReadResult | BaseException) -> None:
-        if self._pending.get(pending.key) is pending:
-            del self._pending[pending.key]
-        if pending.future.done():
+    def _again(self, key: ReadKey, running: asyncio.Future[None], *, alone: bool = False) -> None:
+        """Queue a read that did not happen again, at once, keeping whoever waits for it."""
+        wanted = self._wanted.get(key)
+        if wanted is None:
+            _resolve(running)
             return
-        if isinstance(outcome, asyncio.CancelledError):
-            pending.future.cancel()
-        elif isinstance(outcome, BaseException):
-            pending.future.set_exception(outcome)
-            pending.future.exception()  # retrieved: every waiter re-raises it, nobody else must
+        self._settle(key, running)
+        wanted.alone = wanted.alone or alone
+        if wanted.next_read is None:
+            wanted.next_read = running
         else:
-            pending.future.set_result(outcome)
+            wanted.next_read.add_done_callback(lambda _: _resolve(running))
+        wanted.urgent = True  # it was due already
+        self._queue(wanted)
 
-    # --- in worker threads -------------------------------------------------------------
+    def _batch_refused(self, call: _Call, said: str) -> None:
+        lane = call.lane.key
+        if not self._refused(lane):  # batches of this lane in flight together are refused together: say it once
+            self._refused_until[lane] = self._now() + BATCH_RETRY_AFTER
+            _say_refused(lane, said)
+        for key, running in zip(call.keys, call.resolves, strict=True):
+            self._again(key, running)
+        # What waits for a batch of this lane now goes alone too.
+        for wanted in list(self._wanted.values()):
+            if wanted.lane is call.lane and wanted.queued:
+                self._queue(wanted)
 
-    def _read_one(self, pending: _Pending) -> ReadResult:
-        role = pending.role
-        identity = self._port.caller_identity(pending.arn.region, role=role)
-        fetched = self._port.get_secret(
-            pending.arn, version_id=pending.version_id, version_stage=pending.stage, role=role
-        )
-        return identity, fetched
+    # --- the end --------------------------------------------------------------------------
 
-    def _read_batch(self, batch: Sequence[_Pending]) -> _BatchAnswer:
-        region, role = batch[0].batch_key
-        identity = self._port.caller_identity(region, role=role)
-        found = self._port.get_current_secrets(region, [pending.arn for pending in batch], role=role)
-        return _BatchAnswer(identity, found)
-
-    # --- the end -----------------------------------------------------------------------
+    def pause(self) -> None:
+        """No read starts from now on, and no answer is applied; whoever waits is let go."""
+        self._paused = True
+        for wanted in self._wanted.values():
+            _resolve(wanted.next_read)
+            _resolve(wanted.running)
 
     def close(self) -> None:
+        self.pause()
         self._closed = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        for pending in list(self._pending.values()):
-            if not pending.future.done():
-                pending.future.cancel()
-        self._pending.clear()
-        self._regions.clear()
-        self._singles.clear()
+        self._wanted.clear()
+        self._lanes.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._priority_executor.shutdown(wait=False, cancel_futures=True)
+
+    # --- in worker threads ----------------------------------------------------------------
+
+    def _read_one(self, key: ReadKey) -> _Single:
+        identity = self._port.caller_identity(key.arn.region, role=key.role)
+        fetched = self._port.get_secret(key.arn, version_id=key.version_id, version_stage=key.stage, role=key.role)
+        return _Single(identity, fetched)
+
+    def _read_batch(self, lane: LaneKey, keys: Sequence[ReadKey]) -> _BatchAnswer:
+        region, role = lane
+        identity = self._port.caller_identity(region, role=role)
+        return _BatchAnswer(identity, self._port.get_current_secrets(region, [key.arn for key in keys], role=role))
+
+
+@dataclass(frozen=True, slots=True)
+class _Single:
+    identity: str
+    fetched: FetchedSecret
 
 
 @dataclass(frozen=True, slots=True)
 class _BatchAnswer:
     identity: str
     found: dict[str, FetchedSecret | AwsFailure]
+
+
+def _resolve(future: asyncio.Future[None] | None) -> None:
+    if future is not None and not future.done():
+        future.set_result(None)
+
+
+def _say_refused(lane: LaneKey, said: str) -> None:
+    region, role = lane
+    who = f"role {role.arn}" if role is not None else "the operator's own identity"
+    logger.warning(
+        "IAM denies secretsmanager:BatchGetSecretValue to %s in %s (%s); reading those secrets one per call "
+        'instead, and trying a batch again in %d minutes. Allow the action on "*" to save calls '
+        "(see docs/install-eks.md).",
+        who,
+        region,
+        said or "AccessDenied",
+        BATCH_RETRY_AFTER // 60,
+    )

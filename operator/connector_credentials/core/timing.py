@@ -1,27 +1,19 @@
-"""When each credential is checked next: jitter, backoff, batch windows, and refresh cohorts.
+"""When each credential is read next: jitter, backoff, and how early a read may leave to fill a batch.
 
-Refresh times are chosen so that credentials refresh together, twenty secrets per AWS call.
-
-A refresh cycle costs ``ceil(N / 20)`` ``BatchGetSecretValue`` calls only if the secrets due
-come in twenties. Independent jitter would spread N refreshes over the jitter range and
-leave many batches half empty, so each credential's next refresh is *placed*: into a
-*cohort* of its region (a due time shared by up to 20 secrets) that falls within the
-credential's own jitter range, else into a new cohort at a random time in that range.
-Credentials reading the same secret land in the same cohort when their ranges allow, and
-so share one read. Placing never moves a refresh outside the range plain jitter would have
-drawn it from.
+A refresh is wanted at ``now + interval``, jittered by ``CCRED_JITTER`` so that replicas and
+credentials do not all read at once. It is handed to the reader as a
+:class:`Plan`: due at the jittered time, and free to leave
+from the start of the jitter range, so that the reader's sweep can fill batches of twenty
+from whatever is due in that range. A read never leaves before the range plain jitter would
+have drawn it from.
 """
 
 from __future__ import annotations
 
-import bisect
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from connector_credentials.api.models import ConnectorCredentialSpec
 from connector_credentials.config.settings import OperatorSettings
-from connector_credentials.core.ports import BATCH_LIMIT
-from connector_credentials.core.reads import BatchKey, ReadKey, batchable
 
 
 def capped_doubling(base: float, cap: float, attempt: int) -> float:
@@ -34,52 +26,18 @@ def capped_doubling(base: float, cap: float, attempt: int) -> float:
     return base * 2.0**doublings
 
 
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A read wanted by ``due`` that may leave from ``earliest`` to fill a batch."""
+
+    due: float
+    earliest: float
+
+
 #: The batch window is at most this share of a credential's refreshInterval.
 BATCH_WINDOW_SHARE = 0.02
 #: A credential's first check waits at most this long for others to fill its batch.
 FIRST_CHECK_WINDOW = 0.05
-
-
-@dataclass
-class _Cohort:
-    due: float
-    keys: set[ReadKey] = field(default_factory=set)
-
-
-class Cohorts:
-    """Per-region (and role) cohorts, sorted by due time; the past ones are dropped as time moves on."""
-
-    def __init__(self, capacity: int = BATCH_LIMIT) -> None:
-        self._capacity = capacity
-        self._regions: dict[BatchKey, tuple[list[float], list[_Cohort]]] = {}
-
-    def place(
-        self, region: BatchKey, key: ReadKey, *, now: float, earliest: float, latest: float, preferred: float
-    ) -> float:
-        """The due time for ``key``'s next refresh, within ``[earliest, latest]``."""
-        dues, cohorts = self._regions.setdefault(region, ([], []))
-        past = bisect.bisect_right(dues, now)
-        if past:  # those fired already (their members are placing themselves anew)
-            del dues[:past], cohorts[:past]
-        start, stop = bisect.bisect_left(dues, earliest), bisect.bisect_right(dues, latest)
-        best: _Cohort | None = None
-        for cohort in cohorts[start:stop]:
-            if key in cohort.keys:
-                return cohort.due  # another credential reads the same secret then: share its read
-            if len(cohort.keys) < self._capacity and (
-                best is None or abs(cohort.due - preferred) < abs(best.due - preferred)
-            ):
-                best = cohort
-        if best is None:
-            best = _Cohort(preferred)
-            at = bisect.bisect_right(dues, preferred)
-            dues.insert(at, preferred)
-            cohorts.insert(at, best)
-        best.keys.add(key)
-        return best.due
-
-    def __len__(self) -> int:
-        return sum(len(cohorts) for _, cohorts in self._regions.values())
 
 
 class Timing:
@@ -87,7 +45,6 @@ class Timing:
 
     def __init__(self, settings: OperatorSettings) -> None:
         self.settings = settings
-        self.cohorts = Cohorts()
         self._random = random.Random()  # noqa: S311 - jitter, not cryptography
 
     def jittered(self, seconds: float) -> float:
@@ -105,17 +62,16 @@ class Timing:
             return min(self.settings.batch_window, FIRST_CHECK_WINDOW)
         return min(self.settings.batch_window, interval * BATCH_WINDOW_SHARE)
 
-    def next_due(self, spec: ConnectorCredentialSpec, interval: float, now: float) -> float:
-        """The next refresh: in a cohort of up to 20 secrets of its region when it can be batched."""
-        preferred = now + self.jittered(interval)
-        if not (self.settings.batch_reads and batchable(spec.version_id, spec.effective_stage)):
-            return preferred
+    def refresh(self, interval: float, now: float) -> Plan:
+        """The next refresh: jittered, and free to leave early within the jitter range (or the batch window)."""
         spread = max(interval * self.settings.jitter, self.batch_window(interval))
-        return self.cohorts.place(
-            (spec.arn.region, spec.role),
-            (spec.arn.arn, spec.version_id, spec.effective_stage, spec.role),
-            now=now,
-            earliest=now + interval - spread,
-            latest=now + interval + spread,
-            preferred=preferred,
-        )
+        return Plan(due=now + self.jittered(interval), earliest=now + max(0.0, interval - spread))
+
+    def first(self, now: float) -> Plan:
+        """A first check: in a moment, with whatever else arrives meanwhile (the listing at start)."""
+        return Plan(due=now + self.batch_window(0.0, first=True), earliest=now)
+
+    def retry(self, at: float, interval: float) -> Plan:
+        """A retry (after a failure, before a value grows too old): never before ``at``, batched
+        with what else is due then."""
+        return Plan(due=at + self.batch_window(interval), earliest=at)

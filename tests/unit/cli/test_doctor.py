@@ -26,7 +26,6 @@ from connector_credentials.cli.doctor import as_document, as_text, diagnose
 from connector_credentials.core.allowlist import RoleAllowlist
 from connector_credentials.core.failures import AwsFailure
 from connector_credentials.core.ports import FetchedSecret
-from connector_credentials.core.reads import ReadResult
 from tests.support.tokens import unsigned_jwt
 
 NOW = 1_750_000_000.0
@@ -73,7 +72,7 @@ class FakeProbe:
             raise self.sts
         return self.sts
 
-    def read(self, spec: ConnectorCredentialSpec) -> ReadResult:
+    def read(self, spec: ConnectorCredentialSpec) -> tuple[str, FetchedSecret]:
         self.reads.append(spec.secret_arn)
         if spec.secret_arn in self.denied:
             raise AwsFailure(Reason.ACCESS_DENIED, f"Secrets Manager denied {spec.secret_arn}.")
@@ -145,7 +144,7 @@ def test_a_pod_identity_token_with_a_line_break_fails() -> None:
 
 def test_an_unexpected_error_is_a_fail_line_that_does_not_quote_it() -> None:
     class Broken(FakeProbe):
-        def read(self, spec: ConnectorCredentialSpec) -> ReadResult:
+        def read(self, spec: ConnectorCredentialSpec) -> tuple[str, FetchedSecret]:
             raise ValueError("CANARY-value in an error text")
 
         def caller_identity(self, region: str) -> str:

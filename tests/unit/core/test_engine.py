@@ -196,7 +196,7 @@ def test_backoff_after_days_of_failures_is_the_cap_not_an_overflow(settings: Ope
         assert 30 <= engine.timing.backoff(failures) <= 60
         assert capped_doubling(0.5, 30.0, failures) == 30.0
     finally:
-        engine.reader.close()
+        engine.reads.close()
 
 
 def test_backoff_grows_with_jitter_and_is_capped(settings: OperatorSettings) -> None:
@@ -208,7 +208,7 @@ def test_backoff_grows_with_jitter_and_is_capped(settings: OperatorSettings) -> 
             assert all(ceiling / 2 <= d <= ceiling for d in delays)
             assert len({round(d, 6) for d in delays}) > 100  # jittered, not synchronised
     finally:
-        engine.reader.close()
+        engine.reads.close()
 
 
 async def test_invalid_spec_is_reported_without_calling_aws(setup: Any) -> None:
@@ -373,7 +373,7 @@ def test_refreshes_are_spread_by_jitter(settings: OperatorSettings) -> None:
         assert all(270 <= d <= 330 for d in delays)  # ±10% by default
         assert max(delays) - min(delays) > 40  # spread out, so a fleet does not refresh in step
     finally:
-        engine.reader.close()
+        engine.reads.close()
 
 
 async def test_replicas_starting_together_post_one_event(settings: OperatorSettings) -> None:
