@@ -446,7 +446,8 @@ def on_demand_reader(
 
 
 def floor_main(spec_path: str) -> None:
-    """ceil(N/20) BatchGetSecretValue + N status merge patches, 8 threads, printed as JSON (a subprocess)."""
+    """ceil(N/20) BatchGetSecretValue (+ N status merge patches unless told not to), 8 threads, printed as
+    JSON (a subprocess)."""
     import boto3
     import botocore.config
 
@@ -482,8 +483,9 @@ def floor_main(spec_path: str) -> None:
         versions = {str(value["ARN"]): str(value["VersionId"]) for value in answer["SecretValues"]}
         if len(versions) != len(items):
             raise RuntimeError(f"a batch of {len(items)} answered {len(versions)} values: {answer.get('Errors')}")
-        for name, arn in items:
-            patch(index, name, arn, versions[arn])
+        if spec.get("patches", True):
+            for name, arn in items:
+                patch(index, name, arn, versions[arn])
 
     def patch(index: int, name: str, arn: str, version: str) -> None:
         now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -530,8 +532,10 @@ def run_floor(
     arns: list[str],
     threads: int,
     timeout: float,
+    *,
+    patches: bool = True,
 ) -> tuple[float, float]:
-    """(seconds, CPU seconds) of the bare floor."""
+    """(seconds, CPU seconds) of the bare floor (``patches=False``: the reads only)."""
     spec_path = workdir / "floor.json"
     spec = {
         "aws_endpoint": aws_endpoint,
@@ -541,6 +545,7 @@ def run_floor(
         "names": names,
         "arns": arns,
         "threads": threads,
+        "patches": patches,
     }
     spec_path.write_text(json.dumps(spec))
     env = {key: os.environ[key] for key in ("PATH", "LANG", "TMPDIR") if key in os.environ}
@@ -624,6 +629,9 @@ class Row:
     setup: float = 0.0
     total: float = 0.0
     list_ms: float = 0.0
+    #: The start-up stampede (bench/stampede.py): 64 connections, then all reads at once; its floor.
+    stampedes: list[Any] = field(default_factory=list)
+    stampede_floor: float = 0.0
 
 
 @contextlib.contextmanager
@@ -846,6 +854,26 @@ def measure(env: Env, n: int) -> Row:
         )
         row.floor_rate = n / row.floor
         progress(f"N={n}: floor {row.floor:.1f} s")
+        if n <= args.stampede_max:
+            import stampede
+
+            row.stampede_floor = stampede.floor(
+                sys.modules[__name__], env, workdir, token, namespace, names, arns, budget
+            )
+            for mode in ("64", "all"):
+                progress(f"N={n}: the start-up stampede ({mode} connections; floor {row.stampede_floor:.2f} s)")
+                row.stampedes.append(
+                    stampede.measure(
+                        sys.modules[__name__],
+                        env,
+                        namespace,
+                        token,
+                        workdir,
+                        names,
+                        time.monotonic() + budget,
+                        mode=mode,
+                    )
+                )
 
     if not args.no_live:
         measure_live(env, row, arns, budget)
@@ -918,9 +946,10 @@ def print_table(rows: list[Row], args: argparse.Namespace) -> None:
         "| N | all verdicts, s from start / from /healthz | bare floor s | ratio (start / healthz) "
         "| SM calls 1st pass (Batch + Get) | reads per credential, 1st pass | STS 1st pass (AssumeRole + "
         "GetCallerIdentity) | SM calls per cycle (Batch + Get) / limit | status writes 1st pass / per cycle "
-        "| RSS MiB idle / peak | on-demand read p50 / p99 ms (n) | created while running: all verdicts s |"
+        "| RSS MiB idle / peak | on-demand read p50 / p99 ms (n) | created while running: all verdicts s "
+        "| stampede, 64 connections / all at once: p50 / last s (x floor), SM calls / limit |"
     )
-    print("|" + "---|" * 12)
+    print("|" + "---|" * 13)
     for row in rows:
         lat = row.reads.latencies
         reads = f"{ms(statistics.median(lat))} / {ms(percentile(lat, 0.99))} ({len(lat)})" if lat else "— (0)"
@@ -935,7 +964,8 @@ def print_table(rows: list[Row], args: argparse.Namespace) -> None:
             f"| {row.from_start / row.floor:.1f}x / {row.from_healthz / row.floor:.1f}x "
             f"| {fmt_calls(row.first_calls)} | {fmt_reads(row.reads_per_credential)} | {fmt_sts(row.first_calls)} "
             f"| {cycle} | {writes} "
-            f"| {row.rss_idle:.0f} / {row.rss_peak:.0f} | {reads} | {live} |"
+            f"| {row.rss_idle:.0f} / {row.rss_peak:.0f} | {reads} | {live} "
+            f"| {' / '.join(st.cell(row.n, row.stampede_floor) for st in row.stampedes) or '—'} |"
         )
 
 
@@ -986,6 +1016,12 @@ def print_details(rows: list[Row], args: argparse.Namespace) -> None:
             print(f"  created while running: AWS calls {dict(row.live_calls)}")
         print(f"  readiness listing (Table, no objects): median {row.list_ms:.0f} ms")
         print(f"  /metrics scrape after the first pass: median {row.scrape_ms:.0f} ms, {row.scrape_kib:.0f} KiB")
+        for st in row.stampedes:
+            print(
+                f"  stampede ({st.mode} connections, AWS +50 ms a call): answers {dict(st.statuses)}, "
+                f"SM calls {dict(st.calls)}, last answer {st.last:.2f} s after /healthz "
+                f"(floor {row.stampede_floor:.2f} s)"
+            )
 
 
 def environment() -> str:
@@ -1010,6 +1046,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--readers", type=int, default=4, help="threads reading on demand during the first pass")
     parser.add_argument("--no-cycle", action="store_true", help="skip the steady refresh cycle")
     parser.add_argument("--no-live", action="store_true", help="skip the created-while-running scenario")
+    parser.add_argument(
+        "--stampede-max", type=int, default=1000, help="the start-up stampede for N up to this (0: never)"
+    )
     parser.add_argument("--moto-as-is", action="store_true", help="keep moto's linear secret lookup")
     parser.add_argument("--deadline-base", type=float, default=60.0, help="seconds every phase may take, plus")
     parser.add_argument("--deadline-per-credential", type=float, default=0.1, help="seconds per credential")

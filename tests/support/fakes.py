@@ -20,10 +20,11 @@ from collections.abc import Callable
 from typing import Any
 
 from connector_credentials.api.models import SecretArn
-from connector_credentials.core.engine import Engine, StatusConflict
+from connector_credentials.core.engine import Engine
 from connector_credentials.core.entry import Entry
 from connector_credentials.core.failures import AwsFailure
 from connector_credentials.core.ports import BatchRefused, FetchedSecret
+from connector_credentials.core.status import StatusConflict
 
 ARN = "arn:aws:secretsmanager:us-east-1:123456789012:secret:xpander/prod/slack-AbCdEf"
 IDENTITY = "arn:aws:sts::123456789012:assumed-role/xpander-controller/botocore-session-1"

@@ -32,6 +32,23 @@ def answer(entry: Entry, now: float) -> Served:
     return Served(502, reason=outcome.reason, message=outcome.message)
 
 
+def answer_undeclared(namespace: str, name: str, *, synced: bool) -> Served:
+    """No such credential: 404, unless the declared ones are not all loaded yet (503, retry)."""
+    if not synced:
+        return Served(
+            503,
+            reason=PENDING_REASON,
+            message="The operator is still loading the declared credentials; retry shortly.",
+            retry_after=1,
+        )
+    return Served(
+        404,
+        reason="NotFound",
+        message=f"No ConnectorCredential {namespace}/{name} is declared (or it is in a namespace this "
+        "operator does not watch).",
+    )
+
+
 def answer_draining(entry: Entry, now: float, *, refresh: bool) -> Served:
     """While the operator drains: what it holds, as it is; nothing that needs AWS."""
     outcome = entry.schedule.outcome

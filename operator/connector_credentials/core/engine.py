@@ -13,63 +13,38 @@ here depends on kopf: a paused or slow handler cannot stop a sidecar from servin
 from __future__ import annotations
 
 import asyncio
-import datetime
+import contextlib
 import json
 import logging
-from collections.abc import Iterator
 from typing import Any
 
-from connector_credentials.api.conditions import EVENT_ROTATED, PENDING_REASON, Reason
+from connector_credentials.api.conditions import EVENT_ROTATED
 from connector_credentials.api.models import (
     ConnectorCredentialSpec,
-    InvalidSpecError,
     format_duration,
-    parse_spec,
 )
 from connector_credentials.api.values import JsonKeyError, NeedleIndex, SecretValue, extract
-from connector_credentials.api.wire import render_credential
 from connector_credentials.config.settings import OperatorSettings
 from connector_credentials.core.allowlist import RoleAllowlist
-from connector_credentials.core.answers import SHUTTING_DOWN, answer, answer_draining, describe
-from connector_credentials.core.entry import ApiView, Entry, Held, Key, Outcome, Schedule, Served
+from connector_credentials.core.answers import answer, answer_draining, answer_undeclared, describe
+from connector_credentials.core.entry import Entry, Key, Outcome, Served
 from connector_credentials.core.failures import AwsFailure
 from connector_credentials.core.ports import Meter, NoMeter, SecretsPort
 from connector_credentials.core.reads import Done, ReadKey, Reads
-from connector_credentials.core.status import (
-    StatusConflict,
-    StatusSink,
-    StatusWriter,
-    older_version,
-    stable_identity,
-)
+from connector_credentials.core.status import StatusSink, StatusWriter
 from connector_credentials.core.supervise import log_bug
 from connector_credentials.core.timing import Plan, Timing
 from connector_credentials.core.verdicts import (
     failed_outcome,
     invalid_spec_outcome,
     json_key_outcome,
+    still_served_outcome,
     verified_outcome,
 )
 
 logger = logging.getLogger(__name__)
 
-#: A socket read follows a spec that changed while it waited at most this many times.
-_FOLLOW_SPEC_CHANGES = 3
-
-__all__ = [
-    "SHUTTING_DOWN",
-    "ApiView",
-    "Engine",
-    "Entry",
-    "Held",
-    "Key",
-    "Outcome",
-    "Schedule",
-    "Served",
-    "StatusConflict",
-    "StatusSink",
-    "stable_identity",
-]
+__all__ = ["Engine", "Served"]  # Served: what serve() answers, for the socket server
 
 
 class Engine:
@@ -132,31 +107,17 @@ class Engine:
         if entry is None:
             entry = Entry(namespace=namespace, name=name)
             self._entries[entry.key] = entry
-        api = entry.api
-        if not created and older_version(meta.get("resourceVersion"), api.resource_version):
-            # A body older than one already seen (a late listing, a queued event): it would
-            # roll the live status back and make the next write move lastTransitionTime.
+        if not entry.api.observe(meta, body.get("status"), created=created):
             return
-        api.resource_version = meta.get("resourceVersion") or api.resource_version
-        api.uid = meta.get("uid") or api.uid
-        api.generation = meta.get("generation") if isinstance(meta.get("generation"), int) else None
-        status = body.get("status")
-        api.live_status = dict(status) if isinstance(status, dict) else {}
         if not created:
             self._writer.observed(entry)
         raw_spec = body.get("spec")
-        if created or _canonical(raw_spec) != _canonical(api.raw_spec):
+        if created or _canonical(raw_spec) != _canonical(entry.api.raw_spec):
             self._new_spec(entry, raw_spec, created=created)
 
     def _new_spec(self, entry: Entry, raw_spec: Any, *, created: bool) -> None:
-        api, schedule = entry.api, entry.schedule
-        before = api.spec
-        api.raw_spec = raw_spec
-        try:
-            api.spec, api.spec_error = parse_spec(raw_spec), None
-            api.interval = api.spec.refresh_seconds(self.settings.default_refresh_interval)
-        except InvalidSpecError as exc:
-            api.spec, api.spec_error, api.interval = None, str(exc), None
+        api, before = entry.api, entry.api.spec
+        api.take_spec(raw_spec, self.settings.default_refresh_interval)
         if not created and before is not None and api.spec is not None and _reads(before) == _reads(api.spec):
             # Only how often it is checked changed: what is read, and so the value and verdict, stay.
             logger.info(
@@ -169,8 +130,7 @@ class Engine:
         if not created:
             logger.info("Spec of %s/%s changed; re-checking now.", *entry.key)
         self._drop_value(entry)
-        schedule.outcome = None
-        schedule.failures = 0
+        entry.schedule.outcome, entry.schedule.failures = None, 0
         self._read_as(entry, self._read_key(entry))
 
     def _read_key(self, entry: Entry) -> ReadKey | None:
@@ -238,11 +198,6 @@ class Engine:
         if self._entries.get(entry.key) is entry:
             self.remove(*entry.key)
 
-    def values(self) -> Iterator[SecretValue]:
-        for entry in list(self._entries.values()):
-            if entry.held.value is not None:
-                yield entry.held.value
-
     def _hold(self, entry: Entry, value: SecretValue) -> None:
         previous = entry.held.value
         if previous != value:
@@ -292,52 +247,36 @@ class Engine:
         if done.error is not None:
             self._unexpected(entry, done.error)
             return
-        loop = asyncio.get_running_loop()
         interval = self.interval(entry)
-        held = entry.held
-        previous_version = held.version_id
-        outcome: Outcome
         if done.failure is not None:
-            self._conclude(entry, self._on_failure(entry, done.failure, interval))
-            return
-        identity, fetched = done.identity, done.fetched
-        assert fetched is not None
-        assert identity is not None
-        try:
-            value = extract(fetched.raw, spec.json_key)
-        except JsonKeyError as exc:
-            outcome = json_key_outcome(spec, exc)
-            self._drop_value(entry)
-            entry.schedule.failures = 0
-            self._plan(entry, self.timing.refresh(interval, loop.time()))
+            outcome = self._on_failure(entry, done.failure, interval)
         else:
-            now = datetime.datetime.now(datetime.UTC)
-            self._hold(entry, value)
-            held.version_id = fetched.version_id
-            held.fetched_at = now
-            held.body = render_credential(value, fetched.version_id, spec.secret_arn, now)
-            held.fetched_mono = held.verified_mono = loop.time()
-            held.identity = identity
-            held.credential_source = self._port.credential_source
-            entry.schedule.failures = 0
-            self._plan(entry, self.timing.refresh(interval, loop.time()))
-            outcome = verified_outcome(spec, identity, interval)
-            if (
-                previous_version
-                and previous_version != fetched.version_id
-                # Another replica that noticed first has written the new version already.
-                and entry.api.live_status.get("versionId") != fetched.version_id
-            ):
-                logger.info(
-                    "Secret of %s/%s rotated: version %s -> %s.", *entry.key, previous_version, fetched.version_id
-                )
-                self._writer.event(
-                    entry,
-                    warning=False,
-                    reason=EVENT_ROTATED,
-                    message=f"Secret {spec.secret_arn} rotated: version {previous_version} -> {fetched.version_id}.",
-                )
+            fetched, identity = done.fetched, str(done.identity)
+            assert fetched is not None
+            try:
+                value = extract(fetched.raw, spec.json_key)
+            except JsonKeyError as exc:
+                outcome = self._settled(entry, json_key_outcome(spec, exc), interval, drop=True)
+            else:
+                previous = entry.held.version_id
+                self._hold(entry, value)
+                entry.held.keep(value, fetched, spec.secret_arn, asyncio.get_running_loop().time())
+                entry.held.identity, entry.held.credential_source = identity, self._port.credential_source
+                outcome = self._settled(entry, verified_outcome(spec, identity, interval), interval, drop=False)
+                # Not when another replica that noticed first has written the new version already.
+                if previous and previous != fetched.version_id != entry.api.live_status.get("versionId"):
+                    logger.info("Secret of %s/%s rotated: version %s -> %s.", *entry.key, previous, fetched.version_id)
+                    message = f"Secret {spec.secret_arn} rotated: version {previous} -> {fetched.version_id}."
+                    self._writer.event(entry, warning=False, reason=EVENT_ROTATED, message=message)
         self._conclude(entry, outcome)
+
+    def _settled(self, entry: Entry, outcome: Outcome, interval: float, *, drop: bool) -> Outcome:
+        """A definite answer (verified, or failed for good): failures reset, next read at refreshInterval."""
+        if drop:
+            self._drop_value(entry)
+        entry.schedule.failures = 0
+        self._plan(entry, self.timing.refresh(interval, asyncio.get_running_loop().time()))
+        return outcome
 
     def _conclude(self, entry: Entry, outcome: Outcome) -> None:
         """Record a verdict: log its transitions, and have the status say it."""
@@ -364,12 +303,8 @@ class Engine:
     def _on_failure(self, entry: Entry, failure: AwsFailure, interval: float) -> Outcome:
         now = asyncio.get_running_loop().time()
         schedule = entry.schedule
-        if not failure.transient:
-            # Permanent answers are re-checked at refreshInterval, and the value stops being served.
-            self._drop_value(entry)
-            schedule.failures = 0
-            self._plan(entry, self.timing.refresh(interval, now))
-            return failed_outcome(failure)
+        if not failure.transient:  # re-checked at refreshInterval; the value stops being served
+            return self._settled(entry, failed_outcome(failure), interval, drop=True)
         schedule.failures += 1
         retry_in = self.timing.backoff(schedule.failures)
         staleness = self.settings.max_staleness
@@ -379,13 +314,7 @@ class Engine:
             # Keep serving the verified value and stay Ready; re-check before it grows too old.
             stale_at = verified + interval + staleness
             self._plan(entry, self.timing.retry(min(now + retry_in, stale_at + 0.01), interval))
-            return Outcome(
-                True,
-                Reason.ACCESS_VERIFIED,
-                f"The last check failed transiently ({failure.reason}): {failure.message} The value verified "
-                f"before is still served, for at most {format_duration(staleness)} past its scheduled refresh.",
-                transient=True,
-            )
+            return still_served_outcome(failure, staleness)
         self._drop_value(entry)
         self._plan(entry, self.timing.retry(now + retry_in, interval))
         return failed_outcome(failure)
@@ -395,7 +324,7 @@ class Engine:
     async def serve(self, namespace: str, name: str, *, refresh: bool) -> Served:
         entry = self._entries.get((namespace, name))
         if entry is None:
-            return self._undeclared(namespace, name)
+            return answer_undeclared(namespace, name, synced=self.synced.is_set())
         if self._draining:
             return answer_draining(entry, asyncio.get_running_loop().time(), refresh=refresh)
         schedule = entry.schedule
@@ -415,39 +344,21 @@ class Engine:
         # what is declared now.
         live = self._entries.get((namespace, name))
         if live is None:
-            return self._undeclared(namespace, name)
+            return answer_undeclared(namespace, name, synced=self.synced.is_set())
         if self._draining:
             return answer_draining(live, loop.time(), refresh=refresh)
         return answer(live, loop.time())
 
-    def _undeclared(self, namespace: str, name: str) -> Served:
-        if not self.synced.is_set():
-            return Served(
-                503,
-                reason=PENDING_REASON,
-                message="The operator is still loading the declared credentials; retry shortly.",
-                retry_after=1,
-            )
-        return Served(
-            404,
-            reason="NotFound",
-            message=f"No ConnectorCredential {namespace}/{name} is declared (or it is in a namespace this "
-            "operator does not watch).",
-        )
-
     async def check(self, entry: Entry, *, fresh: bool = True, not_before: float | None = None) -> None:
-        """Have the reader read this credential now and wait until the answer is applied. ``fresh``:
-        a read that starts after this call (else one running may answer); ``not_before``: one that
-        starts after that loop time. Follows the spec if it changes meanwhile."""
+        """Have the reader read this credential now and wait until the answer is applied: a read that
+        starts after this call if ``fresh`` (else one running may answer), or after ``not_before``.
+        If the spec changes meanwhile, the read of the new spec is waited for instead."""
         if fresh and not_before is None:
             not_before = asyncio.get_running_loop().time()
-        for _ in range(_FOLLOW_SPEC_CHANGES):
-            key = entry.api.reads
-            if key is None or self._entries.get(entry.key) is not entry:
-                return
+        key = entry.api.reads
+        while key is not None and self._entries.get(entry.key) is entry:
             await self.reads.hurry(key, not_before=not_before)
-            if entry.api.reads == key:
-                return
+            key = None if entry.api.reads == key or self._draining else entry.api.reads
 
     async def _refresh(self, entry: Entry) -> None:
         """A read from AWS that started after this request arrived, at most one per credential per
@@ -477,9 +388,9 @@ class Engine:
         return fetched is not None and asyncio.get_running_loop().time() - fetched < self.interval(entry)
 
     async def _check_within(self, entry: Entry, seconds: float) -> None:
-        task = asyncio.ensure_future(self.check(entry, fresh=False))
-        task.add_done_callback(_consume)
-        await asyncio.wait({task}, timeout=seconds)
+        # Shielded: the read goes on (and is applied) after the caller stops waiting.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.check(entry, fresh=False)), seconds)
 
     def describe(self) -> list[dict[str, Any]]:
         """The declared credentials and their readiness, never values."""
@@ -519,11 +430,6 @@ class Engine:
 def _reads(spec: ConnectorCredentialSpec) -> tuple[Any, ...]:
     """What a spec makes the operator read: a change here invalidates the value held."""
     return (spec.secret_arn, spec.version_id, spec.effective_stage, spec.json_key, spec.role)
-
-
-def _consume(task: asyncio.Future[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        logger.debug("A background check failed: %s", type(task.exception()).__name__)
 
 
 def _canonical(value: Any) -> str:

@@ -11,11 +11,12 @@ import datetime
 from dataclasses import dataclass, field
 from typing import Any
 
-from connector_credentials.api.models import ConnectorCredentialSpec
+from connector_credentials.api.models import ConnectorCredentialSpec, InvalidSpecError, parse_spec
 from connector_credentials.api.values import SecretValue
-from connector_credentials.api.wire import RenderedBody
+from connector_credentials.api.wire import RenderedBody, render_credential
+from connector_credentials.core.ports import FetchedSecret
 from connector_credentials.core.reads import ReadKey
-from connector_credentials.core.status import Reporting
+from connector_credentials.core.status import Reporting, older_version
 
 Key = tuple[str, str]
 
@@ -46,6 +47,27 @@ class ApiView:
     live_status: dict[str, Any] = field(default_factory=dict)
     resource_version: str | None = None
 
+    def observe(self, meta: dict[str, Any], status: Any, *, created: bool) -> bool:
+        """Take in a watched body's metadata and status; ``False`` (and nothing taken) when it is
+        older than one already seen (a late listing, a queued event): it would roll the live status
+        back, and make the next write move lastTransitionTime."""
+        if not created and older_version(meta.get("resourceVersion"), self.resource_version):
+            return False
+        self.resource_version = meta.get("resourceVersion") or self.resource_version
+        self.uid = meta.get("uid") or self.uid
+        self.generation = meta.get("generation") if isinstance(meta.get("generation"), int) else None
+        self.live_status = dict(status) if isinstance(status, dict) else {}
+        return True
+
+    def take_spec(self, raw_spec: Any, default_interval: float) -> None:
+        """Parse a new spec (an invalid one leaves ``spec`` None and says why in ``spec_error``)."""
+        self.raw_spec = raw_spec
+        try:
+            self.spec, self.spec_error = parse_spec(raw_spec), None
+            self.interval = self.spec.refresh_seconds(default_interval)
+        except InvalidSpecError as exc:
+            self.spec, self.spec_error, self.interval = None, str(exc), None
+
 
 @dataclass(repr=False)
 class Held:
@@ -61,6 +83,13 @@ class Held:
     identity: str | None = None
     #: status.credentialSource: how the operator's own credentials were obtained (IRSA, PodIdentity, ...).
     credential_source: str | None = None
+
+    def keep(self, value: SecretValue, fetched: FetchedSecret, secret_arn: str, now_mono: float) -> None:
+        """A value just read and verified, and the 200 body it is served with."""
+        now = datetime.datetime.now(datetime.UTC)
+        self.value, self.version_id, self.fetched_at = value, fetched.version_id, now
+        self.body = render_credential(value, fetched.version_id, secret_arn, now)
+        self.fetched_mono = self.verified_mono = now_mono
 
     def drop(self) -> None:
         """The value goes, and with it its verification: nothing verified is held any more."""

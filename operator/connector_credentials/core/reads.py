@@ -1,32 +1,22 @@
 """The one owner of reads from Secrets Manager: what is planned, queued or running, when it leaves,
-and in which call.
+and in which call (docs/design.md, "One owner of reads").
 
-The engine says *what* to read and *by when* (:meth:`Reads.plan`: a :class:`ReadKey` is wanted by
-``due``, and may leave from ``earliest`` to fill a batch), or that someone waits for it
-(:meth:`Reads.hurry`). Every finished read is handed back through one callback, ``deliver``,
-which applies it to every credential that reads that key. Nothing above this module keeps a
-second map of reads in flight.
+The engine says what to read and by when (:meth:`Reads.plan`), that someone waits for it
+(:meth:`Reads.hurry`), or that nobody reads it any more (:meth:`Reads.forget`); every finished
+read comes back through one callback, ``deliver``. Nothing above this module keeps a second map
+of reads in flight.
 
-* **Shared.** There is at most one queued read per key; everyone who wants the key shares it.
-* **One batching mechanism: a sweep per lane.** A lane is a region and role (reads as one
-  role never share a call with reads as another, or as the operator's own identity). When the
-  earliest plan of a lane comes due, the sweep takes every key of the lane that may leave by
-  then (its ``earliest`` has passed), 20 at a time, into ``BatchGetSecretValue`` calls. Plans
-  carry the slack of their jitter, so a steady cycle of N credentials costs ``ceil(N / 20)`` calls.
-  Keys no batch can carry (a pinned version or stage; a lane whose batch action IAM denies; an
-  ARN a batch answer did not mention) are single ``GetSecretValue`` calls.
-* **Hurried.** A read someone waits for (:meth:`Reads.hurry`) joins its lane's next batch and
-  makes it leave now, with whatever else may leave; it never waits behind background reads. It
-  takes a free worker slot, else the priority lane (two threads of its own).
-* **Bounded.** Background calls run on at most ``CCRED_AWS_MAX_WORKERS`` threads; the rest
-  wait here, not in a thread pool's queue, so that hurried reads can overtake them.
-* **Fallback per lane.** When IAM denies ``secretsmanager:BatchGetSecretValue`` for a lane (one
-  role, one region) its reads are single calls for an hour; the warning names that identity.
-  Other lanes keep batching.
+* One queued read per :class:`ReadKey`, shared by everyone who wants it.
+* One sweep per lane (region and role): when a lane's earliest plan comes due, every key of the
+  lane whose ``earliest`` has passed leaves, 20 per ``BatchGetSecretValue`` call. Keys no batch
+  can carry (pinned versions or stages, a lane whose batch action IAM denies, an ARN a batch
+  answer left out) are single ``GetSecretValue`` calls.
+* A hurried key makes its lane's next call leave now, with whatever else may leave: on a free
+  worker slot, else on the priority lane. Background calls use at most ``CCRED_AWS_MAX_WORKERS``
+  slots; the rest wait here, where hurried reads can overtake them.
 
-Everything here runs on the event loop (only the AWS calls run in threads). A bug in the sweep or
-in applying an answer is logged (:func:`~connector_credentials.core.supervise.log_bug`) and the
-sweep goes on: reads never stop silently.
+Everything runs on the event loop (only AWS calls run in threads); a bug in the sweep or in
+applying an answer is logged and the sweep goes on.
 """
 
 from __future__ import annotations
@@ -75,6 +65,8 @@ class ReadKey(NamedTuple):
 
 #: Reads batched together: same region, same role.
 LaneKey = tuple[str, AssumedRole | None]
+#: What a call returns: who we are, and per secret ARN what AWS said.
+_Answer = tuple[str, dict[str, FetchedSecret | AwsFailure]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,17 +82,6 @@ class Done:
     error: BaseException | None = None
 
 
-@dataclass
-class ReadCounts:
-    """Calls made, by kind (for logs, tests and the benchmarks)."""
-
-    single: int = 0
-    batch: int = 0
-    batched_secrets: int = 0
-    #: Calls that took the priority lane (every slot was busy when someone waited).
-    priority: int = 0
-
-
 @dataclass(eq=False, slots=True)
 class _Wanted:
     """Everything known about one key: its plan, whether someone waits, the read running."""
@@ -114,17 +95,12 @@ class _Wanted:
     urgent: bool = False
     #: Resolved when the next read of the key (not started yet) has been delivered.
     next_read: asyncio.Future[None] | None = None
-    #: The read running: when it started and what resolves when it has been delivered.
-    running_since: float | None = None
-    running: asyncio.Future[None] | None = None
+    #: The read running: when it started, and what resolves when it has been delivered.
+    running: tuple[float, asyncio.Future[None]] | None = None
     last_started: float | None = None
     #: A batch answer did not mention it: read it alone from now on.
     alone: bool = False
     lane: _Lane | None = None
-
-    @property
-    def queued(self) -> bool:
-        return self.urgent or self.due < _NEVER
 
 
 @dataclass(eq=False)
@@ -142,8 +118,8 @@ class _Call:
     lane: _Lane
     keys: list[ReadKey]
     seq: int
-    started: float
     priority: bool
+    #: Per key: resolved once its answer has been delivered.
     resolves: list[asyncio.Future[None]]
 
 
@@ -166,7 +142,7 @@ class Reads:
         self._clock = clock
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="aws")
         self._priority_executor = ThreadPoolExecutor(max_workers=PRIORITY_THREADS, thread_name_prefix="aws-now")
-        self._running = 0
+        self._running = self._priority_running = 0
         self._wanted: dict[ReadKey, _Wanted] = {}
         self._lanes: dict[tuple[str, AssumedRole | None, bool], _Lane] = {}
         #: Per lane (region, role): until when its batch action stays refused.
@@ -178,7 +154,6 @@ class Reads:
         self._kicked = False
         self._paused = False
         self._closed = False
-        self.counts = ReadCounts()
 
     def _now(self) -> float:
         return self._clock() if self._clock is not None else asyncio.get_running_loop().time()
@@ -190,9 +165,7 @@ class Reads:
         plan of the same key stands: it is read once, for everyone who wants it."""
         if self._closed:
             return
-        wanted = self._wanted.get(key)
-        if wanted is None:
-            wanted = self._wanted[key] = _Wanted(key)
+        wanted = self._wanted.setdefault(key, _Wanted(key))
         if wanted.due <= plan.due and wanted.earliest <= plan.earliest:
             return
         wanted.due, wanted.earliest = min(wanted.due, plan.due), min(wanted.earliest, plan.earliest)
@@ -202,14 +175,11 @@ class Reads:
 
     def forget(self, key: ReadKey) -> None:
         """Nobody reads ``key`` any more: its plan goes; a read of it running ends unheard."""
-        wanted = self._wanted.pop(key, None)
-        if wanted is None:
-            return
-        if wanted.lane is not None:
-            wanted.lane.urgent.pop(key, None)
-        wanted.due = wanted.earliest = _NEVER
-        wanted.urgent, wanted.lane = False, None
-        _resolve(wanted.next_read)  # its waiters look again, and find their credential gone
+        wanted = self._wanted.pop(key, None)  # its heap entry no longer matches: skipped
+        if wanted is not None:
+            if wanted.lane is not None:
+                wanted.lane.urgent.pop(key, None)
+            _resolve(wanted.next_read)  # its waiters look again, and find their credential gone
 
     async def hurry(self, key: ReadKey, *, not_before: float | None = None) -> None:
         """Return once a read of ``key`` has been delivered, one that started at or after loop time
@@ -217,13 +187,9 @@ class Reads:
         when the reader is paused (the operator drains)."""
         if self._paused or self._closed:
             return
-        wanted = self._wanted.get(key)
-        if wanted is None:
-            wanted = self._wanted[key] = _Wanted(key)
-        if wanted.running is not None and (
-            not_before is None or (wanted.running_since is not None and wanted.running_since >= not_before)
-        ):
-            waiting = wanted.running
+        wanted = self._wanted.setdefault(key, _Wanted(key))
+        if wanted.running is not None and (not_before is None or wanted.running[0] >= not_before):
+            waiting = wanted.running[1]
         else:
             if wanted.next_read is None:
                 wanted.next_read = asyncio.get_running_loop().create_future()
@@ -248,13 +214,7 @@ class Reads:
     # --- queueing -----------------------------------------------------------------------
 
     def _refused(self, lane: LaneKey) -> bool:
-        until = self._refused_until.get(lane)
-        if until is None:
-            return False
-        if self._now() < until:
-            return True
-        del self._refused_until[lane]
-        return False
+        return self._refused_until.get(lane, -_NEVER) > self._now()
 
     def _lane_for(self, wanted: _Wanted) -> _Lane:
         key = wanted.key
@@ -308,7 +268,9 @@ class Reads:
             return
         now = self._now()
         for lane in list(self._lanes.values()):
-            while lane.urgent:  # someone waits: leave now, on a free slot or the priority lane
+            # Someone waits: leave now, on a free slot, else the priority lane if one of its threads is
+            # free (else first in line when a call ends: queued in a thread pool, it could not be).
+            while lane.urgent and (self._running < self._slots or self._priority_running < PRIORITY_THREADS):
                 self._start(lane, self._take(lane, now, urgent=True), priority=self._running >= self._slots)
             while self._running < self._slots:
                 top = self._top(lane)
@@ -374,26 +336,21 @@ class Reads:
         for wanted in taken:
             running = wanted.next_read or loop.create_future()
             wanted.next_read = None
-            wanted.running, wanted.running_since, wanted.last_started = running, now, now
+            wanted.running, wanted.last_started = (now, running), now
             resolves.append(running)
-        call = _Call(lane, [w.key for w in taken], next(self._seqs), now, priority, resolves)
+        call = _Call(lane, [w.key for w in taken], next(self._seqs), priority, resolves)
         if priority:
-            self.counts.priority += 1
+            self._priority_running += 1
         else:
             self._running += 1
         executor = self._priority_executor if priority else self._executor
-        job: asyncio.Future[object]
-        if lane.batched:
-            self.counts.batch += 1
-            self.counts.batched_secrets += len(taken)
-            job = loop.run_in_executor(executor, self._read_batch, lane.key, call.keys)
-        else:
-            self.counts.single += 1
-            job = loop.run_in_executor(executor, self._read_one, call.keys[0])
+        job = loop.run_in_executor(executor, self._call, lane, call.keys)
         job.add_done_callback(lambda done: self._finished(call, done))
 
-    def _finished(self, call: _Call, job: asyncio.Future[object]) -> None:
-        if not call.priority:
+    def _finished(self, call: _Call, job: asyncio.Future[_Answer]) -> None:
+        if call.priority:
+            self._priority_running -= 1
+        else:
             self._running -= 1
         try:
             if self._closed or job.cancelled():
@@ -421,28 +378,21 @@ class Reads:
         finally:
             self._kick()
 
-    def _outcome(
-        self, call: _Call, key: ReadKey, job: asyncio.Future[object], error: BaseException | None
-    ) -> Done | None:
-        if isinstance(error, AwsFailure):
-            return Done(call.seq, failure=error)
+    @staticmethod
+    def _outcome(call: _Call, key: ReadKey, job: asyncio.Future[_Answer], error: BaseException | None) -> Done | None:
+        """What the call said about ``key`` (``None``: a batch answer left it out)."""
         if error is not None:
-            return Done(call.seq, error=error)
-        result = job.result()
-        if isinstance(result, _Single):
-            return Done(call.seq, identity=result.identity, fetched=result.fetched)
-        assert isinstance(result, _BatchAnswer)
-        answer = result.found.get(key.arn.arn)
-        if answer is None:
-            return None
-        if isinstance(answer, AwsFailure):
-            return Done(call.seq, failure=answer)
-        return Done(call.seq, identity=result.identity, fetched=answer)
+            return Done(call.seq, failure=error) if isinstance(error, AwsFailure) else Done(call.seq, error=error)
+        identity, found = job.result()
+        answer = found.get(key.arn.arn)
+        if answer is None or isinstance(answer, AwsFailure):
+            return None if answer is None else Done(call.seq, failure=answer)
+        return Done(call.seq, identity=identity, fetched=answer)
 
     def _settle(self, key: ReadKey, running: asyncio.Future[None]) -> None:
         wanted = self._wanted.get(key)
-        if wanted is not None and wanted.running is running:
-            wanted.running = wanted.running_since = None
+        if wanted is not None and wanted.running is not None and wanted.running[1] is running:
+            wanted.running = None
 
     def _again(self, key: ReadKey, running: asyncio.Future[None], *, alone: bool = False) -> None:
         """Queue a read that did not happen again, at once, keeping whoever waits for it."""
@@ -468,7 +418,7 @@ class Reads:
             self._again(key, running)
         # What waits for a batch of this lane now goes alone too.
         for wanted in list(self._wanted.values()):
-            if wanted.lane is call.lane and wanted.queued:
+            if wanted.lane is call.lane and (wanted.urgent or wanted.due < _NEVER):
                 self._queue(wanted)
 
     # --- the end --------------------------------------------------------------------------
@@ -478,7 +428,7 @@ class Reads:
         self._paused = True
         for wanted in self._wanted.values():
             _resolve(wanted.next_read)
-            _resolve(wanted.running)
+            _resolve(wanted.running[1] if wanted.running else None)
 
     def close(self) -> None:
         self.pause()
@@ -493,27 +443,15 @@ class Reads:
 
     # --- in worker threads ----------------------------------------------------------------
 
-    def _read_one(self, key: ReadKey) -> _Single:
-        identity = self._port.caller_identity(key.arn.region, role=key.role)
-        fetched = self._port.get_secret(key.arn, version_id=key.version_id, version_stage=key.stage, role=key.role)
-        return _Single(identity, fetched)
-
-    def _read_batch(self, lane: LaneKey, keys: Sequence[ReadKey]) -> _BatchAnswer:
-        region, role = lane
+    def _call(self, lane: _Lane, keys: Sequence[ReadKey]) -> _Answer:
+        """Who we are, and the answer per secret ARN: one BatchGetSecretValue, or one GetSecretValue."""
+        region, role = lane.key
         identity = self._port.caller_identity(region, role=role)
-        return _BatchAnswer(identity, self._port.get_current_secrets(region, [key.arn for key in keys], role=role))
-
-
-@dataclass(frozen=True, slots=True)
-class _Single:
-    identity: str
-    fetched: FetchedSecret
-
-
-@dataclass(frozen=True, slots=True)
-class _BatchAnswer:
-    identity: str
-    found: dict[str, FetchedSecret | AwsFailure]
+        if lane.batched:
+            return identity, self._port.get_current_secrets(region, [key.arn for key in keys], role=role)
+        key = keys[0]
+        fetched = self._port.get_secret(key.arn, version_id=key.version_id, version_stage=key.stage, role=role)
+        return identity, {key.arn.arn: fetched}
 
 
 def _resolve(future: asyncio.Future[None] | None) -> None:

@@ -46,3 +46,14 @@ def verified_outcome(spec: ConnectorCredentialSpec, identity: str, interval: flo
         f"Read {spec.arn.arn} ({selector}{key_text}) as {stable_identity(identity)}; re-checked every "
         f"{format_duration(interval)}.",
     )
+
+
+def still_served_outcome(failure: AwsFailure, staleness: float) -> Outcome:
+    """A transient failure while a verified value is young enough to serve: still Ready."""
+    return Outcome(
+        True,
+        Reason.ACCESS_VERIFIED,
+        f"The last check failed transiently ({failure.reason}): {failure.message} The value verified "
+        f"before is still served, for at most {format_duration(staleness)} past its scheduled refresh.",
+        transient=True,
+    )

@@ -962,7 +962,7 @@ async def test_against_the_operators_server(sock_dir: Path) -> None:
     from connector_credentials.adapters.metrics.prometheus import Metrics
     from connector_credentials.api.values import SecretValue
     from connector_credentials.config.settings import OperatorSettings
-    from connector_credentials.core.engine import Served
+    from connector_credentials.core.entry import Served
 
     refreshes: list[tuple[str, bool]] = []
 

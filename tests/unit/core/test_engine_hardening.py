@@ -21,8 +21,9 @@ from connector_credentials.api.values import SecretValue
 from connector_credentials.api.wire import RenderedBody, render_credential
 from connector_credentials.cli.logs import RedactingFilter
 from connector_credentials.config.settings import OperatorSettings
-from connector_credentials.core.engine import SHUTTING_DOWN, Engine, Held, Served
-from connector_credentials.core.entry import Entry
+from connector_credentials.core.answers import SHUTTING_DOWN
+from connector_credentials.core.engine import Engine
+from connector_credentials.core.entry import Entry, Held, Served
 from connector_credentials.core.failures import AwsFailure
 from connector_credentials.core.ports import FetchedSecret, SecretsPort
 from tests.support.fakes import ARN, VALUE, FakePort, FakeSink, body, settle
@@ -261,7 +262,7 @@ async def test_draining_serves_what_is_held_and_never_calls_aws() -> None:
         if port.gate is not None:
             port.gate.set()
         await engine.close()
-    assert list(engine.values()) == []
+    assert [e for e in engine.entries() if e.held.value is not None] == []
 
 
 # --- 5. no value through repr ------------------------------------------------------------------------------
@@ -290,7 +291,7 @@ def test_pytest_assertion_output_shows_no_value(tmp_path: Path) -> None:
         textwrap.dedent(
             """
             import os
-            from connector_credentials.core.engine import Served
+            from connector_credentials.core.entry import Served
             from connector_credentials.api.values import SecretValue
             from connector_credentials.api.wire import render_credential
             import datetime
