@@ -655,12 +655,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_operator(env: Env, namespace: str, token: str, workdir: Path, metrics_port: int | None = None) -> Any:
-    """The console script as deployed: production logging; /metrics on (loopback) when a port is given."""
+def start_operator(
+    env: Env, namespace: str, token: str, workdir: Path, metrics_port: int | None = None, **settings: str
+) -> Any:
+    """The console script as deployed: production logging; /metrics on (loopback) when a port is given;
+    ``settings``: more CCRED_* variables."""
     from tests.support.awsemu import irsa_env
     from tests.support.runner import OperatorProcess, console_script
 
-    extra_env = {"CCRED_SHUTDOWN_DRAIN": "0"}
+    extra_env = {"CCRED_SHUTDOWN_DRAIN": "0", **settings}
     if metrics_port is not None:
         extra_env["CCRED_METRICS_BIND_ADDRESS"] = f"127.0.0.1:{metrics_port}"
 

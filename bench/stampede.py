@@ -3,7 +3,8 @@
 N credentials are declared; the operator starts; as soon as ``/healthz`` answers 200 the
 controller reads all N through the socket (the client library), twice, each time against a
 freshly started operator: on 64 keep-alive connections (each reading its share in turn), and
-with all N reads in flight at once. AWS answers every call 50 ms late (a rule at the AWS proxy).
+with all N reads in flight at once (on N connections: CCRED_MAX_CONNECTIONS is raised to fit).
+AWS answers every call 50 ms late (a rule at the AWS proxy).
 
 Measured: every answer's status; p50 and max latency; the time from ``/healthz`` to the last
 answer, against the bare floor of the same run (the same reads, ``ceil(N/20)``
@@ -80,7 +81,10 @@ def measure(
     """One stampede against a freshly started operator (``scale``: bench/scale.py, for its helpers)."""
     result = Stampede(mode)
     slow = env.proxy.latency(AWS_LATENCY)
-    operator = scale.start_operator(env, namespace, token, workdir)
+    # All N at once are more connections than the default CCRED_MAX_CONNECTIONS (256): as a controller
+    # that opens that many would, the limit is raised (else connections past it push out idle ones).
+    room = {"CCRED_MAX_CONNECTIONS": str(max(256, 2 * len(names)))} if mode == "all" else {}
+    operator = scale.start_operator(env, namespace, token, workdir, **room)
     socket_path = str(workdir / "c.sock")
     try:
         t0 = time.monotonic()
