@@ -220,3 +220,25 @@ def test_a_status_write_refused_by_rbac_is_logged_once_and_not_retried_hot(world
     # This test breaks the RBAC on purpose: the 403 is the point, not a defect.
     world.operators.clear()
     operator.stop()
+
+
+def test_a_refused_event_does_not_hold_back_the_next_status_write(world: World) -> None:
+    # #17, defect 6: the status writer slept a whole refreshInterval (here 5 minutes) after a
+    # refused Event before it wrote anything else, so a new verdict stayed invisible meanwhile.
+    role = next(doc for doc in shipped_rbac(world.namespace) if doc["kind"] == "Role")
+    role["rules"] = [rule for rule in role["rules"] if "events" not in rule["resources"]]
+    world.cluster.apply("rbac.authorization.k8s.io/v1/roles", world.namespace, role)
+    spec = {"secretArn": world.secret("slack"), "refreshInterval": "5m"}
+    world.apply("slack", spec)
+    operator = world.start_operator(extra_env=FAST)
+    world.wait_reason("slack", "AccessVerified")
+    operator.wait_for_log("Writing the Event of", timeout=10)
+    # A spec edit the status must answer at once: the secret is plain text, so no jsonKey is found.
+    world.update_spec("slack", {**spec, "jsonKey": "api_token"})
+    world.wait_reason("slack", "JsonKeyNotFound", timeout=15)
+    refusals = [line for line in operator.output.splitlines() if "Writing the Event of" in line]
+    assert len(refusals) == 1, refusals  # the second transition's Event is refused too, and not logged again
+    assert "retrying every 300s" in refusals[0]
+    # This test breaks the RBAC on purpose: the 403 is the point, not a defect.
+    world.operators.clear()
+    operator.stop()

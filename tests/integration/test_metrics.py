@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -104,13 +103,3 @@ def test_zero_turns_the_endpoint_off(world: World) -> None:
     assert "Prometheus" not in operator.output
     assert operator.pid is not None
     assert listening_ports(operator.pid) == set()
-
-
-def test_a_port_in_use_stops_the_operator_with_words(world: World) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen(1)
-        port = taken.getsockname()[1]
-        operator = world.start_operator(extra_env={"CCRED_METRICS_BIND_ADDRESS": f"127.0.0.1:{port}"}, wait=False)
-        assert operator.wait(timeout=20) == 1
-    assert f"cannot serve metrics on 127.0.0.1:{port}" in operator.output

@@ -40,10 +40,15 @@ EXTERNAL_ID_PATTERN = r"^[A-Za-z0-9_+=,.@:/-]+$"
 
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-_PARTITION = re.compile(r"^aws(-[a-z]+)*$")
-_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-[0-9]+$")
-_ACCOUNT = re.compile(r"^[0-9]{12}$")
-_SECRET_NAME = re.compile(r"^[A-Za-z0-9/_+=.@-]{1,512}$")
+# Partitions and regions are checked by shape, not against a list: every one botocore knows
+# (aws, aws-cn, aws-us-gov, aws-iso-b, aws-eusc's eusc-de-east-1, ...) fits, and a new region
+# needs no release of the operator. tests/unit/api/test_models.py holds them to botocore's data
+# (the api layer may not import botocore: .importlinter). \Z, not $, here and below: $ lets a
+# trailing newline through.
+_PARTITION = re.compile(r"\Aaws(-[a-z]+)*\Z")
+_REGION = re.compile(r"\A[a-z]{2,}(-[a-z]+)+-[0-9]+\Z")
+_ACCOUNT = re.compile(r"\A[0-9]{12}\Z")
+_SECRET_NAME = re.compile(r"\A[A-Za-z0-9/_+=.@-]{1,512}\Z")
 
 
 class InvalidSpecError(ValueError):

@@ -29,6 +29,8 @@ def run(options: dict[str, Any]) -> None:
     """Run the operator and the credential server with these command-line options."""
     memory.limit_malloc_arenas()  # before any thread starts
     settings = settings_from(options)
+    if settings.liveness:
+        liveness_address(settings.liveness)  # a URL kopf would fail on is a usage error, before anything starts
     clash = _port_clash(settings)
     if clash:
         raise click.UsageError(clash)
@@ -60,17 +62,12 @@ def settings_from(options: dict[str, Any]) -> OperatorSettings:
 
 def _port_clash(settings: OperatorSettings) -> str | None:
     """Why the metrics and kopf's liveness endpoint cannot both listen as set, or ``None``."""
-    from urllib.parse import urlsplit
-
     from connector_credentials.config.settings import parse_bind_address
 
     bind = parse_bind_address(settings.metrics_bind_address)
     if bind is None or not bind[1] or not settings.liveness:
         return None
-    try:
-        liveness_port = urlsplit(settings.liveness).port
-    except ValueError:
-        return None
+    _, liveness_port = liveness_address(settings.liveness)
     if liveness_port != bind[1]:
         return None
     return (
@@ -78,6 +75,41 @@ def _port_clash(settings: OperatorSettings) -> str | None:
         f"same port {liveness_port}: move one of them (e.g. --metrics-bind-address=:8081), or set "
         "--metrics-bind-address=0 to turn the metrics off"
     )
+
+
+def liveness_address(url: str) -> tuple[str, int]:
+    """Where kopf's liveness endpoint will listen for ``--liveness URL``: its host and port, read
+    as kopf reads them (``kopf._core.engines.probing``: http only, localhost and port 80 by default)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise click.UsageError(f"--liveness {url!r} is not a URL: {exc}") from None
+    if parts.scheme != "http":
+        raise click.UsageError(f"--liveness {url!r}: only http:// URLs are served, e.g. http://0.0.0.0:8080/healthz")
+    return parts.hostname or "localhost", port or 80
+
+
+async def _check_liveness_port(url: str) -> None:
+    """Stop with one line naming the setting if kopf's liveness endpoint cannot listen where it is told.
+
+    kopf binds it only once the CRD is served, and a port in use then ends kopf with a traceback
+    of its own. So the address is bound here first, the same way (asyncio's create_server, as
+    aiohttp's TCPSite does), and released at once. A process taking the port in between still
+    gets kopf's traceback: this check is for the common case, a port taken before the start.
+    """
+    host, port = liveness_address(url)
+    try:
+        probe = await asyncio.get_running_loop().create_server(asyncio.Protocol, host, port, reuse_address=True)
+    except OSError as exc:
+        raise click.ClickException(
+            f"cannot serve the liveness endpoint on {url}: {exc} "
+            "(set --liveness / CCRED_LIVENESS to another port, and the probe's port with it)"
+        ) from None
+    probe.close()
+    await probe.wait_closed()
 
 
 class LoopUnavailable(click.ClickException):
@@ -123,6 +155,8 @@ async def _run(settings: OperatorSettings, why: str) -> None:
 
     redacting = logs.configure(verbose=settings.verbose, debug=settings.debug)
     logger.info("Running on %s (%s).", _loop_name(), why)
+    if settings.liveness:
+        await _check_liveness_port(settings.liveness)  # before anything of ours listens or logs in
     try:
         sink = KubeStatusSink()
     except (kopf.LoginError, OSError) as exc:  # OSError: e.g. the CA file of the kubeconfig

@@ -4,11 +4,13 @@ It computes the desired status from a verdict, queues one Event per transition, 
 both through a :class:`StatusSink` until the API accepts them: conflicts (409) are settled by
 re-reading the object, transient API failures are retried with backoff, and answers that a
 retry cannot fix (403, 404 on Events, 422) are logged once and retried at the refresh interval.
+Status writes and Events are retried at their own pace: a refused Event never delays a status write.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import logging
 from collections.abc import Callable
@@ -69,8 +71,20 @@ class Reporting:
     pending_events: list[tuple[bool, str, str]] = field(default_factory=list)
     #: The last verdict (reason, ready) an Event was queued for.
     reported: tuple[str, bool] | None = None
-    #: (what, HTTP status) of the last write refused for good: logged once, not every retry.
-    refused: tuple[str, int] | None = None
+    #: The HTTP status of the last write refused for good, by what ("status", "Event"): logged once,
+    #: not every retry. Kept per kind: a status write that succeeds says nothing about Events.
+    refused: dict[str, int] = field(default_factory=dict)
+    #: Set when new work is queued, so that a flush waiting out an Event's retry writes it at once.
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class _Pace:
+    """When writes of one kind (status or Event) may be tried again, and how many failed in a row."""
+
+    what: str
+    due: float = 0.0
+    failures: int = 0
 
 
 class StatusWriter:
@@ -174,61 +188,110 @@ class StatusWriter:
             entry.reporting.task = asyncio.get_running_loop().create_task(
                 self._flush(entry), name=f"ccred-status:{entry.namespace}/{entry.name}"
             )
+        else:
+            entry.reporting.wake.set()  # the flush may be waiting out an Event's retry: write the status now
 
     # --- writing ----------------------------------------------------------------------------
 
     async def _flush(self, entry: Entry) -> None:
-        """Write the latest desired status (and events) until the API accepts them."""
+        """Write the latest desired status, then the Events, until the API accepts them.
+
+        Status writes and Events are paced apart, each with its own retry delay: an Event the API
+        refuses (no ``events/create``, an events quota, a terminating namespace) waits for its own
+        retry and never delays a status write. An Event still waits for the status write queued
+        before it: a replica that loses the race to write learns it from the 409 and drops its Event.
+        """
         state = entry.reporting
-        attempt = 0
+        loop = asyncio.get_running_loop()
+        status, events = _Pace("status"), _Pace("Event")
         while state.pending_status is not None or state.pending_events:
-            patch = state.pending_status
-            event = state.pending_events[0] if state.pending_events else None
-            what = "status"
+            state.wake.clear()
+            now = loop.time()
+            if state.pending_status is not None:
+                if now >= status.due:
+                    if not await self._write_status(entry, status):
+                        return  # the object is gone: the credential is forgotten
+                    continue
+                due = status.due
+            elif now >= events.due:
+                await self._post_event(entry, events)
+                continue
+            else:
+                due = events.due
+            # Until the earlier retry is due, or new work is queued (report() sets wake).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(due - now):
+                    await state.wake.wait()
+
+    async def _write_status(self, entry: Entry, pace: _Pace) -> bool:
+        """One attempt at the pending status patch; ``False`` if the object turned out to be gone."""
+        state = entry.reporting
+        patch = state.pending_status
+        if patch is None:
+            return True
+        # The Event queued with this write is ours once the write is accepted, even if it leaves the
+        # queue meanwhile: the watch may show our own write before its answer comes, and observed()
+        # cannot tell it from another replica's (a 409 would: then _reconsider decides).
+        head = state.pending_events[0] if state.pending_events else None
+        try:
             try:
-                if patch is not None:
-                    try:
-                        body = await self._sink.patch_status(
-                            entry.namespace, entry.name, patch, entry.api.resource_version
-                        )
-                    except StatusConflict:
-                        self._on_write("conflict")
-                        # Someone wrote first (another replica, a spec edit): decide again from
-                        # what the API says now. If it already says our verdict, so does its Event.
-                        logger.info(
-                            "The status of %s/%s changed since it was read (HTTP 409 Conflict); re-reading it.",
-                            *entry.key,
-                        )
-                        await self._reconsider(entry)
-                        continue
-                    self._on_write("ok" if body is not None else "gone")
-                    if state.pending_status is patch:
-                        state.pending_status = None
-                    if body is None:
-                        # Gone, though no DELETED event came (e.g. deleted while the watch was down).
-                        state.pending_events.clear()
-                        state.task = None  # this task: do not cancel it from remove()
-                        self._forget(entry)
-                        return
-                    self._accepted(entry, body)
-                    # The whole object (managedFields and all): not to be held while an Event waits.
-                    body = None
-                if event is not None:
-                    what = "Event"
-                    warning, reason, message = event
-                    await self._sink.post_event(
-                        entry.namespace, entry.name, entry.api.uid, warning=warning, reason=reason, message=message
-                    )
-                    if state.pending_events and state.pending_events[0] is event:
-                        state.pending_events.pop(0)
-                attempt, state.refused = 0, None
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - any API failure is retried
-                if what == "status":
-                    self._on_write("failed")
-                attempt += 1
-                await asyncio.sleep(self._after_failure(entry, what, exc, attempt))
+                body = await self._sink.patch_status(entry.namespace, entry.name, patch, entry.api.resource_version)
+            except StatusConflict:
+                self._on_write("conflict")
+                # Someone wrote first (another replica, a spec edit): decide again from
+                # what the API says now. If it already says our verdict, so does its Event.
+                logger.info(
+                    "The status of %s/%s changed since it was read (HTTP 409 Conflict); re-reading it.", *entry.key
+                )
+                await self._reconsider(entry)
+                return True
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any API failure is retried
+            self._on_write("failed")
+            self._failed(entry, pace, exc)
+            return True
+        self._on_write("ok" if body is not None else "gone")
+        self._succeeded(entry, pace)
+        if state.pending_status is patch:
+            state.pending_status = None
+        if body is None:
+            # Gone, though no DELETED event came (e.g. deleted while the watch was down).
+            state.pending_events.clear()
+            state.task = None  # this task: do not cancel it from remove()
+            self._forget(entry)
+            return False
+        if head is not None and not any(queued is head for queued in state.pending_events):
+            state.pending_events.insert(0, head)
+        self._accepted(entry, body)
+        return True
+
+    async def _post_event(self, entry: Entry, pace: _Pace) -> None:
+        """One attempt at the oldest Event queued."""
+        state = entry.reporting
+        event = state.pending_events[0]
+        warning, reason, message = event
+        try:
+            await self._sink.post_event(
+                entry.namespace, entry.name, entry.api.uid, warning=warning, reason=reason, message=message
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any API failure is retried
+            self._failed(entry, pace, exc)
+            return
+        self._succeeded(entry, pace)
+        if state.pending_events and state.pending_events[0] is event:
+            state.pending_events.pop(0)
+
+    def _failed(self, entry: Entry, pace: _Pace, exc: Exception) -> None:
+        pace.failures += 1
+        pace.due = asyncio.get_running_loop().time() + self._after_failure(entry, pace.what, exc, pace.failures)
+
+    @staticmethod
+    def _succeeded(entry: Entry, pace: _Pace) -> None:
+        pace.failures, pace.due = 0, 0.0
+        entry.reporting.refused.pop(pace.what, None)
 
     def _accepted(self, entry: Entry, body: dict[str, Any]) -> None:
         status = body.get("status")
@@ -249,7 +312,7 @@ class StatusWriter:
         if isinstance(status, int) and 400 <= status < 500 and status not in (409, 429):
             # Forbidden (RBAC), NotFound (Events), Invalid (422): retrying in seconds cannot help.
             delay = self._interval_of(entry)
-            if entry.reporting.refused != (what, status):
+            if entry.reporting.refused.get(what) != status:
                 logger.error(
                     "Writing the %s of %s/%s was refused (%s); retrying every %.0fs. Check the operator's RBAC "
                     "and the object.",
@@ -258,7 +321,7 @@ class StatusWriter:
                     _short_error(exc),
                     delay,
                 )
-                entry.reporting.refused = (what, status)
+                entry.reporting.refused[what] = status
             return delay
         delay = capped_doubling(RETRY_BASE, RETRY_CAP, attempt)
         logger.warning(

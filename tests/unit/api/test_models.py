@@ -12,14 +12,15 @@ from connector_credentials.api.models import (
     format_duration,
     parse_duration,
     parse_spec,
+    region_of,
 )
 
 ARN = "arn:aws:secretsmanager:us-east-1:123456789012:secret:xpander/prod/slack-AbCdEf"
 
-regions = st.from_regex(r"\A[a-z]{2}(-[a-z]{3,9}){1,2}-[1-9]\Z")
+regions = st.from_regex(r"\A[a-z]{2,4}(-[a-z]{2,9}){1,2}-[1-9]\Z")
 accounts = st.from_regex(r"\A[0-9]{12}\Z")
 names = st.from_regex(r"\A[A-Za-z0-9/_+=.@-]{1,64}\Z")
-partitions = st.sampled_from(["aws", "aws-cn", "aws-us-gov"])
+partitions = st.sampled_from(["aws", "aws-cn", "aws-us-gov", "aws-eusc", "aws-iso-b"])
 
 
 @given(partitions, regions, accounts, names)
@@ -51,12 +52,86 @@ def test_arbitrary_text_is_rejected_with_an_error_or_parses(text: str) -> None:
         ("arn:aws:secretsmanager:us-east-1:123456789012:parameter:x", "must name a secret"),
         ("arn:aws:secretsmanager:us-east-1:123456789012:secret:bad name", "invalid secret name"),
         ("arn:nope:secretsmanager:us-east-1:123456789012:secret:x", "unknown partition"),
+        ("arn:aws:secretsmanager:us-east-1:123456789012\n:secret:x", "12-digit account"),
+        ("arn:aws:secretsmanager:us-east-1:123456789012:secret:x\n", "invalid secret name"),
         ("not-an-arn", "is not an ARN"),
     ],
 )
 def test_wrong_arns_say_which_part_is_wrong(arn: str, expected: str) -> None:
     with pytest.raises(InvalidSpecError, match=re.escape(expected)):
         SecretArn.parse(arn)
+
+
+def _botocore_regions() -> list[tuple[str, str]]:
+    """Every (partition, region) botocore knows, from its partitions data (botocore is installed
+    with the operator; the api layer itself may not import it, see .importlinter)."""
+    from botocore.loaders import create_loader
+
+    found = []
+    for partition in create_loader().load_data("partitions")["partitions"]:
+        for region in partition["regions"]:
+            # aws-global, aws-cn-global, ...: names of global endpoints, not regions a secret lives in.
+            if region != f"{partition['id']}-global":
+                found.append((partition["id"], region))
+    return found
+
+
+BOTOCORE_REGIONS = _botocore_regions()
+
+
+def test_botocore_knows_the_partitions_this_test_is_about() -> None:
+    # If botocore's data ever moved, the test below would pass over nothing.
+    assert ("aws", "us-east-1") in BOTOCORE_REGIONS
+    assert ("aws-eusc", "eusc-de-east-1") in BOTOCORE_REGIONS  # the AWS European Sovereign Cloud
+    assert len({partition for partition, _ in BOTOCORE_REGIONS}) >= 8
+
+
+@pytest.mark.parametrize(("partition", "region"), BOTOCORE_REGIONS)
+def test_every_partition_and_region_botocore_knows_is_accepted(partition: str, region: str) -> None:
+    arn = f"arn:{partition}:secretsmanager:{region}:123456789012:secret:name-AbCdEf"
+    parsed = SecretArn.parse(arn)
+    assert (parsed.partition, parsed.region) == (partition, region)
+    assert region_of(arn) == region
+    assert parse_spec({"secretArn": arn}).arn == parsed
+
+
+def test_the_european_sovereign_cloud_is_accepted() -> None:
+    # #17, defect 8: refused as InvalidSpec ("no valid region") before.
+    spec = parse_spec({"secretArn": "arn:aws-eusc:secretsmanager:eusc-de-east-1:123456789012:secret:name-AbCdEf"})
+    assert (spec.arn.partition, spec.arn.region) == ("aws-eusc", "eusc-de-east-1")
+
+
+@pytest.mark.parametrize(
+    "region",
+    [
+        "useast1",
+        "US-EAST-1",
+        "us-east",
+        "us-east-1a",  # an availability zone
+        "us-east-1-",
+        "-us-east-1",
+        "us--east-1",
+        "u-east-1",
+        "east-1",
+        "us_east_1",
+        "us-east-x",
+        "eusc-de-east",
+        "us-east1",
+        "us-east-1\n",
+        "",
+    ],
+)
+def test_malformed_regions_are_refused(region: str) -> None:
+    arn = f"arn:aws:secretsmanager:{region}:123456789012:secret:name-AbCdEf"
+    with pytest.raises(InvalidSpecError, match="no valid region"):
+        SecretArn.parse(arn)
+    assert region_of(arn) is None
+
+
+@pytest.mark.parametrize("partition", ["AWS", "aws1", "aws-", "aws--cn", "aws-eu sc", "amazon", "aws_cn", "aws\n", ""])
+def test_malformed_partitions_are_refused(partition: str) -> None:
+    with pytest.raises(InvalidSpecError, match="unknown partition"):
+        SecretArn.parse(f"arn:{partition}:secretsmanager:us-east-1:123456789012:secret:name-AbCdEf")
 
 
 @pytest.mark.parametrize(

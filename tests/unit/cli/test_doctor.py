@@ -177,6 +177,15 @@ def test_regions_come_from_the_arns_and_a_missing_one_fails() -> None:
     assert regions_check(None).result == regions_check([]).result == SKIP
 
 
+def test_doctor_reads_the_european_sovereign_cloud_region() -> None:
+    # #17, defect 8: doctor shares the operator's ARN rules, and failed this ARN as "no valid region".
+    arn = "arn:aws-eusc:secretsmanager:eusc-de-east-1:123456789012:secret:name-AbCdEf"
+    eusc = Declared("ns", "c", {"secretArn": arn})
+    check = regions_check([eusc])
+    assert check.result == PASS, check.detail
+    assert check.detail.startswith("secrets are read in eusc-de-east-1")
+
+
 def test_names_select_by_name_or_namespace_and_name() -> None:
     items = [item("b"), item("a"), {"metadata": {"namespace": "ns", "name": "gone", "deletionTimestamp": "x"}}]
     assert [d.name for d in select(items, [])[0]] == ["a", "b"]

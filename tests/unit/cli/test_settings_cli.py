@@ -106,3 +106,38 @@ def test_backoff_settings_take_units_or_seconds(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("CCRED_SERVE_WAIT", "500ms")
     settings = OperatorSettings()
     assert (settings.backoff_cap, settings.backoff_base, settings.serve_wait) == (120, 0.5, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("url", "address"),
+    [
+        ("http://0.0.0.0:8080/healthz", ("0.0.0.0", 8080)),
+        ("http://127.0.0.1:9000", ("127.0.0.1", 9000)),
+        ("http://[::1]:8080/healthz", ("::1", 8080)),
+        ("http:///healthz", ("localhost", 80)),  # as kopf reads it
+    ],
+)
+def test_the_liveness_address_is_read_as_kopf_reads_it(url: str, address: tuple[str, int]) -> None:
+    from connector_credentials.cli.operate import liveness_address
+
+    assert liveness_address(url) == address
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("https://0.0.0.0:8080/healthz", "only http:// URLs"),
+        ("0.0.0.0:8080", "only http:// URLs"),
+        ("http://0.0.0.0:port/healthz", "is not a URL"),
+        ("http://0.0.0.0:70000/healthz", "is not a URL"),
+    ],
+)
+def test_a_liveness_url_kopf_cannot_serve_is_a_usage_error(
+    monkeypatch: pytest.MonkeyPatch, url: str, message: str
+) -> None:
+    # kopf would raise on it with a traceback once the CRD is served; here it stops the start, in one line.
+    monkeypatch.setenv("CCRED_METRICS_BIND_ADDRESS", "0")
+    result = CliRunner().invoke(main, ["run", "--liveness", url])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output

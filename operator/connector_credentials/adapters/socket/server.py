@@ -72,6 +72,17 @@ class _Handler(RequestHandler):
     A refused peer gets :data:`_REFUSAL` and the end of the stream at once; what it sends is
     read and dropped, and it is closed when it closes its end (or after ``CCRED_HEADER_TIMEOUT``).
     Reading on to the peer's end lets it read the 403 instead of a reset.
+
+    Two private attributes of aiohttp's ``RequestHandler`` are read, because aiohttp has no public
+    hook for either: ``_request_count`` (request heads the parser completed: the request arrived,
+    so the head deadline stops and the connection is busy) and ``_messages`` (requests parsed and
+    not handled yet: an answered connection with pipelined requests is still busy). A request
+    handler or request factory would only learn of a request when aiohttp takes it out of the
+    queue, after a pipelined one waited there counted as idle (closable to make room) and without
+    a head deadline. aiohttp is pinned in constraints.txt for this reason (docs/design.md, "The
+    socket borrows two private attributes of aiohttp"), and
+    tests/unit/adapters/test_socket_handler.py fails if either changes name or meaning.
+    Everything else used here is public, the loop included (our own reference, not aiohttp's).
     """
 
     def __init__(
@@ -79,6 +90,7 @@ class _Handler(RequestHandler):
     ) -> None:
         super().__init__(manager, loop=loop, **kwargs)
         self._policy = policy
+        self._event_loop = loop
         self._refused: asyncio.Transport | None = None
         self._discarded = 0
         self._head_timer: asyncio.TimerHandle | None = None
@@ -102,7 +114,7 @@ class _Handler(RequestHandler):
         transport.write(_REFUSAL)
         if not transport.is_closing() and transport.can_write_eof():
             transport.write_eof()
-        self._head_timer = self._loop.call_later(self._policy.header_timeout, self.evict)
+        self._head_timer = self._event_loop.call_later(self._policy.header_timeout, self.evict)
 
     def data_received(self, data: bytes) -> None:
         if self._refused is not None:
@@ -110,7 +122,7 @@ class _Handler(RequestHandler):
             if self._discarded > _DISCARD_LIMIT:
                 self.evict()
             return
-        parsed = self._request_count
+        parsed = self._request_count  # private (see the class): no public hook says a head was parsed
         super().data_received(data)
         if self._request_count != parsed:
             # A complete request head (or a parse error, answered 400): in flight until answered.
@@ -121,7 +133,7 @@ class _Handler(RequestHandler):
 
     def answered(self) -> None:
         """The handler returned: idle again unless pipelined requests wait."""
-        if not self._messages:
+        if not self._messages:  # private (see the class): requests parsed, not handled yet
             self._policy.table.idle(self)
 
     def evict(self) -> None:
@@ -138,7 +150,7 @@ class _Handler(RequestHandler):
         super().connection_lost(exc)
 
     def _arm_head_timer(self) -> None:
-        self._head_timer = self._loop.call_later(self._policy.header_timeout, self._head_timed_out)
+        self._head_timer = self._event_loop.call_later(self._policy.header_timeout, self._head_timed_out)
 
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:
@@ -168,12 +180,18 @@ class _Handler(RequestHandler):
 
 
 class _Server(web.Server):
-    def __init__(self, handler: Any, *, policy: ConnectionPolicy, **kwargs: Any) -> None:
-        super().__init__(handler, **kwargs)
+    """aiohttp's low-level server, making :class:`_Handler` connections. ``options`` are the
+    connection handler's (``RequestHandler``'s: limits, keep-alive, logging); the server keeps its
+    own copies of them and of the loop, rather than reading ``web.Server``'s private ones."""
+
+    def __init__(self, handler: Any, *, policy: ConnectionPolicy, **options: Any) -> None:
+        super().__init__(handler, **options)
         self.policy = policy
+        self._handler_loop = asyncio.get_running_loop()
+        self._handler_options = options
 
     def __call__(self) -> RequestHandler:
-        return _Handler(self, policy=self.policy, loop=self._loop, **self._kwargs)
+        return _Handler(self, policy=self.policy, loop=self._handler_loop, **self._handler_options)
 
 
 class SocketInUseError(RuntimeError):
