@@ -24,6 +24,7 @@ from connector_credentials.api.conditions import (
     same_condition,
     set_condition,
 )
+from connector_credentials.core.supervise import supervise
 from connector_credentials.core.timing import capped_doubling
 
 if TYPE_CHECKING:
@@ -185,8 +186,12 @@ class StatusWriter:
     def _ensure_flushing(self, entry: Entry) -> None:
         task = entry.reporting.task
         if task is None or task.done():
+            # Supervised: a bug in the loop is logged and the flush starts again; the status is not
+            # silently left unwritten for the process's life.
+            what = f"Writing the status of {entry.namespace}/{entry.name}"
             entry.reporting.task = asyncio.get_running_loop().create_task(
-                self._flush(entry), name=f"ccred-status:{entry.namespace}/{entry.name}"
+                supervise(what, lambda: self._flush(entry), log=logger),
+                name=f"ccred-status:{entry.namespace}/{entry.name}",
             )
         else:
             entry.reporting.wake.set()  # the flush may be waiting out an Event's retry: write the status now

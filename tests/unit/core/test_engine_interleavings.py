@@ -222,3 +222,34 @@ async def test_a_bug_while_applying_an_answer_does_not_stop_the_schedule(caplog:
         assert any("failed unexpectedly (RuntimeError" in r.getMessage() for r in caplog.records)
     finally:
         await engine.close()
+
+
+async def test_a_bug_in_the_status_writer_is_logged_and_the_write_still_lands(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Defect 1's class: a status writer that dies (as the backoff overflow killed it) leaves the
+    status unwritten for the process's life. Supervised, it is logged and started again."""
+    sink = FakeSink()
+    sink.fail_next = 1
+    engine = Engine(settings(), FakePort(), sink)
+    engine.synced.set()
+    writer = engine._writer
+    original = writer._after_failure
+    failures: list[int] = []
+
+    def broken(*args: Any, **kwargs: Any) -> float:
+        failures.append(1)
+        if len(failures) == 1:
+            raise OverflowError("a bug in the retry arithmetic")
+        return original(*args, **kwargs)
+
+    writer._after_failure = broken  # type: ignore[method-assign]
+    try:
+        engine.upsert(credential("slack", {"secretArn": secret("s")}))
+        await until(lambda: ("team-a", "slack") in sink.objects and bool(sink.objects["team-a", "slack"]["status"]), 10)
+        assert any(
+            "Writing the status of team-a/slack failed unexpectedly (OverflowError" in r.getMessage()
+            for r in caplog.records
+        )
+    finally:
+        await engine.close()
