@@ -265,6 +265,8 @@ class ControlPlane(Service):
 
     def stop_apiserver(self, timeout: float = 10.0) -> None:
         """Stop kube-apiserver alone: etcd keeps running, every client's requests and watches fail."""
+        if len(self._procs) != 2:
+            raise RuntimeError("kube-apiserver is not running")
         proc = self._procs.pop()  # started after etcd: the last one
         proc.terminate()
         try:
@@ -280,6 +282,8 @@ class ControlPlane(Service):
         Its watch cache starts empty at the store's current revision, so a watch resumed from an
         older resourceVersion is answered 410 Gone, and a client has to list again.
         """
+        if len(self._procs) != 1:
+            raise RuntimeError("start_apiserver() restarts a kube-apiserver stopped by stop_apiserver()")
         self._spawn("kube-apiserver", self._apiserver_command, mode="ab")
         self._wait_ready(deadline=time.monotonic() + timeout)
 
