@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import datetime
 import ipaddress
+import json
 import os
 import shutil
 import signal
@@ -25,7 +26,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import IO, Self
+from typing import IO, Any, Self
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -179,6 +180,7 @@ class ControlPlane(Service):
         self.etcd_port = self.api_port = 0
         self._procs: list[subprocess.Popen[bytes]] = []
         self._logs: list[IO[bytes]] = []
+        self._apiserver_command: list[str] = []
         self.started_in = 0.0
 
     @property
@@ -216,29 +218,27 @@ class ControlPlane(Service):
                     "--log-level=warn",
                 ],
             )
-            self._spawn(
-                "kube-apiserver",
-                [
-                    str(bin_dir / "kube-apiserver"),
-                    f"--etcd-servers=http://127.0.0.1:{self.etcd_port}",
-                    "--bind-address=127.0.0.1",
-                    "--advertise-address=127.0.0.1",
-                    f"--secure-port={self.api_port}",
-                    f"--cert-dir={self.workdir / 'certs'}",
-                    f"--tls-cert-file={serving[0]}",
-                    f"--tls-private-key-file={serving[1]}",
-                    f"--client-ca-file={pki.ca_file}",
-                    f"--service-account-issuer=https://127.0.0.1:{self.api_port}",
-                    f"--service-account-key-file={sa_public}",
-                    f"--service-account-signing-key-file={sa_private}",
-                    "--authorization-mode=RBAC",
-                    "--service-cluster-ip-range=10.96.0.0/24",
-                    # No kubelets or Services to reconcile: the loopback address would be refused anyway.
-                    "--endpoint-reconciler-type=none",
-                    "--profiling=false",
-                    "--v=1",
-                ],
-            )
+            self._apiserver_command = [
+                str(bin_dir / "kube-apiserver"),
+                f"--etcd-servers=http://127.0.0.1:{self.etcd_port}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={self.api_port}",
+                f"--cert-dir={self.workdir / 'certs'}",
+                f"--tls-cert-file={serving[0]}",
+                f"--tls-private-key-file={serving[1]}",
+                f"--client-ca-file={pki.ca_file}",
+                f"--service-account-issuer=https://127.0.0.1:{self.api_port}",
+                f"--service-account-key-file={sa_public}",
+                f"--service-account-signing-key-file={sa_private}",
+                "--authorization-mode=RBAC",
+                "--service-cluster-ip-range=10.96.0.0/24",
+                # No kubelets or Services to reconcile: the loopback address would be refused anyway.
+                "--endpoint-reconciler-type=none",
+                "--profiling=false",
+                "--v=1",
+            ]
+            self._spawn("kube-apiserver", self._apiserver_command)
             self._wait_ready(deadline=began + timeout)
         except BaseException:
             self.stop()
@@ -247,8 +247,8 @@ class ControlPlane(Service):
         self._write_admin_kubeconfig()
         return self
 
-    def _spawn(self, name: str, command: list[str]) -> None:
-        log = (self.workdir / f"{name}.log").open("wb")
+    def _spawn(self, name: str, command: list[str], *, mode: str = "wb") -> None:
+        log = (self.workdir / f"{name}.log").open(mode)
         self._logs.append(log)
         self._procs.append(
             subprocess.Popen(
@@ -260,6 +260,46 @@ class ControlPlane(Service):
                 preexec_fn=_die_with_parent,  # noqa: PLW1509 - no threads run in the child before exec
             )
         )
+
+    # -- faults only a real control plane has ------------------------------------------------
+
+    def stop_apiserver(self, timeout: float = 10.0) -> None:
+        """Stop kube-apiserver alone: etcd keeps running, every client's requests and watches fail."""
+        if len(self._procs) != 2:
+            raise RuntimeError("kube-apiserver is not running")
+        proc = self._procs.pop()  # started after etcd: the last one
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+        self._logs.pop().close()
+
+    def start_apiserver(self, timeout: float = 60.0) -> None:
+        """Start kube-apiserver again, as it was (same port, keys and store): a restart as after a crash.
+
+        Its watch cache starts empty at the store's current revision, so a watch resumed from an
+        older resourceVersion is answered 410 Gone, and a client has to list again.
+        """
+        if len(self._procs) != 1:
+            raise RuntimeError("start_apiserver() restarts a kube-apiserver stopped by stop_apiserver()")
+        self._spawn("kube-apiserver", self._apiserver_command, mode="ab")
+        self._wait_ready(deadline=time.monotonic() + timeout)
+
+    def etcd(self, call: str, body: dict[str, Any]) -> dict[str, Any]:
+        """One call of etcd's v3 JSON API (its gRPC gateway), e.g. ``etcd("kv/deleterange", {...})``.
+
+        Keys and values are base64 in that API. Changing the store directly is how a test makes
+        something happen that no watch of the API server's can report.
+        """
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.etcd_port}/v3/{call}",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return dict(json.loads(answer.read()))
 
     def ssl_context(self) -> ssl.SSLContext:
         context = ssl.create_default_context(cafile=str(self.ca_file))
@@ -319,8 +359,6 @@ def kubeconfig(
     *, server: str, ca_file: Path | None, user: dict[str, str], name: str, namespace: str = "default"
 ) -> str:
     """A one-context kubeconfig (YAML is a superset of JSON: written as JSON)."""
-    import json
-
     cluster: dict[str, str] = {"server": server}
     if ca_file is not None and server.startswith("https:"):
         cluster["certificate-authority"] = str(ca_file)

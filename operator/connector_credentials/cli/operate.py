@@ -348,25 +348,45 @@ def _short(exc: BaseException) -> str:
 
 
 async def _sync(engine: Any, sink: Any, namespaces: list[str] | None) -> None:
-    """List the declared credentials once, so that an unknown name soon means "not declared".
+    """List the declared credentials at start, and again after each re-list of the watch.
 
-    The watch (kopf) keeps the engine current afterwards; until this listing lands, the
-    socket answers unknown names with 503 instead of a misleading 404.
+    At start, so that an unknown name soon means "not declared": until this listing lands, the
+    socket answers unknown names with 503 instead of a misleading 404. Then the watch (kopf)
+    keeps the engine current, except that a watch that could not resume lists again and sends
+    no DELETED for what vanished meanwhile: after each such re-list the credentials are listed
+    here again and the engine forgets what is not in the listing (docs/design.md).
     """
+    from connector_credentials.adapters.kube.handlers import relists
+
+    noticed = relists(engine)
     delay = 0.5
     while True:
-        count = 0
+        count, forgotten = 0, 0
+        listed: set[tuple[str, str]] = set()
         try:
             # A page at a time: each page is handed to the engine and dropped before the next.
             async for page in sink.credential_pages(namespaces):
-                for item in page:
+                for item in page.items:
                     engine.upsert(item)
-                count += len(page)
+                    meta = item.get("metadata") or {}
+                    listed.add((str(meta.get("namespace") or ""), str(meta.get("name") or "")))
+                count += len(page.items)
+                if page.last:  # one namespace's listing (or all namespaces'), at its own resourceVersion
+                    scope = None if page.namespace is None else [page.namespace]
+                    gone = engine.forget_unlisted(listed, page.resource_version, scope)
+                    noticed.forgotten(gone)
+                    forgotten += len(gone)
+                    listed = set()
         except Exception as exc:  # noqa: BLE001 - retried until the API answers (upserts are idempotent)
             logger.warning("Listing ConnectorCredentials failed (%s); retrying in %.0fs.", type(exc).__name__, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
             continue
-        engine.synced.set()
-        logger.info("Loaded %d declared credential(s).", count)
-        return
+        delay = 0.5
+        if not engine.synced.is_set():
+            engine.synced.set()
+            logger.info("Loaded %d declared credential(s).", count)
+        else:
+            logger.info("Listed %d declared credential(s) again; %d deleted meanwhile forgotten.", count, forgotten)
+        await noticed.settled()
+        logger.info("The watch listed the credentials again (it could not resume): listing them to find deletions.")

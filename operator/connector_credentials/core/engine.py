@@ -212,6 +212,30 @@ class Engine:
             self.redaction.discard(entry.held.value)
         entry.held.drop()
 
+    def forget_unlisted(self, listed: set[Key], list_version: str | None, namespaces: list[str] | None) -> list[Key]:
+        """Forget what a fresh listing of ``namespaces`` (``None``: all) no longer holds; return what was forgotten.
+
+        A watch that cannot resume is listed again, and a listing sends no DELETED for what
+        vanished while the watch was down. An entry missing from the listing is gone, unless it
+        was last seen at a resourceVersion newer than the listing's (it came after the snapshot).
+        Versions that are not numbers cannot be ordered: such an entry is kept.
+        """
+        gone: list[Key] = []
+        for key, entry in list(self._entries.items()):
+            if key in listed or (namespaces is not None and key[0] not in namespaces):
+                continue
+            try:
+                newer = int(entry.api.resource_version or "") > int(list_version or "")
+            except ValueError:
+                newer = True
+            if not newer:
+                logger.info(
+                    "%s/%s is not in a fresh listing of the API: it was deleted while the watch was down.", *key
+                )
+                self.remove(*key)
+                gone.append(key)
+        return gone
+
     # --- the schedule ------------------------------------------------------------------
 
     def interval(self, entry: Entry) -> float:

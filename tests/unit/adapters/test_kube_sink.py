@@ -281,9 +281,26 @@ async def test_list_credentials_per_namespace_or_everywhere(api: FakeApi, sink: 
 async def test_the_listing_comes_a_page_at_a_time(api: FakeApi, sink: KubeStatusSink) -> None:
     api.answer(200, {"metadata": {"continue": "tok/1+"}, "items": [{"metadata": {"name": "a"}}]})
     api.answer(200, {"metadata": {"continue": ""}, "items": [{"metadata": {"name": "b"}}]})
-    pages = [[i["metadata"]["name"] for i in page] async for page in sink.credential_pages(["ns1"], limit=1)]
+    pages = [[i["metadata"]["name"] for i in page.items] async for page in sink.credential_pages(["ns1"], limit=1)]
     assert pages == [["a"], ["b"]]
     assert [s.query for s in api.seen] == [{"limit": "1"}, {"limit": "1", "continue": "tok/1+"}]
+
+
+async def test_each_listing_says_where_it_ends_and_at_which_resource_version(
+    api: FakeApi, sink: KubeStatusSink
+) -> None:
+    # What the engine needs to forget what a listing lacks: its namespace, its snapshot, its end.
+    api.answer(200, {"metadata": {"continue": "tok", "resourceVersion": "41"}, "items": [{"metadata": {"name": "a"}}]})
+    api.answer(200, {"metadata": {"resourceVersion": "41"}, "items": [{"metadata": {"name": "b"}}]})
+    api.answer(200, {"metadata": {"resourceVersion": "57"}, "items": []})
+    api.answer(200, {"metadata": {"resourceVersion": "60"}, "items": [{"metadata": {"name": "c"}}]})
+    pages = [
+        (page.namespace, page.resource_version, page.last, len(page.items))
+        async for page in sink.credential_pages(["ns1", "ns2"], limit=1)
+    ]
+    assert pages == [("ns1", "41", False, 1), ("ns1", "41", True, 1), ("ns2", "57", True, 0)]
+    everywhere = [(page.namespace, page.resource_version, page.last) async for page in sink.credential_pages(None)]
+    assert everywhere == [(None, "60", True)]
 
 
 async def test_a_failed_listing_raises(api: FakeApi, sink: KubeStatusSink) -> None:

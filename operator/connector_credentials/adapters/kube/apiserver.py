@@ -55,6 +55,17 @@ Login = Callable[[], kopf.ConnectionInfo]
 Lane = Literal["status", "events", "listing"]
 
 
+@dataclasses.dataclass(frozen=True)
+class CredentialPage:
+    """One page of a listing: ``namespace`` is the one listed (``None``: all of them),
+    ``resource_version`` the listing's (the snapshot it shows), ``last`` whether it ends the listing."""
+
+    items: list[dict[str, Any]]
+    namespace: str | None
+    resource_version: str | None
+    last: bool
+
+
 class KubeApiError(Exception):
     """A non-2xx answer of the API server: ``status`` (the HTTP code), ``reason`` (its phrase)
     and ``message`` (the API server's explanation, from its Status object, shortened)."""
@@ -223,26 +234,37 @@ class KubeStatusSink:
 
     async def list_credentials(self, namespaces: list[str] | None) -> list[dict[str, Any]]:
         """Every ConnectorCredential in ``namespaces`` (``None``: all namespaces)."""
-        return [item async for page in self.credential_pages(namespaces) for item in page]
+        return [item async for page in self.credential_pages(namespaces) for item in page.items]
 
     async def credential_pages(
         self, namespaces: list[str] | None, *, limit: int = LIST_PAGE
-    ) -> AsyncIterator[list[dict[str, Any]]]:
-        """The same, a page at a time: at 10,000 objects a single listing is tens of MiB held at once."""
-        if namespaces is None:
-            paths = [f"/apis/{GROUP}/{VERSION}/{PLURAL}"]
-        else:
-            paths = [f"/apis/{GROUP}/{VERSION}/namespaces/{_quote(ns)}/{PLURAL}" for ns in namespaces]
-        for path in paths:
+    ) -> AsyncIterator[CredentialPage]:
+        """The same, a page at a time: at 10,000 objects a single listing is tens of MiB held at once.
+
+        One listing per namespace (or one of all namespaces), each a snapshot at its own
+        resourceVersion: the pages of one listing (``continue``) are read at the first one's.
+        """
+        scopes: list[str | None] = [None] if namespaces is None else list(namespaces)
+        for scope in scopes:
+            if scope is None:
+                path = f"/apis/{GROUP}/{VERSION}/{PLURAL}"
+            else:
+                path = f"/apis/{GROUP}/{VERSION}/namespaces/{_quote(scope)}/{PLURAL}"
             token: str | None = None
             while True:
                 query = f"?limit={limit}" + (f"&continue={urllib.parse.quote(token, safe='')}" if token else "")
                 answer = await self._request("GET", path + query, total=LIST_TIMEOUT, lane="listing")
-                if not isinstance(answer, dict):
-                    break
-                yield [item for item in answer.get("items") or [] if isinstance(item, dict)]
-                token = (answer.get("metadata") or {}).get("continue") or None
-                if not token:
+                meta = (answer.get("metadata") if isinstance(answer, dict) else None) or {}
+                token = meta.get("continue") or None
+                items = answer.get("items") if isinstance(answer, dict) else None
+                version = meta.get("resourceVersion")
+                yield CredentialPage(
+                    items=[item for item in items or [] if isinstance(item, dict)],
+                    namespace=scope,
+                    resource_version=version if isinstance(version, str) and version else None,
+                    last=token is None,
+                )
+                if token is None:
                     break
 
     async def close(self) -> None:

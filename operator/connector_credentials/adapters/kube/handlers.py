@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, cast
 
 import kopf
@@ -9,10 +10,24 @@ import kopf
 from connector_credentials.adapters.kube import apiserver
 from connector_credentials.api.models import ANNOTATION_PREFIX, GROUP, PLURAL, VERSION
 from connector_credentials.core.engine import Engine
+from connector_credentials.core.relists import Relists
+
+# Per engine, because the command line wires the handlers (register) and its own listing
+# (cli.operate._sync, which waits on it) apart, and both are handed only the engine.
+_RELISTS: weakref.WeakKeyDictionary[Engine, Relists] = weakref.WeakKeyDictionary()
+
+
+def relists(engine: Engine) -> Relists:
+    """The re-lists of the watch that feeds ``engine`` (docs/design.md, "A re-list forgets what it lacks")."""
+    found = _RELISTS.get(engine)
+    if found is None:
+        found = _RELISTS[engine] = Relists()
+    return found
 
 
 def register(registry: kopf.OperatorRegistry, engine: Engine) -> None:
     """Add this operator's handlers to ``registry``."""
+    noticed = relists(engine)
 
     @kopf.on.cleanup(registry=registry, id="drain")
     async def drain(**_: Any) -> None:
@@ -54,9 +69,12 @@ def register(registry: kopf.OperatorRegistry, engine: Engine) -> None:
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry, id="watch")
     async def on_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+        meta = body.get("metadata", {})
+        key = (str(meta.get("namespace", "")), str(meta.get("name", "")))
+        # Before the engine hears of it: whether it knew the object tells a re-list from a first sight.
+        noticed.saw(type, key, known=engine.get_entry(*key) is not None, synced=engine.synced.is_set())
         if type == "DELETED":
-            meta = body.get("metadata", {})
-            engine.remove(str(meta.get("namespace", "")), str(meta.get("name", "")))
+            engine.remove(*key)
         else:
             engine.upsert(_plain(body))
 
