@@ -152,6 +152,7 @@ async def _run(settings: OperatorSettings, why: str) -> None:
     from connector_credentials.cli import logs
     from connector_credentials.config.settings import parse_bind_address
     from connector_credentials.core.engine import Engine
+    from connector_credentials.core.relists import Relists
 
     redacting = logs.configure(verbose=settings.verbose, debug=settings.debug)
     logger.info("Running on %s (%s).", _loop_name(), why)
@@ -165,7 +166,8 @@ async def _run(settings: OperatorSettings, why: str) -> None:
     engine = Engine(settings, Boto3SecretsPort(settings, instrument=metrics.instrument_client), sink, metrics=metrics)
     redacting.index = engine.redaction  # before the engine holds anything: no value is ever logged unmasked
     registry = kopf.OperatorRegistry()
-    handlers.register(registry, engine)
+    relisted = Relists()  # the watch's re-lists, noticed by the handlers, acted on by _sync
+    handlers.register(registry, engine, relisted)
 
     ready = asyncio.Event()
     # kopf's view of what it serves: our resource appears in it once its watcher is spawned.
@@ -229,7 +231,7 @@ async def _run(settings: OperatorSettings, why: str) -> None:
         await _wait_for_crd(sink)
         if stop.is_set():
             return  # shut down while waiting
-        sync_task = asyncio.create_task(_sync(engine, sink, namespaces))
+        sync_task = asyncio.create_task(_sync(engine, sink, namespaces, relisted))
         signals_task = asyncio.create_task(_take_signals_when(ready, shutdown))
         try:
             await kopf.operator(
@@ -347,7 +349,7 @@ def _short(exc: BaseException) -> str:
     return text[:200]
 
 
-async def _sync(engine: Any, sink: Any, namespaces: list[str] | None) -> None:
+async def _sync(engine: Any, sink: Any, namespaces: list[str] | None, noticed: Any) -> None:
     """List the declared credentials at start, and again after each re-list of the watch.
 
     At start, so that an unknown name soon means "not declared": until this listing lands, the
@@ -356,9 +358,6 @@ async def _sync(engine: Any, sink: Any, namespaces: list[str] | None) -> None:
     no DELETED for what vanished meanwhile: after each such re-list the credentials are listed
     here again and the engine forgets what is not in the listing (docs/design.md).
     """
-    from connector_credentials.adapters.kube.handlers import relists
-
-    noticed = relists(engine)
     delay = 0.5
     while True:
         count, forgotten = 0, 0

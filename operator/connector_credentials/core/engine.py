@@ -31,6 +31,7 @@ from connector_credentials.core.entry import Entry, Key, Outcome, Served
 from connector_credentials.core.failures import AwsFailure
 from connector_credentials.core.ports import Meter, NoMeter, SecretsPort
 from connector_credentials.core.reads import Done, ReadKey, Reads
+from connector_credentials.core.relists import unlisted
 from connector_credentials.core.status import StatusSink, StatusWriter
 from connector_credentials.core.supervise import log_bug
 from connector_credentials.core.timing import Plan, Timing
@@ -182,7 +183,7 @@ class Engine:
             outcome = schedule.outcome = verified_outcome(entry.api.spec, entry.held.identity, interval)
         self._writer.report(entry, outcome, interval)
 
-    def remove(self, namespace: str, name: str) -> None:
+    def remove(self, namespace: str, name: str, *, why: str = "the resource was deleted") -> None:
         entry = self._entries.pop((namespace, name), None)
         if entry is None:
             return
@@ -191,7 +192,7 @@ class Engine:
             self._unlink(entry.key, entry.api.reads)
         if entry.reporting.task is not None:
             entry.reporting.task.cancel()
-        logger.info("Forgot %s/%s: the resource was deleted.", namespace, name)
+        logger.info("Forgot %s/%s: %s.", namespace, name, why)
 
     def _forget_gone(self, entry: Entry) -> None:
         # The status writer found the object gone (404); it is its own task: do not cancel it.
@@ -213,27 +214,10 @@ class Engine:
         entry.held.drop()
 
     def forget_unlisted(self, listed: set[Key], list_version: str | None, namespaces: list[str] | None) -> list[Key]:
-        """Forget what a fresh listing of ``namespaces`` (``None``: all) no longer holds; return what was forgotten.
-
-        A watch that cannot resume is listed again, and a listing sends no DELETED for what
-        vanished while the watch was down. An entry missing from the listing is gone, unless it
-        was last seen at a resourceVersion newer than the listing's (it came after the snapshot).
-        Versions that are not numbers cannot be ordered: such an entry is kept.
-        """
-        gone: list[Key] = []
-        for key, entry in list(self._entries.items()):
-            if key in listed or (namespaces is not None and key[0] not in namespaces):
-                continue
-            try:
-                newer = int(entry.api.resource_version or "") > int(list_version or "")
-            except ValueError:
-                newer = True
-            if not newer:
-                logger.info(
-                    "%s/%s is not in a fresh listing of the API: it was deleted while the watch was down.", *key
-                )
-                self.remove(*key)
-                gone.append(key)
+        """Forget what a fresh listing of ``namespaces`` (``None``: all) lacks (see core/relists.py)."""
+        gone = unlisted(self._entries.values(), listed, list_version, namespaces)
+        for key in gone:
+            self.remove(*key, why="it is not in a fresh listing of the API (deleted while the watch was down)")
         return gone
 
     # --- the schedule ------------------------------------------------------------------
@@ -249,11 +233,8 @@ class Engine:
     # --- applying answers --------------------------------------------------------------
 
     def _delivered(self, key: ReadKey, done: Done) -> None:
-        """The reader finished a read of ``key``: apply it to every credential that reads it now.
-
-        Delivered by key to the live entries, never to the entry that asked: a credential deleted
-        (or recreated with another spec) while the read ran does not get it.
-        """
+        """A read of ``key`` finished: apply it to every credential that reads ``key`` now (one deleted,
+        or recreated with another spec, while the read ran does not get it)."""
         for credential in list(self._readers.get(key, ())):
             entry = self._entries.get(credential)
             if entry is None or entry.api.reads != key or done.seq <= entry.schedule.applied:
@@ -347,25 +328,21 @@ class Engine:
 
     async def serve(self, namespace: str, name: str, *, refresh: bool) -> Served:
         entry = self._entries.get((namespace, name))
-        if entry is None:
-            return answer_undeclared(namespace, name, synced=self.synced.is_set())
-        if self._draining:
-            return answer_draining(entry, asyncio.get_running_loop().time(), refresh=refresh)
-        schedule = entry.schedule
         loop = asyncio.get_running_loop()
-        backing_off = schedule.outcome is not None and schedule.outcome.transient and loop.time() < schedule.due
-        if schedule.outcome is None:
-            # Never checked: read from AWS now (ahead of every scheduled read) and wait for the answer.
-            await self.check(entry, fresh=False)
-        elif refresh and not backing_off:
-            await self._refresh(entry)
-        elif entry.held.value is not None and not self._fresh(entry) and not backing_off:
-            # Older than refreshInterval: read now, but do not make the controller wait out an
-            # AWS outage when a verified value is there to serve.
-            await self._check_within(entry, self.settings.serve_wait)
-        # Otherwise: fresh, or known failing (permanent: 502; transient: 503 until the backoff retries).
-        # After waiting, the credential may have been deleted, or recreated under its name: answer for
-        # what is declared now.
+        if entry is not None and not self._draining:
+            schedule = entry.schedule
+            backing_off = schedule.outcome is not None and schedule.outcome.transient and loop.time() < schedule.due
+            if schedule.outcome is None:
+                # Never checked: read from AWS now (ahead of every scheduled read) and wait for the answer.
+                await self.check(entry, fresh=False)
+            elif refresh and not backing_off:
+                await self._refresh(entry)
+            elif entry.held.value is not None and not self._fresh(entry) and not backing_off:
+                # Older than refreshInterval: read now, but do not make the controller wait out an
+                # AWS outage when a verified value is there to serve.
+                await self._check_within(entry, self.settings.serve_wait)
+            # Otherwise: fresh, or known failing (permanent: 502; transient: 503 until the backoff retries).
+        # After a wait the credential may be deleted, or recreated under its name: answer for what is declared now.
         live = self._entries.get((namespace, name))
         if live is None:
             return answer_undeclared(namespace, name, synced=self.synced.is_set())
@@ -392,9 +369,7 @@ class Engine:
         asked = loop.time()
         last = self.reads.last_started(entry.api.reads) if entry.api.reads is not None else None
         if last is not None:
-            wait = last + self.settings.min_refresh_gap - asked
-            if wait > 0:
-                await asyncio.sleep(wait)
+            await asyncio.sleep(max(0.0, last + self.settings.min_refresh_gap - asked))
         # Joins a read that started after this request arrived (another waiter's), if any.
         await self.check(entry, not_before=asked)
 
@@ -433,11 +408,9 @@ class Engine:
             return
         self._draining = True
         self.reads.pause()
-        tasks = []
-        for entry in self._entries.values():
-            if entry.reporting.task is not None:
-                entry.reporting.task.cancel()
-                tasks.append(entry.reporting.task)
+        tasks = [entry.reporting.task for entry in self._entries.values() if entry.reporting.task is not None]
+        for task in tasks:
+            task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def close(self) -> None:

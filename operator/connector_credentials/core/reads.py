@@ -366,10 +366,7 @@ class Reads:
                     continue
                 self._settle(key, running)
                 if not self._paused and key in self._wanted:
-                    try:
-                        self._deliver(key, done)
-                    except Exception as exc:  # noqa: BLE001 - one credential's bug must not stop the others
-                        log_bug(logger, "Applying a read", exc)
+                    self._deliver(key, done)  # it guards each credential: one's bug does not stop the others
                 _resolve(running)
         except Exception as exc:  # noqa: BLE001 - whoever waits is let go; the sweep goes on
             log_bug(logger, "Handling a finished read", exc)

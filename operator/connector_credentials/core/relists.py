@@ -6,7 +6,7 @@ listing failed, lists the objects again and watches on from there. The objects l
 events without a type, and nothing comes for an object deleted while the watch was down: no
 DELETED ever will. So when a re-list is noticed, the command line lists the credentials itself
 (that listing's end and resourceVersion are known) and the engine forgets what is not in it
-(:meth:`~connector_credentials.core.engine.Engine.forget_unlisted`).
+(:func:`unlisted`, applied by :meth:`~connector_credentials.core.engine.Engine.forget_unlisted`).
 
 kopf does not tell its handlers that a listing starts or ends. A re-list shows as an event
 without a type for an object the watch has delivered already; the first listing delivers each
@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 from collections.abc import Iterable
 
-from connector_credentials.core.entry import Key
+from connector_credentials.core.entry import Entry, Key
 
 #: A re-list comes as one event per object: its events are waited for until none came for this
 #: long, so that one listing of the operator's follows one re-list.
@@ -73,3 +73,22 @@ class Relists:
                     await self._noticed.wait()
             if not self._noticed.is_set():
                 return
+
+
+def unlisted(
+    entries: Iterable[Entry], listed: set[Key], list_version: str | None, namespaces: list[str] | None
+) -> list[Key]:
+    """The entries a fresh listing of ``namespaces`` (``None``: all) at ``list_version`` lacks: gone,
+    unless last seen at a newer resourceVersion (they came after the listing's snapshot). Versions
+    that are not numbers cannot be ordered: such an entry is kept."""
+    gone: list[Key] = []
+    for entry in entries:
+        if entry.key in listed or (namespaces is not None and entry.namespace not in namespaces):
+            continue
+        try:
+            newer = int(entry.api.resource_version or "") > int(list_version or "")
+        except ValueError:
+            newer = True
+        if not newer:
+            gone.append(entry.key)
+    return gone

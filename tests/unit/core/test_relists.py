@@ -64,9 +64,9 @@ async def test_what_a_fresh_listing_lacks_is_forgotten_unless_newer_than_it(
     for name in ("listed", "created-after"):
         assert (await engine.serve("team-a", name, refresh=False)).status == 200, name
     assert (await engine.serve("team-b", "elsewhere", refresh=False)).status == 200
-    logged = [r.getMessage() for r in caplog.records if "fresh listing" in r.getMessage()]
+    logged = [r.getMessage() for r in caplog.records if "Forgot" in r.getMessage()]
     assert logged == [
-        f"team-a/{name} is not in a fresh listing of the API: it was deleted while the watch was down."
+        f"Forgot team-a/{name}: it is not in a fresh listing of the API (deleted while the watch was down)."
         for name in ("gone", "at-the-snapshot")
     ]
     assert gone not in caplog.text

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
 from typing import Any, cast
 
 import kopf
@@ -12,22 +11,10 @@ from connector_credentials.api.models import ANNOTATION_PREFIX, GROUP, PLURAL, V
 from connector_credentials.core.engine import Engine
 from connector_credentials.core.relists import Relists
 
-# Per engine, because the command line wires the handlers (register) and its own listing
-# (cli.operate._sync, which waits on it) apart, and both are handed only the engine.
-_RELISTS: weakref.WeakKeyDictionary[Engine, Relists] = weakref.WeakKeyDictionary()
 
-
-def relists(engine: Engine) -> Relists:
-    """The re-lists of the watch that feeds ``engine`` (docs/design.md, "A re-list forgets what it lacks")."""
-    found = _RELISTS.get(engine)
-    if found is None:
-        found = _RELISTS[engine] = Relists()
-    return found
-
-
-def register(registry: kopf.OperatorRegistry, engine: Engine) -> None:
-    """Add this operator's handlers to ``registry``."""
-    noticed = relists(engine)
+def register(registry: kopf.OperatorRegistry, engine: Engine, noticed: Relists) -> None:
+    """Add this operator's handlers to ``registry``; ``noticed`` is told what the watch delivers
+    (docs/design.md, "A re-list forgets what it lacks")."""
 
     @kopf.on.cleanup(registry=registry, id="drain")
     async def drain(**_: Any) -> None:
