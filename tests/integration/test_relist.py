@@ -140,10 +140,10 @@ def test_credentials_deleted_while_the_watch_was_down_are_forgotten_after_the_re
             message="credentials deleted while the watch was down are still served after the re-list "
             f"(gone: {_answer(client, ns, 'gone')}, alone: {_answer(client, other, 'alone')})",
         )
-        operator.wait_for_log(f"{ns}/gone is not in a fresh listing of the API", timeout=5)
-        operator.wait_for_log(f"{other}/alone is not in a fresh listing of the API", timeout=5)
+        operator.wait_for_log(f"Forgot {ns}/gone: it is not in a fresh listing of the API", timeout=5)
+        operator.wait_for_log(f"Forgot {other}/alone: it is not in a fresh listing of the API", timeout=5)
         assert client.get(ns, "kept").value == kept
         world.wait_reason("fresh", "AccessVerified", timeout=20)
         assert client.get(ns, "fresh").arn == arns["fresh"]
     for name in ("kept", "fresh"):
-        assert f"{ns}/{name} is not in a fresh listing" not in operator.output
+        assert f"Forgot {ns}/{name}:" not in operator.output
