@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextvars
+import sys
 from typing import Any, cast
 
 import kopf
@@ -38,7 +40,10 @@ def register(registry: kopf.OperatorRegistry, engine: Engine) -> None:
         # kopf keeps a worker (its task, queue and the last event's body) per object until it has
         # been idle this long: with 5 s (kopf's default), a first pass over N objects holds N of them.
         # The handler only hands the body to the engine, so a worker is cheap to start again.
-        settings.batching.idle_timeout = 0.5
+        settings.queueing.idle_timeout = 0.1
+        # kopf lists the objects before it watches, all in one response by default: 10,000 bodies
+        # (managedFields and all) held at once. In pages, each is handed to the workers and dropped.
+        settings.watching.chunk_size = 250
         # Watch streams that go silent are re-established instead of freezing.
         # An integer: kopf sends it as ?timeoutSeconds=, and the API server answers "300.0" with 400.
         settings.watching.server_timeout = max(1, round(engine.settings.watch_server_timeout))
@@ -58,7 +63,9 @@ def register(registry: kopf.OperatorRegistry, engine: Engine) -> None:
             meta = body.get("metadata", {})
             engine.remove(str(meta.get("namespace", "")), str(meta.get("name", "")))
         else:
-            engine.upsert(_plain(body))
+            # In a context of its own: a task the engine starts copies the context it is started in,
+            # and kopf's holds this event (its cause, body and logger) for as long as the task runs.
+            contextvars.Context().run(engine.upsert, _plain(body))
 
 
 class NoDiffBase(kopf.DiffBaseStorage):
@@ -90,7 +97,8 @@ def _plain(body: kopf.Body) -> dict[str, Any]:
 
 def _thaw(value: Any) -> Any:
     if hasattr(value, "items"):
-        return {str(k): _thaw(v) for k, v in value.items()}
+        # The engine keeps each object's spec and status: one copy of each key for all of them.
+        return {sys.intern(str(k)): _thaw(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_thaw(v) for v in value]
     return value
