@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextvars
-import sys
 from typing import Any, cast
 
 import kopf
+from kopf._cogs.structs import bodies, ephemera  # the types of ResourceMemories.recall
+from kopf._core.reactor import inventory  # public in kopf.operator(memories=...), not re-exported
 
 from connector_credentials.adapters.kube import apiserver
 from connector_credentials.api.models import ANNOTATION_PREFIX, GROUP, PLURAL, VERSION
@@ -87,6 +88,27 @@ class NoDiffBase(kopf.DiffBaseStorage):
         pass
 
 
+class NoMemories(inventory.ResourceMemories):
+    """kopf's memory of each object, never kept.
+
+    kopf remembers every object it has seen (about 640 bytes each, until the object is deleted)
+    for what this operator does not use: change handlers (was it seen by the listing, handled
+    once), daemons, indexes, admission webhooks, a per-object memo, and the throttling of an
+    object whose processing failed. An event handler needs none of it between two events, so
+    each event gets a fresh memory, which is dropped after it.
+    """
+
+    async def recall(
+        self,
+        raw_body: bodies.RawBody,
+        *,
+        memobase: ephemera.AnyMemo | None = None,
+        noticed_by_listing: bool = False,
+        ephemeral: bool = False,
+    ) -> inventory.ResourceMemory:
+        return await super().recall(raw_body, memobase=memobase, noticed_by_listing=noticed_by_listing, ephemeral=True)
+
+
 def _plain(body: kopf.Body) -> dict[str, Any]:
     return {
         "metadata": dict(body.get("metadata", {})),
@@ -96,9 +118,6 @@ def _plain(body: kopf.Body) -> dict[str, Any]:
 
 
 def _thaw(value: Any) -> Any:
-    if hasattr(value, "items"):
-        # The engine keeps each object's spec and status: one copy of each key for all of them.
-        return {sys.intern(str(k)): _thaw(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_thaw(v) for v in value]
-    return value
+    # The engine keeps each object's spec and status: one copy of each key, and of each text
+    # that many objects share (reasons, times, the identity), for all of them.
+    return apiserver.interned(value)
