@@ -153,6 +153,7 @@ def measure(env: scale.Env, n: int, arns: list[str], label: str, extra: dict[str
             for reader in readers:
                 reader.join(10)
             result["first_pass_s"] = t_all - t0
+            result["hwm_before_scrapes"] = scale.proc_status(operator.pid, "VmHWM")
             scale.scrape_metrics(port, n)
             result["hwm_after_pass"] = scale.proc_status(operator.pid, "VmHWM")
             scale.progress(
@@ -177,18 +178,20 @@ def mib(value: float) -> str:
 
 def summary(results: list[dict[str, Any]]) -> None:
     """One line per variant and N: the median peak (VmHWM after the pass and the scrapes) over the repeats."""
-    print("\n| N | variant | operator env | peak MiB (median) | runs | first pass s (median) |")
-    print("|---|---|---|---|---|---|")
+    print("\n| N | variant | operator env | peak MiB (median) | runs | before the scrapes | first pass s (median) |")
+    print("|---|---|---|---|---|---|---|")
     keys: dict[tuple[int, str], list[dict[str, Any]]] = {}
     for result in results:
         keys.setdefault((result["n"], result["label"]), []).append(result)
     for (n, label), runs in keys.items():
         peaks = [run["hwm_after_pass"] for run in runs]
         passes = [run["first_pass_s"] for run in runs]
+        before = [run.get("hwm_before_scrapes", 0.0) for run in runs]
         env = " ".join(f"{k}={v}" for k, v in runs[0]["env"].items()) or "-"
         print(
             f"| {n:,} | {label} | {env} | {statistics.median(peaks):.1f} | "
-            f"{', '.join(f'{p:.0f}' for p in peaks)} | {statistics.median(passes):.1f} |"
+            f"{', '.join(f'{p:.0f}' for p in peaks)} | {statistics.median(before):.1f} "
+            f"| {statistics.median(passes):.1f} |"
         )
 
 

@@ -27,6 +27,7 @@ import contextlib
 import contextvars
 import ctypes
 import ctypes.util
+import dataclasses
 import gc
 import itertools
 import json
@@ -149,6 +150,10 @@ def _shared(loop: asyncio.AbstractEventLoop | None) -> set[int]:
     return stop
 
 
+def _fields(obj: Any) -> list[Any]:
+    return [getattr(obj, field.name) for field in dataclasses.fields(obj)]
+
+
 def entry_breakdown(loop: asyncio.AbstractEventLoop | None) -> dict[str, Any]:
     engines = _objects_of("Engine", "connector_credentials.core.engine")
     if not engines:
@@ -166,9 +171,13 @@ def entry_breakdown(loop: asyncio.AbstractEventLoop | None) -> dict[str, Any]:
     for entry in entries:
         shells += (entry, entry.api, entry.held, entry.schedule, entry.reporting)
     stop |= {id(shell) for shell in shells}
-    for shell in shells:  # the objects themselves and their attribute dicts
-        parts["entry objects (Entry and its 4 parts)"] += sys.getsizeof(shell) + sys.getsizeof(shell.__dict__)
-        seen.add(id(shell.__dict__))
+    for shell in shells:  # the objects themselves and their attribute dicts (none with slots)
+        attributes = getattr(shell, "__dict__", None)
+        parts["entry objects (Entry and its 4 parts)"] += sys.getsizeof(shell) + (
+            sys.getsizeof(attributes) if attributes is not None else 0
+        )
+        if attributes is not None:
+            seen.add(id(attributes))
     for entry in entries:
         api, held, schedule, reporting = entry.api, entry.held, entry.schedule, entry.reporting
         add("entry small fields (names, uid, versions, times)", (entry.namespace, entry.name))
@@ -178,20 +187,20 @@ def entry_breakdown(loop: asyncio.AbstractEventLoop | None) -> dict[str, Any]:
         add("api.spec_error", api.spec_error)
         add("held.body", held.body)
         add("held.value", held.value)
-        for value in api.__dict__.values():
+        for value in _fields(api):
             add("entry small fields (names, uid, versions, times)", value)
-        for value in held.__dict__.values():
+        for value in _fields(held):
             add("entry small fields (names, uid, versions, times)", value)
         add("schedule.wake (asyncio.Event)", schedule.wake)
         add("schedule.worker (task, coroutine, what it awaits)", schedule.worker)
         add("schedule.inflight", schedule.inflight)
         add("schedule.outcome", schedule.outcome)
-        for value in schedule.__dict__.values():
+        for value in _fields(schedule):
             add("entry small fields (names, uid, versions, times)", value)
         add("reporting.task (flush task, what it awaits)", reporting.task)
         add("reporting.pending_status", reporting.pending_status)
         add("reporting.pending_events", reporting.pending_events)
-        for value in reporting.__dict__.values():
+        for value in _fields(reporting):
             add("entry small fields (names, uid, versions, times)", value)
     key_dict = sys.getsizeof(engine._entries) + sum(sys.getsizeof(k) for k in engine._entries)
     parts["engine registry dict and keys"] += key_dict
