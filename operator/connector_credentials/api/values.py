@@ -9,14 +9,21 @@ from __future__ import annotations
 
 import base64
 import json
+import sys
 import threading
 from collections.abc import Iterable
+from dataclasses import dataclass
+from time import monotonic
 from typing import Any, Final, Literal
 
 Encoding = Literal["text", "base64"]
 MASK: Final = "***"
 #: Forms shorter than this are not searched for (they would mask unrelated text).
 MIN_NEEDLE: Final = 4
+#: Changes (needles added or withdrawn) kept apart from the redaction index before it is rebuilt whole...
+MERGE_AFTER: Final = 256
+#: ...or once the oldest of them is this many seconds old (see NeedleIndex).
+MERGE_DELAY: Final = 1.0
 
 
 class JsonKeyError(Exception):
@@ -76,129 +83,214 @@ class SecretValue:
         raise TypeError("secret values are not picklable")
 
 
+@dataclass(frozen=True, slots=True)
+class _Table:
+    """Needles, and for each 4-character prefix the distinct lengths of the needles that start
+    with it, longest first. Built whole, never changed."""
+
+    needles: frozenset[str]
+    lengths: dict[str, tuple[int, ...]]
+    #: The length of the shortest needle: a text shorter than that is not searched at all.
+    shortest: int = sys.maxsize
+
+
+def _table(needles: Iterable[str]) -> _Table:
+    frozen = frozenset(needles)
+    lengths: dict[str, tuple[int, ...]] = {}
+    for prefix, size in {(needle[:MIN_NEEDLE], len(needle)) for needle in frozen}:
+        known = lengths.get(prefix)
+        lengths[prefix] = (size,) if known is None else tuple(sorted((*known, size), reverse=True))
+    return _Table(frozen, lengths, min((sizes[-1] for sizes in lengths.values()), default=sys.maxsize))
+
+
+def _extended(table: _Table, needles: Iterable[str]) -> _Table:
+    """``table`` and ``needles``, without rebuilding it: a copy of its two containers (C speed), then
+    a key per new needle."""
+    added = frozenset(needles)
+    lengths = dict(table.lengths)
+    for needle in added:
+        prefix, size = needle[:MIN_NEEDLE], len(needle)
+        known = lengths.get(prefix)
+        if known is None:
+            lengths[prefix] = (size,)
+        elif size not in known:
+            lengths[prefix] = tuple(sorted((*known, size), reverse=True))
+    return _Table(table.needles | added, lengths, min(table.shortest, *map(len, added)))
+
+
+_NO_NEEDLES: Final = _table(())
+
+
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    """What :meth:`NeedleIndex.redact` reads: the needles held when it was last built whole
+    (``base``), the ones added since (``recent``) and the ones of ``base`` withdrawn since."""
+
+    base: _Table
+    recent: _Table
+    withdrawn: frozenset[str]
+    #: When the oldest change not in ``base`` was made (monotonic), None if there is none.
+    pending_since: float | None
+
+
 class NeedleIndex:
-    """The forms of the values held ("needles"), kept up to date one value at a time.
+    """The forms of the values held ("needles"), for the redacting log filter: an immutable
+    snapshot, replaced whenever a value comes or goes.
 
-    The engine calls :meth:`add` when it starts holding a value and :meth:`discard` when it
-    stops: each costs O(that value's needles), whatever else is held. The redacting log filter
-    calls :meth:`redact` on every record: one pass over the text, a dict lookup per position.
-    Counts are kept at two levels: several credentials can hold the same value (``_values``:
-    holders per value), and two values can share a form, e.g. a text value and the same text as
-    UTF-8 bytes (``_needles``: values per needle). A needle leaves when its last source does.
+    The engine calls :meth:`add` when it starts holding a value and :meth:`discard` when it stops;
+    the filter calls :meth:`redact` on every record, in whatever thread logs it (botocore logs from
+    the AWS worker threads). Updates hold ``_lock``; a record takes no lock: it reads
+    ``_snapshot`` once (one reference, swapped by one store) and sees nothing but that snapshot,
+    which nobody changes. Once :meth:`add` has returned, every record redacted after it, in any
+    thread, finds the value's needles.
 
-    The index: ``_needles`` (every needle), and ``_lengths``, for each 4-character prefix of a
-    needle, the distinct lengths of the needles that start with it, longest first. At a position
-    whose next 4 characters are a known prefix, the longest needle there is the first of those
-    lengths whose slice is in ``_needles``: the same match as a search over the needles longest
-    first, and one lookup per distinct length instead of one comparison per needle (values that
-    share a prefix, such as ``xoxb-`` tokens, usually share a length too).
+    Counts: several credentials can hold the same value (``_holders``), and two values can share
+    a form, e.g. a text value and the same text as UTF-8 bytes (``_sources``: values per needle).
+    A needle leaves when its last source does. Each value's forms are computed when it is added
+    and when it is dropped, never for the others.
 
-    Threads: records are redacted in whatever thread logs them (botocore logs from the AWS worker
-    threads) while the event loop updates the index. Updates are serialised by ``_lock``;
-    :meth:`redact` takes no lock (a reader holding it would make the event loop wait on another
-    thread's traceback) and sees no copy of the whole index (copying it is the O(all values) per
-    change this class removes). Instead it never iterates a shared container: it only looks keys
-    up in ``_needles`` and ``_lengths``, which updates change one key at a time (a single dict
-    operation is atomic, under the GIL and in free-threaded builds alike), and the values of
-    ``_lengths`` are small tuples, built aside and swapped in by one store, never changed in
-    place. An update publishes a needle in ``_needles`` before its length in ``_lengths``, and
-    withdraws it from ``_needles`` before its length, so a reader that finds a length with no
-    needle behind it just misses (no error), and an update in flight can only make a concurrent
-    record miss the needle being updated, never another one. Once :meth:`add` has returned,
-    every record redacted after that, in any thread, finds the value's needles.
+    Building the whole snapshot costs O(all needles) (a few ms at 10,000). A first pass adds
+    thousands of values one at a time, each followed by a log line, so rebuilding it whole on
+    every change (or lazily, at the next record) would cost O(N²): a change extends the table of
+    the needles added since the last whole rebuild (a copy of it, made at C speed; a needle
+    leaving it rebuilds it) or the set of those withdrawn since, and the whole snapshot is rebuilt
+    once :data:`MERGE_AFTER` changes are pending, or by the first update or record (in whatever
+    thread) once the oldest of them is :data:`MERGE_DELAY` seconds old. While changes are pending
+    a record looks each position up in both tables. It skips the positions where no needle would
+    fit: a line shorter than every value held is not searched at all.
     """
 
-    __slots__ = ("_lengths", "_lock", "_needles", "_per_length", "_values")
+    __slots__ = ("_holders", "_lock", "_recent", "_since", "_snapshot", "_sources", "_withdrawn")
 
     def __init__(self, values: Iterable[SecretValue] = ()) -> None:
         self._lock = threading.Lock()
-        self._values: dict[SecretValue, int] = {}  # holders of each value
-        self._needles: dict[str, int] = {}  # values each needle comes from; read by redact()
-        self._lengths: dict[str, tuple[int, ...]] = {}  # prefix -> distinct lengths; read by redact()
-        self._per_length: dict[tuple[str, int], int] = {}  # (prefix, length) -> needles; updates only
+        self._holders: dict[SecretValue, int] = {}  # holders of each value
+        self._sources: dict[str, int] = {}  # values each needle comes from: every needle held
+        self._recent: set[str] = set()  # needles held that the base of the snapshot lacks
+        self._withdrawn: set[str] = set()  # needles of the base of the snapshot no longer held
+        self._since: float | None = None
+        self._snapshot = _Snapshot(_NO_NEEDLES, _NO_NEEDLES, frozenset(), None)
         for value in values:
             self.add(value)
+        self._settled()  # the values given: one index, built whole
 
     def add(self, value: SecretValue) -> None:
-        """One more holder of ``value``: its needles are indexed if it was not held yet."""
+        """One more holder of ``value``: its needles are masked from now on if it was not held yet."""
         with self._lock:
-            holders = self._values.get(value, 0)
-            self._values[value] = holders + 1
+            holders = self._holders.get(value, 0)
+            self._holders[value] = holders + 1
             if holders:
                 return
+            added = []
             for needle in _forms(value):
-                sources = self._needles.get(needle, 0)
-                self._needles[needle] = sources + 1  # published before its length (see the class)
-                if not sources:
-                    self._link(needle)
+                sources = self._sources.get(needle, 0)
+                self._sources[needle] = sources + 1
+                if sources:
+                    continue
+                if needle in self._withdrawn:
+                    self._withdrawn.discard(needle)  # the base still has it
+                else:
+                    self._recent.add(needle)
+                    added.append(needle)
+            self._publish(added)
 
     def discard(self, value: SecretValue) -> None:
         """One holder less: the value's needles leave when its last holder does (no-op if not held)."""
         with self._lock:
-            holders = self._values.get(value, 0)
+            holders = self._holders.get(value, 0)
             if holders > 1:
-                self._values[value] = holders - 1
+                self._holders[value] = holders - 1
                 return
             if not holders:
                 return
-            del self._values[value]
+            del self._holders[value]
+            recent_left = False
             for needle in _forms(value):
-                sources = self._needles[needle] - 1
+                sources = self._sources[needle] - 1
                 if sources:
-                    self._needles[needle] = sources
+                    self._sources[needle] = sources
+                    continue
+                del self._sources[needle]
+                if needle in self._recent:
+                    self._recent.discard(needle)
+                    recent_left = True
                 else:
-                    del self._needles[needle]  # withdrawn before its length (see the class)
-                    self._unlink(needle)
+                    self._withdrawn.add(needle)
+            self._publish(None if recent_left else [])
 
-    def _link(self, needle: str) -> None:
-        prefix, size = needle[:MIN_NEEDLE], len(needle)
-        count = self._per_length.get((prefix, size), 0)
-        self._per_length[prefix, size] = count + 1
-        if not count:  # a new length for this prefix: a new tuple, published in one store
-            self._lengths[prefix] = tuple(sorted((*self._lengths.get(prefix, ()), size), reverse=True))
-
-    def _unlink(self, needle: str) -> None:
-        prefix, size = needle[:MIN_NEEDLE], len(needle)
-        count = self._per_length.pop((prefix, size)) - 1
-        if count:
-            self._per_length[prefix, size] = count
+    def _publish(self, added: list[str] | None) -> None:
+        """A new snapshot (under the lock), rebuilt whole when enough changes are pending, or old
+        enough. ``added``: the needles the table of recent ones gains (None: it lost one, rebuild it)."""
+        pending = len(self._recent) + len(self._withdrawn)
+        if not pending:  # e.g. a needle withdrawn and added again: the base says it all
+            self._since = None
+            self._snapshot = _Snapshot(self._snapshot.base, _NO_NEEDLES, frozenset(), None)
             return
-        lengths = tuple(n for n in self._lengths[prefix] if n != size)
-        if lengths:
-            self._lengths[prefix] = lengths
-        else:
-            del self._lengths[prefix]
+        now = monotonic()
+        if self._since is None:
+            self._since = now
+        if pending >= MERGE_AFTER or now - self._since >= MERGE_DELAY:
+            self._rebuild()
+            return
+        recent = self._snapshot.recent
+        if added is None:
+            recent = _table(self._recent)
+        elif added:
+            recent = _extended(recent, added)
+        self._snapshot = _Snapshot(self._snapshot.base, recent, frozenset(self._withdrawn), self._since)
+
+    def _rebuild(self) -> None:
+        self._recent.clear()
+        self._withdrawn.clear()
+        self._since = None
+        self._snapshot = _Snapshot(_table(self._sources), _NO_NEEDLES, frozenset(), None)
+
+    def _settled(self) -> _Snapshot:
+        """The snapshot with the pending changes built in (a record after a burst of changes)."""
+        with self._lock:
+            if self._since is not None:
+                self._rebuild()
+            return self._snapshot
 
     def needles(self) -> frozenset[str]:
         """The needles searched for now (a copy)."""
         with self._lock:
-            return frozenset(self._needles)
+            return frozenset(self._sources)
 
     def __len__(self) -> int:
-        return len(self._needles)
+        return len(self._sources)
 
     def __repr__(self) -> str:
-        return f"NeedleIndex({len(self._values)} values, {len(self._needles)} needles)"
+        return f"NeedleIndex({len(self._holders)} values, {len(self._sources)} needles)"
 
     def redact(self, text: str) -> str:
         """``text`` with every needle in it replaced by the mask, longest match first, left to right."""
-        lengths_of, needles = self._lengths, self._needles
-        if not lengths_of or len(text) < MIN_NEEDLE:
+        snapshot = self._snapshot
+        if snapshot.pending_since is not None and monotonic() - snapshot.pending_since >= MERGE_DELAY:
+            snapshot = self._settled()
+        base, recent, withdrawn = snapshot.base, snapshot.recent, snapshot.withdrawn
+        # No needle starts after this position (none would fit): a line shorter than every value is not searched.
+        last = len(text) - min(base.shortest, recent.shortest)
+        if last < 0:
             return text
-        get = lengths_of.get
+        lengths_of, needles, fresh = base.lengths.get, base.needles, recent.needles
+        recent_lengths = recent.lengths.get if recent.lengths else None
         parts: list[str] = []
         start = 0  # where the text not masked yet begins
-        for i in range(len(text) - MIN_NEEDLE + 1):
+        for i in range(last + 1):
             if i < start:  # inside the needle just masked
                 continue
-            lengths = get(text[i : i + MIN_NEEDLE])
+            prefix = text[i : i + MIN_NEEDLE]
+            lengths = lengths_of(prefix)
+            if recent_lengths is not None and (more := recent_lengths(prefix)) is not None:
+                lengths = more if lengths is None else tuple(sorted({*lengths, *more}, reverse=True))
             if lengths is None:
                 continue
             for size in lengths:
                 # Near the end the slice is shorter than ``size``: if it is a needle, it is the
                 # longest one that fits here, so it is the right match all the same.
                 piece = text[i : i + size]
-                if piece in needles:
+                if piece in fresh or (piece in needles and piece not in withdrawn):
                     parts += (text[start:i], MASK)
                     start = i + len(piece)
                     break

@@ -28,8 +28,9 @@ class RedactingFilter(logging.Filter):
     """Replaces any known secret value in a record (message, args, traceback) with a mask.
 
     A second line of defence: nothing should log a value in the first place. ``index`` is the
-    engine's live :class:`~connector_credentials.api.values.NeedleIndex`, updated as values come and
-    go: a record reads it as it is (nothing is rebuilt or compared per record), from any thread.
+    engine's live :class:`~connector_credentials.api.values.NeedleIndex`, replaced as values come and
+    go: a record reads its current snapshot, from any thread, without a lock (and, once a change is a
+    second old and not built in yet, builds it in).
     """
 
     def __init__(self, index: NeedleIndex | None = None) -> None:

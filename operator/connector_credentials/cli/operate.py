@@ -242,6 +242,7 @@ async def _run(settings: OperatorSettings, why: str) -> None:
                 ready_flag=ready,
                 stop_flag=stop,
                 insights=insights,
+                memories=handlers.NoMemories(),
                 liveness_endpoint=settings.liveness,
             )
         finally:

@@ -16,7 +16,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from connector_credentials.api.values import MASK, MIN_NEEDLE, NeedleIndex, SecretValue
+from connector_credentials.api import values as values_module
+from connector_credentials.api.values import MASK, MERGE_AFTER, MIN_NEEDLE, NeedleIndex, SecretValue
 from connector_credentials.cli.logs import RedactingFilter
 
 VALUE = "CANARY-unit-4f1e9c"
@@ -79,23 +80,61 @@ def test_every_form_of_a_value_is_masked() -> None:
         assert MASK in index.redact(f"before {text} after"), form
 
 
-def test_adding_a_value_computes_its_forms_only_and_leaves_the_others_buckets_alone(
+def test_adding_a_value_computes_its_forms_only_and_rebuilds_only_the_recent_table(
     forms_computed: Counter[str],
 ) -> None:
     index = NeedleIndex(SecretValue(f"{n:04d}-secret-{'x' * (n % 5)}") for n in range(200))
-    buckets = dict(index._lengths)
-    assert len(buckets) == 200
+    settled = index._settled()
+    assert len(settled.base.lengths) == 200 and not settled.recent.needles
     forms_computed.clear()
     index.add(SecretValue("brand-new-value"))
     assert forms_computed == Counter({"brand-new-value": 1})
-    assert set(index._lengths) - set(buckets) == {"bran"}
-    assert all(index._lengths[prefix] is lengths for prefix, lengths in buckets.items())  # not rebuilt
-    index.add(SecretValue("0003-SECRET-xxx"))  # a known prefix, with a length it has: its bucket is kept
-    assert index._lengths["0003"] is buckets["0003"]
+    snapshot = index._snapshot
+    assert snapshot.base is settled.base  # not rebuilt: the new needle is in the small table of recent ones
+    assert snapshot.recent.needles == {"brand-new-value"} and snapshot.recent.lengths == {"bran": (15,)}
+    index.add(SecretValue("0003-SECRET-xxx"))  # a known prefix, with a length it has
     index.discard(SecretValue("brand-new-value"))
     assert forms_computed == Counter({"brand-new-value": 2, "0003-SECRET-xxx": 1})
-    assert dict(index._lengths) == buckets
+    assert index._snapshot.base is settled.base and index._snapshot.recent.needles == {"0003-SECRET-xxx"}
     assert index.redact("0003-secret-xxx, 0003-SECRET-xxx, brand-new-value") == "***, ***, brand-new-value"
+    # Rebuilding the whole index computes no forms: it is built from the needles counted.
+    rebuilt = index._settled()
+    assert rebuilt.base is not settled.base and not rebuilt.recent.needles
+    assert forms_computed == Counter({"brand-new-value": 2, "0003-SECRET-xxx": 1})
+    assert index.redact("0003-secret-xxx, 0003-SECRET-xxx, brand-new-value") == "***, ***, brand-new-value"
+
+
+def test_a_first_pass_rebuilds_the_whole_index_once_per_merge_after_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """N values added one at a time, a log line after each (a first pass): N / MERGE_AFTER whole
+    rebuilds, not N, and no record waits for one (the table of recent needles is enough)."""
+    index, builds = NeedleIndex(), []
+    original = values_module._table
+
+    def counting(needles: Iterable[str]) -> values_module._Table:
+        table = original(needles)
+        builds.append(len(table.needles))
+        return table
+
+    monkeypatch.setattr(values_module, "_table", counting)
+    monkeypatch.setattr(values_module, "monotonic", lambda: 1000.0)  # a burst: none of it is old enough
+    held = [SecretValue(f"xoxb-first-pass-{n:05d}") for n in range(1000)]
+    for value in held:
+        index.add(value)
+        assert index.redact(f"read {value.reveal()} ok") == "read *** ok"
+    assert builds == [MERGE_AFTER * n for n in range(1, len(held) // MERGE_AFTER + 1)]  # the recent ones: extended
+
+
+def test_changes_older_than_the_merge_delay_are_built_in_by_the_next_record(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(values_module, "monotonic", lambda: now[0])
+    index = NeedleIndex([SecretValue("kept-value-one")])
+    index.add(SecretValue("rotated-value-two"))
+    assert index._snapshot.recent.needles == {"rotated-value-two"}
+    assert index.redact("rotated-value-two") == MASK  # found in the recent table
+    now[0] += values_module.MERGE_DELAY
+    assert index.redact("rotated-value-two kept-value-one") == f"{MASK} {MASK}"
+    assert index._snapshot.base.needles == {"kept-value-one", "rotated-value-two"}
+    assert not index._snapshot.recent.needles and index._snapshot.pending_since is None
 
 
 def test_a_value_held_twice_stays_until_its_last_holder_lets_go() -> None:
@@ -120,33 +159,45 @@ def test_a_form_two_values_share_stays_until_both_are_dropped() -> None:
     assert index.redact("shared-form-value") == MASK
     index.discard(binary)
     assert index.redact("shared-form-value") == "shared-form-value"
-    assert index._per_length == {} and index._lengths == {}  # nothing left behind
+    assert index._sources == {} and index._holders == {}  # nothing left behind
+    assert index._settled().base == values_module._table(())
 
 
 def test_needles_sharing_a_prefix_come_and_go_one_length_at_a_time() -> None:
     tokens = [SecretValue(f"xoxb-{n:03d}-{'a' * (n % 3)}") for n in range(30)]  # one prefix, three lengths
     index = NeedleIndex(tokens)
-    assert index._lengths == {"xoxb": (11, 10, 9)}
+    assert index._settled().base.lengths == {"xoxb": (11, 10, 9)}
     for token in tokens:
         if len(token) == 10:
             index.discard(token)
-    assert index._lengths == {"xoxb": (11, 9)}
+    assert index.redact("xoxb-000- xoxb-001-a xoxb-002-aa") == "*** xoxb-001-a ***"  # before the rebuild
+    assert index._settled().base.lengths == {"xoxb": (11, 9)}
     assert index.redact("xoxb-000- xoxb-001-a xoxb-002-aa") == "*** xoxb-001-a ***"
 
 
-@given(st.lists(st.tuples(st.booleans(), st.text("ab-", min_size=1, max_size=7)), max_size=30), st.text("ab-x"))
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(("add", "discard", "rebuild")), st.text("ab-", min_size=1, max_size=7)), max_size=30
+    ),
+    st.text("ab-x"),
+)
 def test_the_index_matches_like_a_search_longest_first_after_any_adds_and_discards(
-    updates: list[tuple[bool, str]], text: str
+    updates: list[tuple[str, str]], text: str
 ) -> None:
+    """Whatever the changes, and whether they are still pending or built in (``rebuild``)."""
     index, held = NeedleIndex(), Counter[str]()
-    for adding, value in updates:
-        if adding:
+    for change, value in updates:
+        if change == "add":
             index.add(SecretValue(value))
             held[value] += 1
-        else:
+        elif change == "discard":
             index.discard(SecretValue(value))
             held[value] = max(0, held[value] - 1)
+        else:
+            index._settled()
     live = [form for value, count in held.items() if count for form in SecretValue(value).needles()]
+    assert index.redact(text) == reference_redact(live, text)
+    index._settled()
     assert index.redact(text) == reference_redact(live, text)
 
 

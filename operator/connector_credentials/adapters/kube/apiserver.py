@@ -17,6 +17,7 @@ import logging
 import os
 import secrets
 import ssl
+import sys
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
@@ -166,7 +167,7 @@ class KubeStatusSink:
             if exc.status == 409:
                 raise StatusConflict(f"{namespace}/{name} changed since resourceVersion {resource_version}") from None
             raise
-        return result if isinstance(result, dict) else {}
+        return _with_status_interned(result) if isinstance(result, dict) else {}
 
     async def get(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
@@ -175,7 +176,7 @@ class KubeStatusSink:
             if exc.status == 404:
                 return None
             raise
-        return result if isinstance(result, dict) else None
+        return _with_status_interned(result) if isinstance(result, dict) else None
 
     async def post_event(
         self, namespace: str, name: str, uid: str | None, *, warning: bool, reason: str, message: str
@@ -384,6 +385,26 @@ class KubeStatusSink:
             tls=context,
             at=time.monotonic(),
         )
+
+
+def interned(value: Any) -> Any:
+    """``value`` (a parsed JSON document or one of kopf's views of it) as plain dicts and lists, each
+    key and text interned: kept for thousands of objects (their status, held by the engine), they
+    are then held once."""
+    if hasattr(value, "items"):
+        return {sys.intern(str(k)): interned(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [interned(v) for v in value]
+    if isinstance(value, str):
+        return sys.intern(value)
+    return value
+
+
+def _with_status_interned(body: dict[str, Any]) -> dict[str, Any]:
+    """The object with its status interned (the writer keeps it); the rest is dropped after use."""
+    if isinstance(body.get("status"), dict):
+        return {**body, "status": interned(body["status"])}
+    return body
 
 
 def _endpoint(info: kopf.ConnectionInfo) -> kopf.ConnectionInfo:

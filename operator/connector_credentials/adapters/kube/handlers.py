@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextvars
 from typing import Any, cast
 
 import kopf
+from kopf._cogs.structs import bodies, ephemera  # the types of ResourceMemories.recall
+from kopf._core.reactor import inventory  # public in kopf.operator(memories=...), not re-exported
 
 from connector_credentials.adapters.kube import apiserver
 from connector_credentials.api.models import ANNOTATION_PREFIX, GROUP, PLURAL, VERSION
@@ -40,7 +43,10 @@ def register(registry: kopf.OperatorRegistry, engine: Engine, noticed: Relists) 
         # kopf keeps a worker (its task, queue and the last event's body) per object until it has
         # been idle this long: with 5 s (kopf's default), a first pass over N objects holds N of them.
         # The handler only hands the body to the engine, so a worker is cheap to start again.
-        settings.batching.idle_timeout = 0.5
+        settings.queueing.idle_timeout = 0.1
+        # kopf lists the objects before it watches, all in one response by default: 10,000 bodies
+        # (managedFields and all) held at once. In pages, each is handed to the workers and dropped.
+        settings.watching.chunk_size = 250
         # Watch streams that go silent are re-established instead of freezing.
         # An integer: kopf sends it as ?timeoutSeconds=, and the API server answers "300.0" with 400.
         settings.watching.server_timeout = max(1, round(engine.settings.watch_server_timeout))
@@ -63,7 +69,9 @@ def register(registry: kopf.OperatorRegistry, engine: Engine, noticed: Relists) 
         if type == "DELETED":
             engine.remove(*key)
         else:
-            engine.upsert(_plain(body))
+            # In a context of its own: a task the engine starts copies the context it is started in,
+            # and kopf's holds this event (its cause, body and logger) for as long as the task runs.
+            contextvars.Context().run(engine.upsert, _plain(body))
 
 
 class NoDiffBase(kopf.DiffBaseStorage):
@@ -85,6 +93,27 @@ class NoDiffBase(kopf.DiffBaseStorage):
         pass
 
 
+class NoMemories(inventory.ResourceMemories):
+    """kopf's memory of each object, never kept.
+
+    kopf remembers every object it has seen (about 640 bytes each, until the object is deleted)
+    for what this operator does not use: change handlers (was it seen by the listing, handled
+    once), daemons, indexes, admission webhooks, a per-object memo, and the throttling of an
+    object whose processing failed. An event handler needs none of it between two events, so
+    each event gets a fresh memory, which is dropped after it.
+    """
+
+    async def recall(
+        self,
+        raw_body: bodies.RawBody,
+        *,
+        memobase: ephemera.AnyMemo | None = None,
+        noticed_by_listing: bool = False,
+        ephemeral: bool = False,
+    ) -> inventory.ResourceMemory:
+        return await super().recall(raw_body, memobase=memobase, noticed_by_listing=noticed_by_listing, ephemeral=True)
+
+
 def _plain(body: kopf.Body) -> dict[str, Any]:
     return {
         "metadata": dict(body.get("metadata", {})),
@@ -94,8 +123,6 @@ def _plain(body: kopf.Body) -> dict[str, Any]:
 
 
 def _thaw(value: Any) -> Any:
-    if hasattr(value, "items"):
-        return {str(k): _thaw(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_thaw(v) for v in value]
-    return value
+    # The engine keeps each object's spec and status: one copy of each key, and of each text
+    # that many objects share (reasons, times, the identity), for all of them.
+    return apiserver.interned(value)
