@@ -254,20 +254,22 @@ class Engine:
             return
         interval = self.interval(entry)
         if done.failure is not None:
-            outcome = self._on_failure(entry, done.failure, interval)
+            outcome = self._on_failure(entry, done.failure, interval, done.seq)
         else:
             fetched, identity = done.fetched, str(done.identity)
             assert fetched is not None
             try:
                 value = extract(fetched.raw, spec.json_key)
             except JsonKeyError as exc:
-                outcome = self._settled(entry, json_key_outcome(spec, exc), interval, drop=True)
+                outcome = self._settled(entry, json_key_outcome(spec, exc), interval, done.seq, drop=True)
             else:
                 previous = entry.held.version_id
                 self._hold(entry, value)
                 entry.held.keep(value, fetched, spec.secret_arn, asyncio.get_running_loop().time())
                 entry.held.identity, entry.held.credential_source = identity, self._port.credential_source
-                outcome = self._settled(entry, verified_outcome(spec, identity, interval), interval, drop=False)
+                outcome = self._settled(
+                    entry, verified_outcome(spec, identity, interval), interval, done.seq, drop=False
+                )
                 # Not when another replica that noticed first has written the new version already.
                 if previous and previous != fetched.version_id != entry.api.live_status.get("versionId"):
                     logger.info("Secret of %s/%s rotated: version %s -> %s.", *entry.key, previous, fetched.version_id)
@@ -275,12 +277,13 @@ class Engine:
                     self._writer.event(entry, warning=False, reason=EVENT_ROTATED, message=message)
         self._conclude(entry, outcome)
 
-    def _settled(self, entry: Entry, outcome: Outcome, interval: float, *, drop: bool) -> Outcome:
-        """A definite answer (verified, or failed for good): failures reset, next read at refreshInterval."""
+    def _settled(self, entry: Entry, outcome: Outcome, interval: float, read: int, *, drop: bool) -> Outcome:
+        """A definite answer of call ``read`` (verified, or failed for good): failures reset, next read
+        at refreshInterval (jittered alike for the whole call, so that it is read in one call again)."""
         if drop:
             self._drop_value(entry)
         entry.schedule.failures = 0
-        self._plan(entry, self.timing.refresh(interval, asyncio.get_running_loop().time()))
+        self._plan(entry, self.timing.refresh(interval, asyncio.get_running_loop().time(), read=read))
         return outcome
 
     def _conclude(self, entry: Entry, outcome: Outcome) -> None:
@@ -305,11 +308,11 @@ class Engine:
         log_bug(logger, f"Check of {entry.namespace}/{entry.name}", exc, retry_in=retry_in)
         self._plan(entry, self.timing.retry(asyncio.get_running_loop().time() + retry_in, self.interval(entry)))
 
-    def _on_failure(self, entry: Entry, failure: AwsFailure, interval: float) -> Outcome:
+    def _on_failure(self, entry: Entry, failure: AwsFailure, interval: float, read: int) -> Outcome:
         now = asyncio.get_running_loop().time()
         schedule = entry.schedule
         if not failure.transient:  # re-checked at refreshInterval; the value stops being served
-            return self._settled(entry, failed_outcome(failure), interval, drop=True)
+            return self._settled(entry, failed_outcome(failure), interval, read, drop=True)
         schedule.failures += 1
         retry_in = self.timing.backoff(schedule.failures)
         staleness = self.settings.max_staleness

@@ -46,10 +46,14 @@ class Timing:
     def __init__(self, settings: OperatorSettings) -> None:
         self.settings = settings
         self._random = random.Random()  # noqa: S311 - jitter, not cryptography
+        #: The jitter draw of the call whose answers are being applied (they arrive one after another).
+        self._last_read: int | None = None
+        self._last_draw = 0.0
 
-    def jittered(self, seconds: float) -> float:
+    def jittered(self, seconds: float, draw: float | None = None) -> float:
+        """``seconds`` ± ``CCRED_JITTER``; ``draw`` in [0, 1) picks where (random if not given)."""
         spread = seconds * self.settings.jitter
-        return max(0.0, seconds - spread + self._random.random() * 2 * spread)
+        return max(0.0, seconds - spread + (self._random.random() if draw is None else draw) * 2 * spread)
 
     def backoff(self, failures: int) -> float:
         ceiling = capped_doubling(self.settings.backoff_base, self.settings.backoff_cap, failures)
@@ -62,10 +66,15 @@ class Timing:
             return min(self.settings.batch_window, FIRST_CHECK_WINDOW)
         return min(self.settings.batch_window, interval * BATCH_WINDOW_SHARE)
 
-    def refresh(self, interval: float, now: float) -> Plan:
-        """The next refresh: jittered, and free to leave early within the jitter range (or the batch window)."""
+    def refresh(self, interval: float, now: float, *, read: int | None = None) -> Plan:
+        """The next refresh: jittered, and free to leave early within the jitter range (or the batch
+        window). The credentials one call answered (``read``: its number) share one jitter draw, so
+        that they stay together: next time they leave in one call again, and batches stay full."""
+        if read is None or read != self._last_read:
+            self._last_read, self._last_draw = read, self._random.random()
         spread = max(interval * self.settings.jitter, self.batch_window(interval))
-        return Plan(due=now + self.jittered(interval), earliest=now + max(0.0, interval - spread))
+        due = now + self.jittered(interval, self._last_draw)
+        return Plan(due=due, earliest=now + max(0.0, interval - spread))
 
     def first(self, now: float) -> Plan:
         """A first check: in a moment, with whatever else arrives meanwhile (the listing at start)."""

@@ -253,3 +253,22 @@ async def test_a_bug_in_the_status_writer_is_logged_and_the_write_still_lands(
         )
     finally:
         await engine.close()
+
+
+async def test_steady_refresh_cycles_stay_at_one_call_per_twenty_credentials() -> None:
+    """The credentials one call answered share their next jitter draw, so the next cycle reads them
+    in one call again: ceil(N/20) calls per cycle, not a few more from batches left half full."""
+    port = ScriptedPort()
+    engine = Engine(settings(), port, FakeSink())
+    engine.synced.set()
+    try:
+        for i in range(100):
+            engine.upsert(credential(f"c{i:03d}", {"secretArn": secret(f"s{i}"), "refreshInterval": "5s"}))
+        await until(lambda: sum(map(len, port.batches)) >= 100)
+        first = len(port.batches)
+        await until(lambda: sum(map(len, port.batches)) >= 300, timeout=20)  # two refresh cycles later
+        assert first == 5
+        assert port.singles == []
+        assert sorted(map(len, port.batches[first:])) == [20] * 10, [len(b) for b in port.batches[first:]]
+    finally:
+        await engine.close()
