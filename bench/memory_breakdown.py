@@ -252,6 +252,10 @@ def show(result: dict[str, Any]) -> None:
     if "first" not in result:
         return
     first, settled = result["first"], result["settled"]
+    for report in (first, settled):
+        if "error" in report:
+            print(f"\nThe probe failed: {report['error']}")
+            return
     print("\n| when | VmRSS MiB | VmHWM MiB | RssAnon MiB | malloc in use / free MiB | threads |")
     print("|---|---|---|---|---|---|")
     print(f"| idle (socket up) | {mib(result['rss_idle'])} | | | | |")
@@ -345,12 +349,12 @@ def main(argv: list[str]) -> int:
     except Exception as exc:
         print(f"memory breakdown failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
     print("Memory breakdown: the operator's peak (VmHWM) after a first pass over N credentials and 5 scrapes")
     summary(results)
     for result in results:
         show(result)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
 
 

@@ -191,7 +191,7 @@ def entry_breakdown(loop: asyncio.AbstractEventLoop | None) -> dict[str, Any]:
             add("entry small fields (names, uid, versions, times)", value)
         for value in _fields(held):
             add("entry small fields (names, uid, versions, times)", value)
-        add("schedule.wake (asyncio.Event)", schedule.wake)
+        add("schedule.wake (asyncio.Event)", getattr(schedule, "wake", None))
         add("schedule.worker (task, coroutine, what it awaits)", schedule.worker)
         add("schedule.inflight", schedule.inflight)
         add("schedule.outcome", schedule.outcome)
@@ -204,6 +204,8 @@ def entry_breakdown(loop: asyncio.AbstractEventLoop | None) -> dict[str, Any]:
             add("entry small fields (names, uid, versions, times)", value)
     key_dict = sys.getsizeof(engine._entries) + sum(sys.getsizeof(k) for k in engine._entries)
     parts["engine registry dict and keys"] += key_dict
+    if hasattr(engine, "_due"):  # a schedule of (due, token, entry) instead of a task per credential
+        parts["engine schedule heap"] += deep_size(engine._due, seen, stop)
     redaction = deep_size(engine.redaction, seen, stop)
     cohorts = deep_size(engine.timing.cohorts, seen, stop)
     reader = deep_size(

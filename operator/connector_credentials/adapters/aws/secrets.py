@@ -37,7 +37,7 @@ from connector_credentials.adapters.aws.identity import (
     source_name,
     token_problem_of,
 )
-from connector_credentials.adapters.aws.sessions import RoleSessions
+from connector_credentials.adapters.aws.sessions import RoleSessions, new_session
 from connector_credentials.api.conditions import Reason
 from connector_credentials.api.models import AssumedRole, SecretArn
 from connector_credentials.core.failures import IRSA_CHECKS, AwsFailure, scrub
@@ -153,7 +153,7 @@ class Boto3SecretsPort:
     def _get_session(self) -> boto3.Session:
         with self._lock:
             if self._session is None:
-                self._session = boto3.Session()
+                self._session = new_session()
             return self._session
 
     def _client(self, service: str, region: str) -> Any:

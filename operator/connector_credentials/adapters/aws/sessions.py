@@ -5,6 +5,7 @@ is :mod:`connector_credentials.core.allowlist`.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from typing import Any
 
 import boto3
 import botocore.exceptions
+import botocore.session
 
 from connector_credentials.adapters.aws.errors import classify
 from connector_credentials.api.conditions import Reason
@@ -42,6 +44,32 @@ _NOT_A_REFUSAL = frozenset(
         "InvalidSignatureException",
     }
 )
+
+
+#: The AWS services the operator calls.
+SERVICES = ("secretsmanager", "sts")
+
+
+def new_session(**credentials: str) -> boto3.Session:
+    """A boto3 session (with these credentials, else the default chain's) whose endpoint data names
+    only :data:`SERVICES`, and shared with every other session: botocore's ``endpoints.json`` names
+    every service in every partition, about 6.7 MiB once parsed, and each session parsed its own."""
+    core = botocore.session.get_session()
+    core.register_component("data_loader", _data_loader())
+    return boto3.Session(botocore_session=core, **credentials)
+
+
+@functools.cache
+def _data_loader() -> Any:
+    """botocore's data loader, its endpoint data pruned in place to :data:`SERVICES`: the endpoint
+    resolver of every session is built from that same dict (``load_data`` caches it)."""
+    loader = botocore.session.get_session().get_component("data_loader")
+    endpoints = loader.load_data("endpoints")
+    for partition in endpoints.get("partitions", ()):
+        services = partition.get("services")
+        if isinstance(services, dict):
+            partition["services"] = {name: services[name] for name in SERVICES if name in services}
+    return loader
 
 
 @dataclass
@@ -140,7 +168,7 @@ class RoleSessions:
         credentials = answer["Credentials"]
         expiration = credentials["Expiration"]
         expires = expiration.timestamp() if hasattr(expiration, "timestamp") else self._clock() + SESSION_SECONDS
-        session = boto3.Session(
+        session = new_session(
             aws_access_key_id=credentials["AccessKeyId"],
             aws_secret_access_key=credentials["SecretAccessKey"],
             aws_session_token=credentials["SessionToken"],
