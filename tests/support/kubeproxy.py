@@ -53,6 +53,8 @@ class Seen:
     at: float
     status: int = 0
     content_type: str = ""
+    #: Who asked: kopf's requests say ``kopf/...``, the operator's own ``connector-credential-operator/...``.
+    user_agent: str = ""
 
 
 @dataclass
@@ -189,7 +191,12 @@ class KubeFaultProxy(Service):
 
     async def _handle(self, request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
         seen = Seen(
-            request.method, request.path, request.query_string, time.monotonic(), content_type=request.content_type
+            request.method,
+            request.path,
+            request.query_string,
+            time.monotonic(),
+            content_type=request.content_type,
+            user_agent=request.headers.get("User-Agent", ""),
         )
         with self._lock:
             self.seen.append(seen)
