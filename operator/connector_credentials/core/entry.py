@@ -31,7 +31,7 @@ class Outcome:
     transient: bool = False
 
 
-@dataclass
+@dataclass(slots=True)
 class ApiView:
     """What the API says about the credential."""
 
@@ -69,7 +69,7 @@ class ApiView:
             self.spec, self.spec_error, self.interval = None, str(exc), None
 
 
-@dataclass(repr=False)
+@dataclass(repr=False, slots=True)
 class Held:
     """The value this replica resolved, and when. Its ``repr`` never shows the value."""
 
@@ -112,7 +112,7 @@ class Schedule:
     applied: int = 0
 
 
-@dataclass(repr=False)
+@dataclass(repr=False, slots=True)
 class Entry:
     """One declared credential: the API's view, the value held, the schedule, the writer's state."""
 

@@ -61,7 +61,7 @@ class StatusSink(Protocol):
     ) -> None: ...
 
 
-@dataclass
+@dataclass(slots=True)
 class Reporting:
     """The writer's state for one credential."""
 
