@@ -15,22 +15,14 @@ from connector_credentials.core.engine import Engine
 from connector_credentials.core.failures import AwsFailure
 from connector_credentials.core.ports import FetchedSecret
 from tests.support.fakes import FakePort, FakeSink, ScriptedPort, settle
+from tests.unit.core.test_engine_hardening import base_settings
 
 ROLE = "arn:aws:iam::111122223333:role/connector-reader"
 
 
 def settings(**overrides: Any) -> OperatorSettings:
-    values: dict[str, Any] = {
-        "default_refresh_interval": 300,
-        "max_staleness": 900,
-        "backoff_base": 1,
-        "backoff_cap": 60,
-        "min_refresh_gap": 0,
-        "socket_path": "/nonexistent",
-        "assumable_roles": [ROLE],
-    }
-    values.update(overrides)
-    return OperatorSettings(**values)
+    # The hardening tests' settings, reads not held back by the refresh gap, and ROLE allowed.
+    return base_settings(**{"min_refresh_gap": 0, "assumable_roles": [ROLE], **overrides})
 
 
 def secret(name: str) -> str:
