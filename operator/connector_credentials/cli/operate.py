@@ -385,6 +385,7 @@ async def _sync(engine: Any, sink: Any, namespaces: list[str] | None, noticed: A
         delay = 0.5
         if not engine.synced.is_set():
             engine.synced.set()
+            engine.changes.notify_all()  # a watch of an undeclared credential now answers 404, not 503
             logger.info("Loaded %d declared credential(s).", count)
         else:
             logger.info("Listed %d declared credential(s) again; %d deleted meanwhile forgotten.", count, forgotten)

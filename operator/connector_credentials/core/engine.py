@@ -27,6 +27,7 @@ from connector_credentials.api.values import JsonKeyError, NeedleIndex, SecretVa
 from connector_credentials.config.settings import OperatorSettings
 from connector_credentials.core.allowlist import RoleAllowlist
 from connector_credentials.core.answers import answer, answer_draining, answer_undeclared, describe
+from connector_credentials.core.changes import Changes
 from connector_credentials.core.entry import Entry, Key, Outcome, Served
 from connector_credentials.core.failures import AwsFailure
 from connector_credentials.core.ports import Meter, NoMeter, SecretsPort
@@ -79,6 +80,8 @@ class Engine:
         self.redaction = NeedleIndex()
         #: Set once the declared credentials were listed: before that, "unknown" may just mean "not yet".
         self.synced = asyncio.Event()
+        #: Told whenever what a credential answers may have changed (the socket's watch streams wait on it).
+        self.changes = Changes()
 
     # --- what exists -------------------------------------------------------------------
 
@@ -110,7 +113,9 @@ class Engine:
             self._entries[entry.key] = entry
         if not entry.api.observe(meta, body.get("status"), created=created):
             return
-        if not created:
+        if created:
+            self.changes.notify(entry.key)
+        else:
             self._writer.observed(entry)
         raw_spec = body.get("spec")
         if created or _canonical(raw_spec) != _canonical(entry.api.raw_spec):
@@ -131,6 +136,7 @@ class Engine:
         if not created:
             logger.info("Spec of %s/%s changed; re-checking now.", *entry.key)
         self._drop_value(entry)
+        self.changes.notify(entry.key)
         entry.schedule.outcome, entry.schedule.failures = None, 0
         self._read_as(entry, self._read_key(entry))
 
@@ -192,6 +198,7 @@ class Engine:
             self._unlink(entry.key, entry.api.reads)
         if entry.reporting.task is not None:
             entry.reporting.task.cancel()
+        self.changes.notify(entry.key)
         logger.info("Forgot %s/%s: %s.", namespace, name, why)
 
     def _forget_gone(self, entry: Entry) -> None:
@@ -298,6 +305,7 @@ class Engine:
             # Repeated transient failures are logged each time (their pace is the backoff's).
             logger.warning("%s/%s: %s: %s", *entry.key, outcome.reason, outcome.message)
         self._writer.report(entry, outcome, self.interval(entry))
+        self.changes.notify(entry.key)
 
     def _unexpected(self, entry: Entry, exc: BaseException) -> None:
         """A bug, not an answer: counted like a failure (backoff up to the cap); the verdict stays."""
@@ -346,12 +354,17 @@ class Engine:
                 await self._check_within(entry, self.settings.serve_wait)
             # Otherwise: fresh, or known failing (permanent: 502; transient: 503 until the backoff retries).
         # After a wait the credential may be deleted, or recreated under its name: answer for what is declared now.
+        return self.current(namespace, name, refresh=refresh)
+
+    def current(self, namespace: str, name: str, *, refresh: bool = False) -> Served:
+        """What the socket answers for this credential now, without asking AWS."""
         live = self._entries.get((namespace, name))
+        now = asyncio.get_running_loop().time()
         if live is None:
             return answer_undeclared(namespace, name, synced=self.synced.is_set())
         if self._draining:
-            return answer_draining(live, loop.time(), refresh=refresh)
-        return answer(live, loop.time())
+            return answer_draining(live, now, refresh=refresh)
+        return answer(live, now)
 
     async def check(self, entry: Entry, *, fresh: bool = True, not_before: float | None = None) -> None:
         """Have the reader read this credential now and wait until the answer is applied: a read that
@@ -411,6 +424,7 @@ class Engine:
             return
         self._draining = True
         self.reads.pause()
+        self.changes.notify_all()  # what is answered from now on may differ
         tasks = [entry.reporting.task for entry in self._entries.values() if entry.reporting.task is not None]
         for task in tasks:
             task.cancel()
