@@ -123,8 +123,9 @@ class ScriptedPort:
     Limits: ``failing`` scripts a failure per ARN, ``silent`` leaves ARNs out of batch answers,
     ``refuse_batches`` raises :class:`BatchRefused` (for every role, or for the roles in
     ``refused_roles``), ``gate`` holds batches (up to 10 s) until set (only those ``holds`` picks by
-    their secret names), ``latency`` adds seconds to every call; every version is "v1" unless one
-    is asked for; roles are recorded, not checked.
+    their secret names), ``latency`` adds seconds to every call; the current version is "v1"
+    unless ``versions`` names another for the ARN (a version asked for is answered as it is);
+    roles are recorded, not checked.
     """
 
     credential_source = "IRSA"
@@ -136,6 +137,7 @@ class ScriptedPort:
         self.batches: list[list[str]] = []
         self.batch_roles: list[Any] = []
         self.failing: dict[str, AwsFailure] = {}
+        self.versions: dict[str, str] = {}
         self.silent: set[str] = set()
         self.refuse_batches = False
         self.refused_roles: set[Any] = set()
@@ -169,7 +171,7 @@ class ScriptedPort:
                 self.singles.append((arn.name, version_id, version_stage))
             if arn.arn in self.failing:
                 raise self.failing[arn.arn]
-            return FetchedSecret(version_id or "v1", arn.name, ("AWSCURRENT",))
+            return FetchedSecret(version_id or self.versions.get(arn.arn, "v1"), arn.name, ("AWSCURRENT",))
         finally:
             self._leave()
 
@@ -188,7 +190,9 @@ class ScriptedPort:
             for a in arns:
                 if a.arn in self.silent:
                     continue
-                found[a.arn] = self.failing.get(a.arn) or FetchedSecret("v1", a.name, ("AWSCURRENT",))
+                found[a.arn] = self.failing.get(a.arn) or FetchedSecret(
+                    self.versions.get(a.arn, "v1"), a.name, ("AWSCURRENT",)
+                )
             return found
         finally:
             self._leave()

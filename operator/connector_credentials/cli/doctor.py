@@ -69,6 +69,8 @@ class Probe(Protocol):
 
     def read(self, spec: ConnectorCredentialSpec) -> tuple[str, FetchedSecret]: ...  # AwsFailure
 
+    def rotation_queue(self, url: str) -> int: ...  # messages waiting; botocore's errors, AwsFailure
+
     @property
     def credential_source(self) -> str | None: ...
 
@@ -115,6 +117,7 @@ def diagnose(
     default_interval: float = 300.0,
     redaction: NeedleIndex | None = None,
     now: float | None = None,
+    rotation_queue: str | None = None,
 ) -> list[Check]:
     """Every check, in the documented order. A check that cannot run for an earlier failure is SKIP."""
     environ, roles = probe.environ, roles or RoleAllowlist(())
@@ -172,7 +175,10 @@ def diagnose(
         if sts.result == FAIL:
             blocked = "sts"
 
-    checks = [identity, token, role, regions_check(declared), sts, kube]
+    checks = [identity, token, role, regions_check(declared), sts]
+    if rotation_queue:
+        checks.append(queue_check(probe, rotation_queue, blocked))
+    checks.append(kube)
     if declared is None:
         checks.append(Check("credentials", SKIP, "kubernetes failed: the ConnectorCredentials are not known"))
         return checks
@@ -195,6 +201,25 @@ def diagnose(
         fix = "Check the name (kubectl get ccred), or pass -n for its namespace."
         checks.append(Check("credential", FAIL, f"not declared in {where}", fix, credential=name))
     return checks
+
+
+def queue_check(probe: Probe, url: str, blocked: str | None) -> Check:
+    """CCRED_ROTATION_QUEUE_URL can be read with the operator's identity (GetQueueAttributes)."""
+    from connector_credentials.adapters.aws.rotation_queue import queue_problem
+
+    if blocked is not None:
+        return Check("rotation-queue", SKIP, f"{blocked} failed: no AWS call can succeed")
+    try:
+        waiting = probe.rotation_queue(url)
+    except Exception as exc:  # noqa: BLE001 - a report line, never a traceback
+        kind, message = queue_problem(exc, url, probe.environ.get("AWS_ROLE_ARN"))
+        return Check(
+            "rotation-queue",
+            FAIL,
+            f"{kind}: {message}",
+            "See docs/troubleshooting.md#the-rotation-queue; meanwhile rotations are read at each refreshInterval.",
+        )
+    return Check("rotation-queue", PASS, f"GetQueueAttributes on {url}: {waiting} message(s) waiting")
 
 
 def unexpected(check: str, exc: BaseException, *, credential: str | None = None) -> Check:
@@ -275,6 +300,13 @@ class LiveProbe:
         )
         return identity, fetched
 
+    def rotation_queue(self, url: str) -> int:
+        from connector_credentials.adapters.aws.rotation_queue import queue_region
+
+        client = self._port.queue_client(queue_region(url, self.environ), 0)
+        answer = client.get_queue_attributes(QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages"])
+        return int(answer.get("Attributes", {}).get("ApproximateNumberOfMessages", 0))
+
 
 async def _list(namespaces: list[str] | None) -> list[dict[str, Any]]:
     from connector_credentials.adapters.kube.apiserver import KubeStatusSink
@@ -302,6 +334,7 @@ def run(settings: OperatorSettings, names: Sequence[str], *, output: str) -> int
         roles=RoleAllowlist(settings.assumable_roles),
         default_interval=settings.default_refresh_interval,
         redaction=redacting.index,
+        rotation_queue=settings.rotation_queue_url,
     )
     if output == "json":
         click.echo(json.dumps(as_document(checks, namespaces), indent=2))

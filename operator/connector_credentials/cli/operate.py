@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import Callable
 from typing import Any
@@ -163,7 +164,8 @@ async def _run(settings: OperatorSettings, why: str) -> None:
     except (kopf.LoginError, OSError) as exc:  # OSError: e.g. the CA file of the kubeconfig
         raise click.ClickException(f"cannot log in to the Kubernetes API: {exc}") from None
     metrics = Metrics()
-    engine = Engine(settings, Boto3SecretsPort(settings, instrument=metrics.instrument_client), sink, metrics=metrics)
+    port = Boto3SecretsPort(settings, instrument=metrics.instrument_client)
+    engine = Engine(settings, port, sink, metrics=metrics)
     redacting.index = engine.redaction  # before the engine holds anything: no value is ever logged unmasked
     registry = kopf.OperatorRegistry()
     relisted = Relists()  # the watch's re-lists, noticed by the handlers, acted on by _sync
@@ -221,6 +223,9 @@ async def _run(settings: OperatorSettings, why: str) -> None:
     if clusterwide and not settings.all_namespaces:
         logger.warning("No --namespace given: watching all namespaces (pass -n NS to limit it).")
 
+    rotations: asyncio.Task[None] | None = None
+    if settings.rotation_queue_url:
+        rotations = asyncio.create_task(_receive_rotations(settings.rotation_queue_url, port, engine, metrics))
     stop = asyncio.Event()
     shutdown = _Shutdown(engine, server, settings.shutdown_drain, then=stop.set)
     shutdown.take_signals()  # until kopf runs, and again once it has installed its own handlers
@@ -262,11 +267,27 @@ async def _run(settings: OperatorSettings, why: str) -> None:
         if not operator_task.cancelled():
             operator_task.result()
     finally:
+        if rotations is not None:
+            rotations.cancel()  # its long poll ends with its daemon thread; what it received meanwhile stays queued
         await shutdown.run()  # a no-op if a signal already drained; else (kopf failed) drain now
         await engine.close()  # only now, with the socket closed, are the values dropped
         if metrics_server is not None:
             await metrics_server.close()
         await sink.close()
+
+
+async def _receive_rotations(url: str, port: Any, engine: Any, metrics: Any) -> None:
+    """Rotation events from the queue, once the declared credentials are known (before that, a
+    secret not listed yet would look undeclared and its event be lost), until the drain."""
+    from connector_credentials.adapters.aws.rotation_queue import WAIT_SECONDS, RotationQueue, queue_region
+    from connector_credentials.core.supervise import supervise
+
+    region = queue_region(url, os.environ)
+    queue = RotationQueue(
+        url, lambda: port.queue_client(region, WAIT_SECONDS), rotated=engine.rotated, meter=metrics, role=port.role
+    )
+    await engine.synced.wait()
+    await supervise("Receiving rotation events", lambda: queue.run(stopping=lambda: engine.draining), log=logger)
 
 
 class _Shutdown:

@@ -75,6 +75,24 @@ class OperatorSettings(BaseSettings):
     #: Fraction of each interval drawn at random so that refreshes do not synchronise.
     jitter: float = Field(default=0.1, ge=0, le=0.5)
 
+    #: An SQS queue that an EventBridge rule fills with Secrets Manager's "Secret Label Updated"
+    #: events: a rotation is read at once instead of at the next refresh. Unset or empty: off.
+    rotation_queue_url: str | None = None
+
+    @field_validator("rotation_queue_url", mode="after")
+    @classmethod
+    def _rotation_queue_url(cls, value: str | None) -> str | None:
+        url = (value or "").strip()
+        if not url:
+            return None
+        scheme, _, rest = url.partition("://")
+        path = rest.partition("/")[2].strip("/").split("/")
+        if scheme not in ("https", "http") or not rest.partition("/")[0] or len(path) != 2 or not all(path):
+            raise ValueError(
+                f"{url!r} is not an SQS queue URL (https://sqs.<region>.amazonaws.com/<account-id>/<queue-name>)"
+            )
+        return url
+
     liveness: str | None = None
     #: Where /metrics listens (Prometheus text format): host:port, :port (every interface), or 0 (off).
     metrics_bind_address: str = ":8080"

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from typing import Any
 
 from connector_credentials.api.conditions import EVENT_ROTATED
@@ -33,6 +34,7 @@ from connector_credentials.core.failures import AwsFailure
 from connector_credentials.core.ports import Meter, NoMeter, SecretsPort
 from connector_credentials.core.reads import Done, ReadKey, Reads
 from connector_credentials.core.relists import unlisted
+from connector_credentials.core.rotation import CURRENT, DEFERRED, REFRESHED, UNDECLARED, LabelMoved
 from connector_credentials.core.status import StatusSink, StatusWriter
 from connector_credentials.core.supervise import log_bug
 from connector_credentials.core.timing import Plan, Timing
@@ -62,6 +64,8 @@ class Engine:
         self._entries: dict[Key, Entry] = {}
         #: Which credentials read each key: an answer is applied to all of them.
         self._readers: dict[ReadKey, set[Key]] = {}
+        #: Keys read because a rotation event said so: the version it named, and when it was published.
+        self._awaited: dict[ReadKey, tuple[str, float]] = {}
         self.reads = Reads(
             port, deliver=self._delivered, max_workers=settings.aws_max_workers, batch=settings.batch_reads
         )
@@ -120,6 +124,8 @@ class Engine:
         raw_spec = body.get("spec")
         if created or _canonical(raw_spec) != _canonical(entry.api.raw_spec):
             self._new_spec(entry, raw_spec, created=created)
+        else:
+            self._noticed_elsewhere(entry)
 
     def _new_spec(self, entry: Entry, raw_spec: Any, *, created: bool) -> None:
         api, before = entry.api, entry.api.spec
@@ -174,6 +180,7 @@ class Engine:
             readers.discard(credential)
             if not readers:
                 del self._readers[key]
+                self._awaited.pop(key, None)
                 self.reads.forget(key)  # nobody reads it any more: its plan goes too
 
     def _reschedule(self, entry: Entry) -> None:
@@ -237,11 +244,68 @@ class Engine:
         if entry.api.reads is not None:
             self.reads.plan(entry.api.reads, plan)
 
+    def _backing_off(self, entry: Entry, now: float) -> bool:
+        """Failing transiently, and its retry (the backoff's pace) not due yet."""
+        outcome = entry.schedule.outcome
+        return outcome is not None and outcome.transient and now < entry.schedule.due
+
+    def _read_soon(self, key: ReadKey) -> bool:
+        """Read ``key`` now, or once CCRED_MIN_REFRESH_GAP since its last read has passed, in the next
+        call of its lane (batched like any other). ``False``, and nothing planned, while every
+        credential reading it backs off after failures: their retry reads it."""
+        now = asyncio.get_running_loop().time()
+        readers = [entry for c in self._readers.get(key, ()) if (entry := self._entries.get(c)) is not None]
+        if all(self._backing_off(entry, now) for entry in readers):
+            return False
+        last = self.reads.last_started(key)
+        at = now if last is None else max(now, last + self.settings.min_refresh_gap)
+        self.reads.plan(key, Plan(at, at))
+        return True
+
+    # --- rotation: events from the queue, and what other replicas read ---------------------
+
+    def rotated(self, event: LabelMoved) -> str:
+        """A staging label moved (an event from CCRED_ROTATION_QUEUE_URL): read what it moved now.
+        Returns what became of the event (the outcomes of core/rotation.py)."""
+        keys = [key for key in self._readers if event.moves(key)]
+        if not keys:
+            return UNDECLARED
+        outcome = CURRENT
+        for key in keys:
+            holders = [self._entries[c].held.version_id for c in self._readers[key] if c in self._entries]
+            if all(version == event.version_id for version in holders):
+                continue  # read already (by polling, or because another replica's status said so)
+            if self._read_soon(key):
+                outcome = REFRESHED
+                if event.time is not None:
+                    self._awaited[key] = (event.version_id, event.time.timestamp())
+            elif outcome == CURRENT:
+                outcome = DEFERRED
+        return outcome
+
+    def _noticed_elsewhere(self, entry: Entry) -> None:
+        """The status names a version this replica does not hold: another replica read a rotation
+        first (from the queue, or its own refresh). Read it again now, within the gap and the backoff."""
+        key, seen, held = entry.api.reads, entry.api.live_status.get("versionId"), entry.held.version_id
+        if key is None or key.version_id is not None or not held or not isinstance(seen, str) or seen == held:
+            return
+        if self._read_soon(key):
+            logger.info(
+                "The status of %s/%s names version %s, and this replica holds %s: reading it again.",
+                *entry.key,
+                seen,
+                held,
+            )
+
     # --- applying answers --------------------------------------------------------------
 
     def _delivered(self, key: ReadKey, done: Done) -> None:
         """A read of ``key`` finished: apply it to every credential that reads ``key`` now (one deleted,
         or recreated with another spec, while the read ran does not get it)."""
+        awaited = self._awaited.get(key)
+        if awaited is not None and done.fetched is not None and done.fetched.version_id == awaited[0]:
+            del self._awaited[key]
+            self.metrics.rotation_delivered(max(0.0, time.time() - awaited[1]))
         for credential in list(self._readers.get(key, ())):
             entry = self._entries.get(credential)
             if entry is None or entry.api.reads != key or done.seq <= entry.schedule.applied:
@@ -342,7 +406,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         if entry is not None and not self._draining:
             schedule = entry.schedule
-            backing_off = schedule.outcome is not None and schedule.outcome.transient and loop.time() < schedule.due
+            backing_off = self._backing_off(entry, loop.time())
             if schedule.outcome is None:
                 # Never checked: read from AWS now (ahead of every scheduled read) and wait for the answer.
                 await self.check(entry, fresh=False)
@@ -438,6 +502,7 @@ class Engine:
             self._drop_value(entry)
         self._entries.clear()
         self._readers.clear()
+        self._awaited.clear()
         self.reads.close()
 
 

@@ -97,6 +97,18 @@ class Meter(Protocol):
         """The socket answered a request with HTTP ``code`` after ``seconds``."""
         ...
 
+    def rotation_event(self, outcome: str) -> None:
+        """A message from the rotation queue was handled (the outcomes of core/rotation.py)."""
+        ...
+
+    def rotation_delivered(self, seconds: float) -> None:
+        """The version a rotation event named is served, ``seconds`` after the event was published."""
+        ...
+
+    def rotation_queue(self, problem: str | None) -> None:
+        """The rotation queue was read (``None``) or could not be (``denied``, ``missing``, ...)."""
+        ...
+
 
 class NoMeter:
     """Counts nothing: the meter of an engine built without one."""
@@ -105,4 +117,13 @@ class NoMeter:
         pass
 
     def socket_answered(self, code: int, seconds: float) -> None:
+        pass
+
+    def rotation_event(self, outcome: str) -> None:
+        pass
+
+    def rotation_delivered(self, seconds: float) -> None:
+        pass
+
+    def rotation_queue(self, problem: str | None) -> None:
         pass

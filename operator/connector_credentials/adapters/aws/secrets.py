@@ -156,7 +156,14 @@ class Boto3SecretsPort:
                 self._session = new_session()
             return self._session
 
-    def _client(self, service: str, region: str) -> Any:
+    def queue_client(self, region: str, wait: float) -> Any:
+        """The SQS client of this region (the rotation queue), with the workload identity checked
+        first, as for every read; its read timeout allows a long poll of ``wait`` seconds."""
+        self._require_credentials()
+        config = self._config.merge(botocore.config.Config(read_timeout=wait + self._settings.aws_read_timeout))
+        return self._client("sqs", region, config)
+
+    def _client(self, service: str, region: str, config: botocore.config.Config | None = None) -> Any:
         key = (service, region)
         client = self._clients.get(key)
         if client is None:
@@ -165,7 +172,7 @@ class Boto3SecretsPort:
             with self._lock:
                 client = self._clients.get(key)
                 if client is None:
-                    client = session.client(service, region_name=region, config=self._config)  # type: ignore[call-overload]
+                    client = session.client(service, region_name=region, config=config or self._config)  # type: ignore[call-overload]
                     if self._instrument is not None:
                         self._instrument(client)
                     self._clients[key] = client

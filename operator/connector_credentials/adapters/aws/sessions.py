@@ -47,7 +47,7 @@ _NOT_A_REFUSAL = frozenset(
 
 
 #: The AWS services the operator calls.
-SERVICES = ("secretsmanager", "sts")
+SERVICES = ("secretsmanager", "sts", "sqs")
 
 
 def new_session(**credentials: str) -> boto3.Session:

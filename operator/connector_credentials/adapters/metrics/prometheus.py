@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
@@ -40,6 +40,7 @@ from prometheus_client.samples import Sample
 
 from connector_credentials.api.conditions import PENDING_REASON
 from connector_credentials.core.failures import THROTTLE_CODES
+from connector_credentials.core.rotation import OUTCOMES as ROTATION_OUTCOMES
 
 if TYPE_CHECKING:
     from connector_credentials.core.engine import Engine
@@ -48,6 +49,8 @@ logger = logging.getLogger(__name__)
 
 #: The AWS operations the operator calls (and so the values of the ``operation`` label).
 AWS_OPERATIONS = ("GetSecretValue", "BatchGetSecretValue", "GetCallerIdentity", "AssumeRole")
+#: Why the rotation queue could not be read (the ``reason`` label; adapters/aws/rotation_queue.py).
+QUEUE_PROBLEMS = ("denied", "missing", "throttled", "unreachable", "identity", "error")
 #: How an AWS call ended (the ``outcome`` label), after botocore's retries.
 AWS_OUTCOMES = ("ok", "throttled", "denied", "not_found", "client_error", "server_error", "network_error")
 #: How a status write ended (the ``result`` label).
@@ -59,6 +62,8 @@ _STARTED = "ccred_metrics_started"
 _AWS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 #: A socket answer from memory takes well under a millisecond; one that waits for AWS, seconds.
 _SOCKET_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+#: From a rotation event's publication (whole seconds) to the new value held: about a second.
+_ROTATION_BUCKETS = (0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 
 def aws_outcome(status: int | None, code: str) -> str:
@@ -114,7 +119,34 @@ class Metrics:
             ["result"],
             registry=self.registry,
         )
+        self.rotation_events = Counter(
+            "ccred_rotation_events",
+            "Messages from the rotation queue (CCRED_ROTATION_QUEUE_URL), by what became of them.",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.rotation_delivery = Histogram(
+            "ccred_rotation_delivery_seconds",
+            "From a Secret Label Updated event's time (whole seconds) to the version it names being served.",
+            buckets=_ROTATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.rotation_queue_errors = Counter(
+            "ccred_rotation_queue_errors",
+            "Failed reads of the rotation queue, by why (polling keeps the credentials fresh meanwhile).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.rotation_queue_receiving = Gauge(
+            "ccred_rotation_queue_receiving",
+            "1 while the last read of the rotation queue succeeded; 0 while it fails; absent when off.",
+            registry=self.registry,
+        )
         # Known label values start at 0, so rate() and absent-series alerts work from the first scrape.
+        for outcome in ROTATION_OUTCOMES:
+            self.rotation_events.labels(outcome)
+        for problem in QUEUE_PROBLEMS:
+            self.rotation_queue_errors.labels(problem)
         for operation in AWS_OPERATIONS:
             self.aws_duration.labels(operation)
             for outcome in AWS_OUTCOMES:
@@ -137,6 +169,17 @@ class Metrics:
             counter = self._socket_by_code[code] = self.socket_requests.labels(str(code))
         counter.inc()
         self.socket_duration.observe(seconds)
+
+    def rotation_event(self, outcome: str) -> None:
+        self.rotation_events.labels(outcome).inc()
+
+    def rotation_delivered(self, seconds: float) -> None:
+        self.rotation_delivery.observe(seconds)
+
+    def rotation_queue(self, problem: str | None) -> None:
+        if problem is not None:
+            self.rotation_queue_errors.labels(problem).inc()
+        self.rotation_queue_receiving.set(0 if problem is not None else 1)
 
     # --- AWS ------------------------------------------------------------------------------
 
