@@ -104,6 +104,32 @@ class AwsEmulator(Service):
             )
         return self._clients[region]
 
+    def _admin(self, service: str, region: str = DEFAULT_REGION) -> Any:
+        config = botocore.config.Config(retries={"max_attempts": 1}, proxies={})
+        return boto3.session.Session().client(
+            service,  # type: ignore[call-overload]
+            region_name=region,
+            endpoint_url=self.endpoint,
+            config=config,
+            aws_access_key_id=_ADMIN_KEY,
+            aws_secret_access_key=_ADMIN_KEY,
+        )
+
+    def create_queue(self, name: str) -> str:
+        """An SQS queue (moto serves SQS too); its URL."""
+        url: str = self._admin("sqs").create_queue(QueueName=name)["QueueUrl"]
+        return url
+
+    def send(self, url: str, body: str) -> None:
+        """Put a message on the queue, as an EventBridge rule's SQS target does."""
+        self._admin("sqs").send_message(QueueUrl=url, MessageBody=body)
+
+    def queue_depth(self, url: str) -> int:
+        """Messages on the queue, visible or received and not deleted yet."""
+        names = ["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
+        found = self._admin("sqs").get_queue_attributes(QueueUrl=url, AttributeNames=names)["Attributes"]
+        return sum(int(found.get(name, 0)) for name in names)
+
     def reset(self) -> None:
         """Forget every secret (moto's state is process-global)."""
         import urllib.request

@@ -464,6 +464,11 @@ class FaultProxy(Service):
             times=times,
         )
 
+    def remove(self, rule: Rule) -> None:
+        """Remove one rule (AWS allows again what it refused)."""
+        with self._lock:
+            self._rules = [kept for kept in self._rules if kept is not rule]
+
     def clear(self) -> None:
         """Remove every rule (the counters stay)."""
         with self._lock:

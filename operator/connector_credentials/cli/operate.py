@@ -284,7 +284,13 @@ async def _receive_rotations(url: str, port: Any, engine: Any, metrics: Any) -> 
 
     region = queue_region(url, os.environ)
     queue = RotationQueue(
-        url, lambda: port.queue_client(region, WAIT_SECONDS), rotated=engine.rotated, meter=metrics, role=port.role
+        url,
+        lambda: port.queue_client(region, WAIT_SECONDS),
+        rotated=engine.rotated,
+        meter=metrics,
+        role=port.role,
+        retry_base=engine.settings.backoff_base,
+        retry_cap=engine.settings.backoff_cap,
     )
     await engine.synced.wait()
     await supervise("Receiving rotation events", lambda: queue.run(stopping=lambda: engine.draining), log=logger)

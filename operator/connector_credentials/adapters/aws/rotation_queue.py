@@ -35,7 +35,8 @@ logger = logging.getLogger(__name__)
 #: SQS's longest long poll: an idle queue costs one request per 20 s (about 130,000 a month).
 WAIT_SECONDS = 20
 MAX_MESSAGES = 10
-#: While the queue cannot be read: how long between attempts, at most, and between log lines.
+#: While the queue cannot be read: the longest wait between attempts (CCRED_BACKOFF_CAP, if lower),
+#: and between log lines.
 RETRY_CAP = 60.0
 SAY_AGAIN_AFTER = 600.0
 STATEMENT = "ReceiveRotationEvents statement of deploy/iam/policy.json"
@@ -92,6 +93,7 @@ class RotationQueue:
         meter: Meter,
         role: str | None = None,
         retry_base: float = 1.0,
+        retry_cap: float = RETRY_CAP,
     ) -> None:
         self._url = url
         #: The SQS client (made on first use, in the polling thread: making one checks the identity).
@@ -99,7 +101,7 @@ class RotationQueue:
         self._rotated = rotated
         self._meter = meter
         self._role = role
-        self._retry_base = retry_base
+        self._retry_base, self._retry_cap = retry_base, min(retry_cap, RETRY_CAP)
         #: Kinds of refused messages logged already (once per kind: a flood must not flood the log).
         self._said: set[str] = set()
         self._problem: tuple[str, float] | None = None
@@ -115,7 +117,7 @@ class RotationQueue:
             except Exception as exc:  # noqa: BLE001 - every failure is reported and retried: polling covers meanwhile
                 failures += 1
                 self._failed(exc)
-                await asyncio.sleep(capped_doubling(self._retry_base, RETRY_CAP, failures))
+                await asyncio.sleep(capped_doubling(self._retry_base, self._retry_cap, failures))
                 continue
             failures = 0
             self._received()
