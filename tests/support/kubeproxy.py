@@ -135,6 +135,10 @@ class KubeFaultProxy(Service):
     def fail_status_patches(self, times: int | None = 1, *, status: int = 409) -> Fault:
         return self.fail_requests("PATCH", STATUS_PATCH, status=status, times=times)
 
+    def remove_fault(self, fault: Fault) -> None:
+        with self._lock:
+            self._faults = [kept for kept in self._faults if kept is not fault]
+
     def clear_faults(self) -> None:
         with self._lock:
             self._faults.clear()

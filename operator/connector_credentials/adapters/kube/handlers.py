@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+from collections.abc import Iterator
 from typing import Any, cast
 
 import kopf
@@ -55,6 +56,10 @@ def register(registry: kopf.OperatorRegistry, engine: Engine, noticed: Relists) 
         settings.watching.reconnect_backoff = 1.0
         settings.networking.request_timeout = 30
         settings.networking.connect_timeout = 10
+        # kopf retries a failed API request (5xx, connection refused) for 54 s in all, then gives up
+        # and the operator exits: the socket would vanish while every value is still held. Retry for
+        # as long as the API is away (an upgrade, an etcd failover), every 30 s at most.
+        settings.networking.error_backoffs = RetryForever()
 
     @kopf.on.login(registry=registry, id="login")
     def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo | None:
@@ -112,6 +117,19 @@ class NoMemories(inventory.ResourceMemories):
         ephemeral: bool = False,
     ) -> inventory.ResourceMemory:
         return await super().recall(raw_body, memobase=memobase, noticed_by_listing=noticed_by_listing, ephemeral=True)
+
+
+class RetryForever:
+    """kopf's own delays between API retries (1 s up to 21 s), then every 30 s, without end. kopf
+    iterates it afresh for each request (it must not be a one-shot iterator)."""
+
+    FIRST = (1.0, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 21.0)
+    THEN = 30.0
+
+    def __iter__(self) -> Iterator[float]:
+        yield from self.FIRST
+        while True:
+            yield self.THEN
 
 
 def _plain(body: kopf.Body) -> dict[str, Any]:
