@@ -147,3 +147,34 @@ def test_credentials_deleted_while_the_watch_was_down_are_forgotten_after_the_re
         assert client.get(ns, "fresh").arn == arns["fresh"]
     for name in ("kept", "fresh"):
         assert f"Forgot {ns}/{name}:" not in operator.output
+
+
+def test_every_credential_deleted_while_the_watch_was_down_is_forgotten_by_the_periodic_listing(
+    world: World, plane: ControlPlane
+) -> None:
+    """The re-list then delivers no object at all, so nothing shows that it happened: the periodic
+    listing (CCRED_RELIST_INTERVAL) finds what is gone."""
+    ns = world.namespace
+    arns = {name: world.secret(name) for name in ("one", "two")}
+    for name, arn in arns.items():
+        world.apply(name, {"secretArn": arn})
+    operator = world.start_operator(extra_env={"CCRED_RELIST_INTERVAL": "3s"})
+    for name in arns:
+        world.wait_reason(name, "AccessVerified")
+    with world.client() as client:
+        wait_until(client.healthy, timeout=20, message="the operator never became healthy")
+        outage = world.kube.fail_requests(None, r"^/api", status=503, times=None)
+        plane.stop_apiserver()
+        try:
+            _delete_behind_the_apis_back(plane, [(ns, "one"), (ns, "two")])
+        finally:
+            plane.start_apiserver()
+        wait_until(lambda: _may_watch(world, ns), timeout=30, message="the API server never authorized the operator")
+        outage.times = 0
+        wait_until(
+            lambda: (_answer(client, ns, "one"), _answer(client, ns, "two")) == (404, 404),
+            timeout=30,
+            message="credentials deleted while the watch was down are still served "
+            f"(one: {_answer(client, ns, 'one')}, two: {_answer(client, ns, 'two')})",
+        )
+    operator.wait_for_log(f"Forgot {ns}/one: it is not in a fresh listing of the API", timeout=5)

@@ -378,15 +378,19 @@ def _short(exc: BaseException) -> str:
 
 
 async def _sync(engine: Any, sink: Any, namespaces: list[str] | None, noticed: Any) -> None:
-    """List the declared credentials at start, and again after each re-list of the watch.
+    """List the declared credentials at start, again after each re-list of the watch, and every
+    CCRED_RELIST_INTERVAL.
 
     At start, so that an unknown name soon means "not declared": until this listing lands, the
     socket answers unknown names with 503 instead of a misleading 404. Then the watch (kopf)
     keeps the engine current, except that a watch that could not resume lists again and sends
     no DELETED for what vanished meanwhile: after each such re-list the credentials are listed
-    here again and the engine forgets what is not in the listing (docs/design.md).
+    here again and the engine forgets what is not in the listing (docs/design.md). A re-list is
+    noticed by the objects it delivers; one that delivers none (every credential was deleted) is
+    caught by the periodic listing.
     """
     delay = 0.5
+    periodic = False
     while True:
         count, forgotten = 0, 0
         listed: set[tuple[str, str]] = set()
@@ -415,6 +419,14 @@ async def _sync(engine: Any, sink: Any, namespaces: list[str] | None, noticed: A
             engine.changes.notify_all()  # a watch of an undeclared credential now answers 404, not 503
             logger.info("Loaded %d declared credential(s).", count)
         else:
-            logger.info("Listed %d declared credential(s) again; %d deleted meanwhile forgotten.", count, forgotten)
-        await noticed.settled()
-        logger.info("The watch listed the credentials again (it could not resume): listing them to find deletions.")
+            log = logger.debug if periodic and not forgotten else logger.info
+            log("Listed %d declared credential(s) again; %d deleted meanwhile forgotten.", count, forgotten)
+        try:
+            async with asyncio.timeout(engine.settings.relist_interval):
+                await noticed.settled()
+        except TimeoutError:
+            periodic = True
+            logger.debug("Listing the credentials again (CCRED_RELIST_INTERVAL) to find deletions not reported.")
+        else:
+            periodic = False
+            logger.info("The watch listed the credentials again (it could not resume): listing them to find deletions.")

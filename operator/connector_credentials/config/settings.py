@@ -66,6 +66,10 @@ class OperatorSettings(BaseSettings):
     min_refresh_gap: float = Field(default=1.0, ge=0)
     #: From SIGTERM on, cached values are still served this long (the controller drains meanwhile).
     shutdown_drain: float = Field(default=5.0, ge=0)
+    #: The declared credentials are listed again this often, besides after each re-list of the watch:
+    #: a deletion no watch event reported (every credential deleted while the watch was down) is
+    #: forgotten within this long.
+    relist_interval: float = Field(default=900.0, ge=1)
     #: A check that changes nothing still refreshes status.lastCheckedTime, at most this often.
     status_heartbeat: float = Field(default=600.0, gt=0)
 
@@ -155,6 +159,7 @@ class OperatorSettings(BaseSettings):
         "shutdown_drain",
         "status_heartbeat",
         "batch_window",
+        "relist_interval",
         mode="before",
     )
     @classmethod
