@@ -211,7 +211,11 @@ def test_a_status_write_refused_by_rbac_is_logged_once_and_not_retried_hot(world
     operator = world.start_operator(extra_env=FAST)
     world.wait_reason("slack", "AccessVerified")
     operator.wait_for_log("Writing the Event of", timeout=10)
-    time.sleep(3)
+    # Three checks of its own, each reported through the same writer: at least 2 s by
+    # CCRED_MIN_REFRESH_GAP (1 s between reads), long enough for a hot retry to show.
+    with world.client() as client:
+        for _ in range(3):
+            client.get(world.namespace, "slack", refresh=True)
     refusals = [line for line in operator.output.splitlines() if "Writing the Event of" in line]
     assert len(refusals) == 1, refusals
     assert "was refused (HTTP 403" in refusals[0] and "retrying every 30s" in refusals[0]
