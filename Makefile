@@ -45,11 +45,12 @@ lint: $(STAMP) ## ruff (lint and format check) and the import contracts (.import
 typecheck: $(STAMP) ## mypy --strict on the package
 	$(VENV)/bin/mypy
 
-bench: $(STAMP) controlplane ## Benchmarks: socket vs bare aiohttp (asyncio and uvloop), log filter cost, healthz under 1,000 idle connections, scale (100 and 1,000 credentials)
+bench: $(STAMP) controlplane ## Benchmarks: socket vs bare aiohttp (asyncio and uvloop), log filter cost, healthz under 1,000 idle connections, scale (100 and 1,000 credentials), rotation (events vs polling)
 	$(PY) bench/socket_bench.py
 	$(PY) bench/redact_bench.py
 	$(PY) bench/socket_hostile_bench.py
 	$(PY) bench/scale.py
+	$(PY) bench/rotation.py
 
 cluster: $(STAMP) ## Start a real single-node cluster here (root; no Docker): prints export KUBECONFIG=... AWS_ENDPOINT_URL=...
 	@$(PY) -m tests.localnode up
