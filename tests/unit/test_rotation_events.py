@@ -13,8 +13,9 @@ import yaml
 
 IAM = Path(__file__).resolve().parents[2] / "deploy" / "iam"
 
-#: The SQS calls of the rotation-queue consumer (CCRED_ROTATION_QUEUE_URL): long polls, deletes what it
-#: handled, and `doctor` reads the queue's attributes. Nothing else: no SendMessage, no PurgeQueue.
+#: The IAM actions of the rotation-queue consumer (CCRED_ROTATION_QUEUE_URL): it long-polls, deletes what it
+#: handled (DeleteMessageBatch, which IAM authorizes as sqs:DeleteMessage), and `doctor` reads the queue's
+#: attributes. Nothing else: no SendMessage, no PurgeQueue.
 OPERATOR_SQS_ACTIONS = {"sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"}
 
 #: The example of Secrets Manager's documentation ("Secret Label Updated event").
