@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import shutil
 import subprocess
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -222,6 +224,47 @@ def test_iam_templates_are_least_privilege() -> None:
     (statement,) = chained["Statement"]
     # sts:TagSession: a Pod Identity session's tags are transitive, and the chained role must accept them.
     assert sorted(statement["Action"]) == ["sts:AssumeRole", "sts:TagSession"] and "AWS" in statement["Principal"]
+
+
+def test_the_rotation_events_template_passes_cfn_lint() -> None:
+    """CloudFormation's own schema for the properties (the unit tests check what the template means)."""
+    cfn_lint = shutil.which("cfn-lint")
+    if cfn_lint is None or subprocess.run([cfn_lint, "--version"], capture_output=True, check=False).returncode:
+        pytest.skip("cfn-lint is not installed")
+    done = subprocess.run(
+        [cfn_lint, "deploy/iam/rotation-events.yaml"], cwd=REPO, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_rotation_queue_is_off_by_default_and_the_documented_patch_sets_it(tmp_path: Path) -> None:
+    def queue_urls(docs: list[dict[str, Any]]) -> dict[str, str | None]:
+        found = {}
+        for name, container in containers(one(docs, "Deployment", "xpander-controller")).items():
+            for variable in container.get("env") or []:
+                if variable["name"] == "CCRED_ROTATION_QUEUE_URL":
+                    found[name] = variable.get("value")
+        return found
+
+    assert queue_urls(render("deploy")) == {}
+    assert queue_urls(render("deploy/examples/existing-controller")) == {}
+    # The patch docs/install-eks.md ("Rotation in seconds") tells users to add to their overlay's patches.
+    guide = (REPO / "docs" / "install-eks.md").read_text()
+    section = guide[guide.index("## Rotation in seconds") : guide.index("## 8. Best practices")]
+    [block] = [b for b in re.findall(r"```yaml\n(.*?)```", section, re.DOTALL) if "CCRED_ROTATION_QUEUE_URL" in b]
+    overlay = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [os.path.relpath(REPO / "deploy", tmp_path)],
+        "patches": yaml.safe_load(textwrap.dedent(block)),
+    }
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(overlay))
+    patched = render(str(tmp_path))
+    urls = queue_urls(patched)
+    assert list(urls) == [SIDECAR]
+    assert re.fullmatch(r"https://sqs\.[a-z0-9-]+\.amazonaws\.com/\d{12}/connector-credentials-rotation", urls[SIDECAR])
+    # Merged by name: the sidecar keeps the rest of its settings.
+    assert_sidecar_wired(one(patched, "Deployment", "xpander-controller"))
 
 
 def test_the_metrics_port_is_exposed_and_the_service_monitor_is_optional() -> None:
