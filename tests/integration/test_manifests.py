@@ -226,17 +226,6 @@ def test_iam_templates_are_least_privilege() -> None:
     assert sorted(statement["Action"]) == ["sts:AssumeRole", "sts:TagSession"] and "AWS" in statement["Principal"]
 
 
-def test_the_rotation_events_template_passes_cfn_lint() -> None:
-    """CloudFormation's own schema for the properties (the unit tests check what the template means)."""
-    cfn_lint = shutil.which("cfn-lint")
-    if cfn_lint is None or subprocess.run([cfn_lint, "--version"], capture_output=True, check=False).returncode:
-        pytest.skip("cfn-lint is not installed")
-    done = subprocess.run(
-        [cfn_lint, "deploy/iam/rotation-events.yaml"], cwd=REPO, capture_output=True, text=True, check=False
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-
-
 def test_the_rotation_queue_is_off_by_default_and_the_documented_patch_sets_it(tmp_path: Path) -> None:
     def queue_urls(docs: list[dict[str, Any]]) -> dict[str, str | None]:
         found = {}

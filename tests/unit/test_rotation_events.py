@@ -11,12 +11,14 @@ from typing import Any
 import pytest
 import yaml
 
+from connector_credentials.adapters.aws.rotation_queue import IAM_ACTIONS
+
 IAM = Path(__file__).resolve().parents[2] / "deploy" / "iam"
 
 #: The IAM actions of the rotation-queue consumer (CCRED_ROTATION_QUEUE_URL): it long-polls, deletes what it
 #: handled (DeleteMessageBatch, which IAM authorizes as sqs:DeleteMessage), and `doctor` reads the queue's
 #: attributes. Nothing else: no SendMessage, no PurgeQueue.
-OPERATOR_SQS_ACTIONS = {"sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"}
+OPERATOR_SQS_ACTIONS = set(IAM_ACTIONS)
 
 #: The example of Secrets Manager's documentation ("Secret Label Updated event").
 SAMPLE_EVENT: dict[str, Any] = {

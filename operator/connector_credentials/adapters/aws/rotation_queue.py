@@ -40,6 +40,9 @@ MAX_MESSAGES = 10
 RETRY_CAP = 60.0
 SAY_AGAIN_AFTER = 600.0
 STATEMENT = "ReceiveRotationEvents statement of deploy/iam/policy.json"
+#: What that statement must allow: the calls made here and by doctor (DeleteMessageBatch is
+#: authorized as sqs:DeleteMessage).
+IAM_ACTIONS = ("sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes")
 _MISSING_CODES = frozenset({"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist", "NonExistentQueue"})
 _HOST_REGION = re.compile(r"^(?:sqs\.([a-z0-9-]+)\.amazonaws\.com(?:\.cn)?|([a-z0-9-]+)\.queue\.amazonaws\.com)$")
 
@@ -66,6 +69,8 @@ def queue_problem(exc: BaseException, url: str, role: str | None) -> tuple[str, 
         code, said = str(error.get("Code", "Unknown")), scrub(str(error.get("Message", "")))[:300]
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
         operation = f"sqs:{exc.operation_name}"
+        if code in THROTTLE_CODES or code in ("OverLimit", "KmsThrottled") or status == 429:
+            return "throttled", f"SQS throttles {operation} on {url} ({code})"
         if "AccessDenied" in code or status == 403:
             kms = " (and kms:Decrypt on the queue's key, if it is encrypted with one of yours)" if "KMS" in code else ""
             return "denied", (
@@ -73,8 +78,6 @@ def queue_problem(exc: BaseException, url: str, role: str | None) -> tuple[str, 
             )
         if code in _MISSING_CODES:
             return "missing", f"the queue {url} does not exist (CCRED_ROTATION_QUEUE_URL): check its URL and region"
-        if code in THROTTLE_CODES or code in ("OverLimit", "KmsThrottled") or status == 429:
-            return "throttled", f"SQS throttles {operation} on {url} ({code})"
         return "error", f"SQS refused {operation} on {url}: {code}: {said}"
     if isinstance(exc, botocore.exceptions.BotoCoreError | OSError):
         return "unreachable", f"Could not reach SQS for {url}: {type(exc).__name__}: {scrub(str(exc))[:300]}"
