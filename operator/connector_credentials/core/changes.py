@@ -39,10 +39,10 @@ class Changes:
             self.notify(key)
 
     @staticmethod
-    async def wait(ticket: asyncio.Future[None], timeout: float) -> bool:
-        """``True`` if the ticket resolved within ``timeout`` seconds (``False``: time for a heartbeat)."""
+    async def wait(ticket: asyncio.Future[None], within: float) -> bool:
+        """``True`` if the ticket resolved within ``within`` seconds (``False``: time for a heartbeat)."""
         try:
-            await asyncio.wait_for(asyncio.shield(ticket), timeout)
+            await asyncio.wait_for(asyncio.shield(ticket), within)
         except TimeoutError:
             return False
         return True
