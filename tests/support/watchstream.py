@@ -48,10 +48,15 @@ class WatchStream:
     headers: dict[str, str] = field(default_factory=dict)
     lines: list[Line] = field(default_factory=list)
     end: str | None = None
+    #: When the request was sent, and when the stream ended (``time.monotonic()``).
     sent_at: float = 0.0
+    ended_at: float | None = None
     _sock: socket.socket | None = None
     _thread: threading.Thread | None = None
     _changed: threading.Condition = field(default_factory=threading.Condition)
+
+    def __repr__(self) -> str:
+        return f"WatchStream({self.target}, status {self.status}, {len(self.lines)} lines, end {self.end})"
 
     def start(self) -> Self:
         sock = self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -114,14 +119,21 @@ class WatchStream:
         assert self.end is not None
         return self.end
 
-    def peer_closed(self) -> bool:
-        """For a stream that is not read: whether the server has closed its end (a write fails)."""
-        assert self._sock is not None
+    def read_to_end(self, timeout: float = 10.0) -> tuple[str, int]:
+        """For a stream that was not read: read what the kernel holds until the server's end shows;
+        how it ended (``CLOSED``: a close without the last chunk, ``CLEAN``: after it, ``RESET``) and
+        how many bytes arrived. Fails if the server keeps the connection open ``timeout`` seconds."""
+        assert self._sock is not None and not self.read
+        self._sock.settimeout(timeout)
+        received = bytearray()
         try:
-            self._sock.send(b"\r\n")
-        except (BrokenPipeError, ConnectionResetError):
-            return True
-        return False
+            while chunk := self._sock.recv(65536):
+                received += chunk
+        except ConnectionResetError:
+            return RESET, len(received)
+        except TimeoutError:
+            raise AssertionError(f"the server kept the connection open for {timeout}s") from None
+        return (CLEAN if received.endswith(b"\r\n0\r\n\r\n") else CLOSED), len(received)
 
     # --- the reading thread ------------------------------------------------------------
 
@@ -137,7 +149,7 @@ class WatchStream:
             end = RESET if self.end is None else self.end
         finally:
             with self._changed:
-                self.end = end
+                self.end, self.ended_at = end, time.monotonic()
                 self._changed.notify_all()
 
     def _more(self, buffer: bytearray) -> bool:

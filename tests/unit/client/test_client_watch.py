@@ -5,9 +5,7 @@ engine, with a fake AWS port, on an event loop of their own in a thread)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import queue
 import shutil
 import tempfile
 import threading
@@ -21,9 +19,7 @@ from aiohttp import web
 
 from connector_credentials.adapters.socket.server import CredentialServer
 from connector_credentials.client import (
-    AsyncCredentialClient,
     Credential,
-    CredentialClient,
     CredentialError,
     CredentialNotFound,
     CredentialUnavailable,
@@ -37,6 +33,7 @@ from connector_credentials.config.settings import OperatorSettings
 from connector_credentials.core.engine import Engine
 from connector_credentials.core.ports import FetchedSecret
 from tests.support.fakes import ARN, VALUE, FakePort, FakeSink, body
+from tests.support.watching import Watcher
 
 Item = Credential | CredentialError
 
@@ -209,63 +206,6 @@ class Operator:
         self._loop.close()
 
 
-class Watcher:
-    """A client's watch, iterated in the background (a thread, or a task on a loop in a thread), its
-    items queued for the test to take with a deadline."""
-
-    def __init__(self, kind: str, path: str) -> None:
-        self.kind, self.path = kind, path
-        self.items: queue.Queue[Item] = queue.Queue()
-        self.watch: Any = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._thread = threading.Thread(target=self._sync if kind == "sync" else self._async, daemon=True)
-        self._thread.start()
-        wait = 0
-        while self.watch is None and wait < 100:
-            threading.Event().wait(0.01)
-            wait += 1
-
-    def _sync(self) -> None:
-        with CredentialClient(self.path, timeout=2) as client, client.watch("team-a", "slack") as watch:
-            self.watch = watch
-            for item in watch:
-                self.items.put(item)
-
-    def _async(self) -> None:
-        async def follow() -> None:
-            async with AsyncCredentialClient(self.path, timeout=2) as client, client.watch("team-a", "slack") as watch:
-                self.watch = watch
-                async for item in watch:
-                    self.items.put(item)
-
-        self._loop = asyncio.new_event_loop()
-        self._task = self._loop.create_task(follow())
-        with contextlib.suppress(asyncio.CancelledError):
-            self._loop.run_until_complete(self._task)
-        self._loop.close()
-
-    def next(self, timeout: float = 10.0) -> Item:
-        return self.items.get(timeout=timeout)
-
-    def none_within(self, seconds: float) -> bool:
-        try:
-            self.items.get(timeout=seconds)
-        except queue.Empty:
-            return True
-        return False
-
-    def close(self) -> None:
-        """Stop the watch from this thread: ``close`` for the sync one, cancelling for the async one."""
-        if self.kind == "sync":
-            self.watch.close()
-        else:
-            assert self._loop is not None and self._task is not None
-            self._loop.call_soon_threadsafe(self._task.cancel)
-        self._thread.join(5)
-        assert not self._thread.is_alive(), "the watch did not stop"
-
-
 @pytest.fixture
 def sock_dir() -> Iterator[Path]:
     directory = Path(tempfile.mkdtemp(prefix="ccw-", dir="/tmp"))
@@ -277,7 +217,7 @@ def sock_dir() -> Iterator[Path]:
 def test_a_watch_waits_for_the_operator_follows_changes_and_survives_restarts(kind: str, sock_dir: Path) -> None:
     path = str(sock_dir / "s.sock")
     operator = Operator(path)
-    watcher = Watcher(kind, path)
+    watcher = Watcher(kind, path, "team-a", "slack")
     try:
         absent = watcher.next()
         assert isinstance(absent, ServerUnreachable) and "does not exist" in absent.message
@@ -335,7 +275,7 @@ def test_an_operator_that_does_not_stream_is_a_protocol_error(kind: str, sock_di
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     runner = asyncio.run_coroutine_threadsafe(serve(), loop).result(5)
-    watcher = Watcher(kind, path)
+    watcher = Watcher(kind, path, "team-a", "slack")
     try:
         error = watcher.next()
         assert isinstance(error, ProtocolError) and "does not stream" in error.message
