@@ -112,12 +112,13 @@ class WatchStreams:
 
     async def serve(
         self, request: web.BaseRequest, connection: WatchedConnection, namespace: str, name: str, *, refresh: bool
-    ) -> WatchResponse:
+    ) -> web.StreamResponse:
         """Stream until the client goes, stops reading, or the server ends every stream.
 
-        A HEAD gets the stream's head alone. ``refresh`` applies to the first line, as to a plain GET."""
+        A HEAD gets the stream's head alone (counted by the server as any request). ``refresh``
+        applies to the first line, as to a plain GET."""
         if request.method == "HEAD":
-            response = WatchResponse(status=200, headers=STREAM_HEADERS)
+            response = web.StreamResponse(status=200, headers=STREAM_HEADERS)
             response.enable_chunked_encoding()
             await response.prepare(request)
             await response.write_eof()
