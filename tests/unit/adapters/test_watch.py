@@ -188,6 +188,26 @@ async def test_a_missed_notice_is_caught_up_by_the_next_heartbeat(served: Servin
     stream.close()
 
 
+async def test_streams_that_ended_leave_no_ticket_behind(served: Serving) -> None:
+    streams = [
+        await asyncio.to_thread(served.watch, f"/v1/credentials/team-a/undeclared-{index}?watch=true")
+        for index in range(5)
+    ]
+    kept = await asyncio.to_thread(served.watch)
+    for stream in [*streams, kept]:
+        await _wait(stream, 1)
+    assert len(served.engine.changes) == 6
+    for stream in streams:
+        stream.close()
+    deadline = time.monotonic() + 5
+    while len(served.engine.changes) > 1 and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert len(served.engine.changes) == 1  # the stream still open keeps its own
+    await asyncio.to_thread(kept.wait, lambda s: s.heartbeats(), 2.0)
+    assert len(kept.documents()) == 1  # woken by the others' end, it found nothing to say
+    kept.close()
+
+
 async def test_a_head_and_malformed_watches(served: Serving) -> None:
     reader, writer = await asyncio.open_unix_connection(served.path)
     writer.write(b"HEAD " + TARGET.encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n")

@@ -189,6 +189,10 @@ class _Stream:
             logger.error("Failed to stream a watch: %s.", failure(exc))  # noqa: TRY400 - no message, no text
             self.cut()
         finally:
+            # The engine keeps a ticket until its credential changes, and a name nobody declares
+            # never does: resolving it here keeps the table to the credentials watched now (other
+            # streams of this credential wake, compare, and send nothing).
+            self._engine.changes.notify(self._key)
             self.finished.set_result(None)
         return self._response
 
