@@ -87,6 +87,20 @@ class AgainstTheLiveOperator(unittest.TestCase):
                         self.assertEqual(hashlib.sha256(credential.as_bytes()).hexdigest(), want)
                         self.assertNotIn(credential.value, repr(credential))
 
+    def test_watch(self) -> None:
+        """Each credential's first item, as get would return or raise it, through the stream alone."""
+        with CredentialClient() as reader:
+            for name, want in self.expect.items():
+                with self.subTest(name=name), reader.watch(self.namespace, name) as changes:
+                    item = next(changes)
+                    self.assertTrue(changes.started)
+                    if want.startswith("!"):
+                        self.assertIsInstance(item, CredentialError)
+                        self.assertEqual(item.reason, want[1:])
+                    else:
+                        self.assertNotIsInstance(item, CredentialError)
+                        self.assertEqual(hashlib.sha256(item.as_bytes()).hexdigest(), want)
+
     def test_list(self) -> None:
         with CredentialClient() as reader:
             names = {info.name for info in reader.list() if info.namespace == self.namespace}

@@ -2,8 +2,9 @@
 
 Every integration test ends with the same search (see ``World.assert_no_leaks``); this one
 drives as many paths as one run can: verification, rotation, jsonKey, binary, a secret that
-becomes unreadable, failures whose messages quote AWS, socket reads and error bodies, the CLI,
-and the operator's shutdown — all with ``--verbose`` and with ``--debug``.
+becomes unreadable, failures whose messages quote AWS, socket reads and error bodies, watch
+streams, the CLI, and the operator's shutdown — all with ``--verbose`` and with ``--debug``.
+Values must appear in the socket's 200 bodies and watch streams' 200 lines, and nowhere else.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pytest
 from connector_credentials.client import CredentialError, CredentialUnavailable
 from tests.integration.conftest import World
 from tests.support.runner import console_script, wait_until
+from tests.support.watchstream import WatchStream
 
 
 @pytest.mark.parametrize("verbosity", ["--verbose", "--debug"])
@@ -41,6 +43,12 @@ def test_no_value_escapes_through_any_path(world: World, verbosity: str) -> None
     world.wait_reason("not-json", "JsonKeyNotFound")
 
     bodies: list[str] = []
+    streams = {
+        name: WatchStream(world.socket_path, f"/v1/credentials/{world.namespace}/{name}?watch=true").start()
+        for name in ("plain", "json", "turning")
+    }
+    for stream in streams.values():
+        stream.wait_documents(1)
     with world.client() as client:
         assert client.get(world.namespace, "plain").value in world.canaries
         assert client.get(world.namespace, "json").value == token
@@ -62,6 +70,8 @@ def test_no_value_escapes_through_any_path(world: World, verbosity: str) -> None
         bodies.append(repr(client.list()))
         bodies.append(_raw_get(world.socket_path, "/v1/credentials"))
     world.wait_reason("turning", "AccessDenied")
+    streams["plain"].wait(lambda s: any(rotated in line.data.decode() for line in s.lines), 10, "no rotation line")
+    streams["turning"].wait(lambda s: s.documents()[-1]["status"] == 502, 10, "no AccessDenied line")
 
     # The CLI without --show prints metadata and a mask only.
     cli = subprocess.run(
@@ -80,7 +90,19 @@ def test_no_value_escapes_through_any_path(world: World, verbosity: str) -> None
 
     world.delete("json")
     wait_until(lambda: "Forgot" in operator.output, timeout=10, message="deletion not noticed")
+    streams["json"].wait(lambda s: s.documents()[-1]["status"] == 404, 10, "no NotFound line")
     operator.stop()
+
+    # The values are in the watch streams' 200 lines, as in the 200 bodies; their error lines hold none.
+    watched = {name: stream.documents() for name, stream in streams.items()}
+    for stream in streams.values():
+        assert stream.wait_end() == "clean"
+        stream.close()
+    values = "\n".join(json.dumps(d) for lines in watched.values() for d in lines if d["status"] == 200)
+    for value in (rotated, token, *[c for c in world.canaries if c.startswith(("CANARY-plain-", "CANARY-turning-"))]):
+        assert value in values, "a watch stream did not carry the value"
+    bodies += [json.dumps(d) for lines in watched.values() for d in lines if d["status"] != 200]
+    assert len(bodies) > 10
 
     everything = "\n".join(bodies)
     for canary in world.canaries:

@@ -92,5 +92,5 @@ def test_the_client_wheel_alone_reads_from_a_live_operator(world: World, client_
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "Ran 6 tests" in done.stderr, done.stderr
+    assert "Ran 7 tests" in done.stderr, done.stderr
     assert text not in done.stdout + done.stderr

@@ -27,8 +27,9 @@ from schemathesis.specs.openapi.checks import (
 
 from tests.integration.conftest import World
 from tests.support.openapi import document, problems
-from tests.support.rawhttp import NOBODY, as_uid, exchange, request
+from tests.support.rawhttp import NOBODY, Reply, as_uid, exchange, request
 from tests.support.unixhttp import BASE_URL, unix_session
+from tests.support.watchstream import WatchStream
 
 # Not schemathesis's not_a_server_error: 502 and 503 are documented verdicts (a credential whose check
 # failed, a transient failure, a pending one); what must never come is a 500 (checked per answer).
@@ -39,6 +40,13 @@ CHECKS = [
     response_schema_conformance,
 ]
 CREDENTIAL = "/v1/credentials/{namespace}/{name}"
+
+
+def _streams(case: schemathesis.Case) -> bool:
+    """A request that would open a watch stream: it never ends, so it is not sent by the fuzzer
+    (test_every_kind_of_answer_conforms_to_the_document checks streams)."""
+    query = case.query if isinstance(case.query, dict) else {}
+    return str(query.get("watch", "")).strip().lower() in ("true", "1")
 
 
 def _declare(world: World) -> None:
@@ -91,6 +99,21 @@ def test_every_kind_of_answer_conforms_to_the_document(world: World) -> None:
     for template, reply in zip((CREDENTIAL, "/v1/credentials", "/healthz"), refused, strict=True):
         assert reply.status == 403 and problems(doc, template, reply) == [], template
 
+    # Watch streams: the head, and each kind of line (a value, each error status), against WatchEvent.
+    for name, status in (("plain", 200), ("blob", 200), ("denied", 502), ("throttled", 503), ("undeclared", 404)):
+        for flag in ("true", "1", "TRUE"):
+            with WatchStream(path, f"/v1/credentials/{ns}/{name}?watch={flag}&refresh=false") as stream:
+                (line,) = stream.wait_documents(1)
+                assert line["status"] == status, (name, line["status"])
+                reply = Reply(stream.status, "HTTP/1.1", stream.headers, stream.lines[0].data + b"\n")
+                assert reply.headers["transfer-encoding"] == "chunked"
+                assert problems(doc, CREDENTIAL, reply) == [], (name, flag)
+    for target in (f"/v1/credentials/{ns}/plain?watch=maybe", f"/v1/credentials/{ns}/plain?watch=true&refresh=x"):
+        reply = request(path, target)
+        assert reply.status == 400 and problems(doc, CREDENTIAL, reply) == [], target
+    reply = exchange(path, f"GET /v1/credentials/{ns}/plain?watch=true HTTP/1.0\r\n\r\n".encode())
+    assert reply.status == 400 and problems(doc, CREDENTIAL, reply) == []
+
 
 def test_requests_generated_from_the_document_get_documented_answers(world: World) -> None:
     ns, path = world.namespace, world.socket_path
@@ -131,7 +154,7 @@ def test_requests_generated_from_the_document_get_documented_answers(world: Worl
                 else (GenerationMode.POSITIVE,)
             )
             for mode in modes:
-                strategy = operation.as_strategy(generation_mode=mode)
+                strategy = operation.as_strategy(generation_mode=mode).filter(lambda case: not _streams(case))
                 if template == CREDENTIAL and mode is GenerationMode.POSITIVE:
                     # Mostly names that exist in this world, so that values and verdicts are fuzzed too.
                     strategy = st.one_of(

@@ -45,15 +45,27 @@ def problems(doc: dict[str, Any], template: str, reply: Reply, method: str = "ge
                 found.append(f"header {name} is missing")
             continue
         found += [f"header {name}: {e.message}" for e in _validator(header["schema"], registry).iter_errors(value)]
-    content = answer.get("content", {}).get("application/json")
-    if content is not None:
+    media_type = reply.headers.get("content-type", "application/json").partition(";")[0].strip()
+    contents = answer.get("content", {})
+    content = contents.get(media_type)
+    if content is None:
+        return [*found, f"{media_type} is not documented for {reply.status}"] if contents else found
+    if media_type == "application/x-ndjson":
+        # A stream: each non-empty line is one document of the schema (an empty line is a heartbeat).
+        documents = [line for line in reply.body.split(b"\n") if line]
+        if not documents:
+            return [*found, "the stream has no line"]
+    else:
+        documents = [reply.body]
+    for index, text in enumerate(documents):
         try:
-            body = reply.json()
+            document = json.loads(text)
         except ValueError:
-            return [*found, "the body is not JSON"]
+            found.append(f"body (line {index}) is not JSON")
+            continue
         found += [
-            f"body: {e.message} at {list(e.absolute_path)}"
-            for e in _validator(content["schema"], registry).iter_errors(body)
+            f"body (line {index}): {e.message} at {list(e.absolute_path)}"
+            for e in _validator(content["schema"], registry).iter_errors(document)
         ]
     return found
 

@@ -58,12 +58,15 @@ def test_the_document_names_the_protocol_paths() -> None:
     }
 
 
-def test_the_document_uses_the_protocol_patterns_and_refresh_values() -> None:
+def test_the_document_uses_the_protocol_patterns_and_refresh_and_watch_values() -> None:
     operation = _openapi()["paths"][f"{protocol.CREDENTIALS_PATH}/{{namespace}}/{{name}}"]["get"]
     parameters = {p["name"]: p["schema"] for p in operation["parameters"]}
     assert parameters["namespace"]["pattern"] == protocol.NAMESPACE_PATTERN
     assert parameters["name"]["pattern"] == protocol.NAME_PATTERN
     assert set(parameters[protocol.REFRESH_PARAM]["enum"]) == set(protocol.REFRESH_VALUES)
+    assert set(parameters[protocol.WATCH_PARAM]["enum"]) == set(protocol.WATCH_VALUES)
+    stream = operation["responses"]["200"]["content"][protocol.WATCH_CONTENT_TYPE]["schema"]
+    assert stream == {"$ref": "#/components/schemas/WatchEvent"}
 
 
 def test_the_document_names_every_reason_of_the_code_and_of_the_reference() -> None:

@@ -1,7 +1,8 @@
 """The socket's wire format: the bodies the credential server sends (one place, next to the server).
 
 A credential's 200 body is rendered once per fetch (by the engine, through :func:`render_credential`)
-and served as bytes afterwards; errors have one shape, ``{"error": {"reason", "message"}}``.
+and served as bytes afterwards; errors have one shape, ``{"error": {"reason", "message"}}``. A watch
+stream's line (:func:`watch_line`) wraps those same bodies with their status.
 """
 
 from __future__ import annotations
@@ -69,6 +70,19 @@ def closing_error(status: int, phrase: str, reason: str, message: str) -> bytes:
         "Connection: close",
     ]
     return ("\r\n".join(head) + "\r\n\r\n").encode("ascii") + body
+
+
+def watch_line(status: int, body: bytes) -> bytes:
+    """One line of a watch stream: what a plain GET answered (``status`` and its ``body``), as
+    ``{"status": 200, "credential": <the 200 body>}`` or ``{"status": 503, "error": <its error object>}``.
+
+    The 200 body goes in as the bytes it was rendered to (never parsed again: it holds the value);
+    an error body is the error shape with the status beside it. ``json.dumps`` escapes every
+    newline inside a string, so a line never holds one.
+    """
+    if status == 200:
+        return b'{"status": 200, "credential": ' + body + b"}\n"
+    return json.dumps({"status": status, **json.loads(body)}).encode() + b"\n"
 
 
 def json_body(payload: dict[str, Any]) -> str:

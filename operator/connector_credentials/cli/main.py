@@ -92,21 +92,51 @@ def _client(socket_path: str | None) -> Any:
 @click.option("--socket-path", default=None, envvar=SOCKET_PATH_ENV, help="The operator's socket.")
 @click.option("--refresh", is_flag=True, help="Read from Secrets Manager now instead of the cached value.")
 @click.option("--show", is_flag=True, help="Print the value itself (debugging only).")
-def get(ref: str, socket_path: str | None, refresh: bool, show: bool) -> None:
+@click.option("--watch", "-w", is_flag=True, help="Print it again at each change, until interrupted.")
+def get(ref: str, socket_path: str | None, refresh: bool, show: bool, watch: bool) -> None:
     """Print a credential's metadata and its masked value."""
     from connector_credentials.client import CredentialError
 
     namespace, _, name = ref.partition("/")
     if not namespace or not name:
         raise click.UsageError("give the credential as NAMESPACE/NAME")
+    if watch and refresh:
+        raise click.UsageError("--watch shows what the operator holds as it changes: it takes no --refresh")
+    if watch:
+        _watch(socket_path, namespace, name, show)
+        return
     try:
         with _client(socket_path) as client:
             credential = client.get(namespace, name, refresh=refresh)
     except CredentialError as exc:
-        click.echo(f"error: {exc.reason}: {exc.message}", err=True)
-        sys.exit(2 if exc.status in (404, 403) else 1)
+        _print_error(exc)
+        sys.exit(_exit_code(exc))
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    _print_credential(namespace, name, credential, show)
+
+
+def _watch(socket_path: str | None, namespace: str, name: str, show: bool) -> None:
+    """``get --watch``: each change printed as ``get`` prints it; a watch that cannot start exits as
+    ``get`` would. Errors after it started (the operator restarting) are printed and waited out."""
+    from connector_credentials.client import CredentialError
+
+    try:
+        with _client(socket_path) as client, client.watch(namespace, name) as changes:
+            for item in changes:
+                if not isinstance(item, CredentialError):
+                    _print_credential(namespace, name, item, show)
+                    continue
+                _print_error(item)
+                if not changes.started:
+                    sys.exit(_exit_code(item))
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    except KeyboardInterrupt:
+        sys.exit(130)  # interrupted, as a shell reports SIGINT
+
+
+def _print_credential(namespace: str, name: str, credential: Any, show: bool) -> None:
     shown = credential.value if show else _mask(credential.value)
     click.echo(f"name:       {namespace}/{name}")
     click.echo(f"arn:        {credential.arn}")
@@ -114,6 +144,14 @@ def get(ref: str, socket_path: str | None, refresh: bool, show: bool) -> None:
     click.echo(f"fetchedAt:  {credential.fetched_at.isoformat() if credential.fetched_at else '-'}")
     click.echo(f"encoding:   {credential.encoding}")
     click.echo(f"value:      {shown}")
+
+
+def _print_error(exc: Any) -> None:
+    click.echo(f"error: {exc.reason}: {exc.message}", err=True)
+
+
+def _exit_code(exc: Any) -> int:
+    return 2 if exc.status in (404, 403) else 1
 
 
 @main.command("list")

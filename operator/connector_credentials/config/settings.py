@@ -9,7 +9,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from connector_credentials.api.models import MIN_REFRESH_SECONDS, parse_duration
-from connector_credentials.client.protocol import DEFAULT_SOCKET_PATH
+from connector_credentials.client.protocol import DEFAULT_SOCKET_PATH, WATCH_HEARTBEAT
 
 
 def _split_csv(value: Any) -> Any:
@@ -38,7 +38,12 @@ class OperatorSettings(BaseSettings):
     #: Seconds a connection has to send a complete request head (after accept, or after its next request's first byte).
     header_timeout: float = Field(default=5.0, gt=0, le=3600)
 
-    @field_validator("header_timeout", mode="before")
+    #: A watch stream that has sent nothing this long sends an empty line (and re-checks its answer);
+    #: a client that has not taken a line within it is given up. At most the protocol's 30 s, which
+    #: clients count on to tell a quiet stream from a dead one.
+    watch_heartbeat: float = Field(default=WATCH_HEARTBEAT, gt=0, le=WATCH_HEARTBEAT)
+
+    @field_validator("header_timeout", "watch_heartbeat", mode="before")
     @classmethod
     def _header_timeout(cls, value: Any) -> Any:
         return parse_duration(value) if isinstance(value, str) and not _is_number(value) else value

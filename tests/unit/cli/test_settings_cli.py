@@ -47,7 +47,14 @@ def test_bad_settings_are_refused(monkeypatch: pytest.MonkeyPatch, name: str, va
 
 
 @pytest.mark.parametrize(
-    "name", ["CCRED_DEFAULT_REFRESH_INTERVAL", "CCRED_MAX_STALENESS", "CCRED_BACKOFF_CAP", "CCRED_HEADER_TIMEOUT"]
+    "name",
+    [
+        "CCRED_DEFAULT_REFRESH_INTERVAL",
+        "CCRED_MAX_STALENESS",
+        "CCRED_BACKOFF_CAP",
+        "CCRED_HEADER_TIMEOUT",
+        "CCRED_WATCH_HEARTBEAT",
+    ],
 )
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e400"])
 def test_durations_that_are_not_finite_are_refused(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
@@ -55,6 +62,17 @@ def test_durations_that_are_not_finite_are_refused(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError, match=name.removeprefix("CCRED_").lower()):
         OperatorSettings()
+
+
+def test_the_watch_heartbeat_is_a_duration_of_at_most_thirty_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert OperatorSettings().watch_heartbeat == 30.0
+    for value, seconds in (("500ms", 0.5), ("2.5", 2.5), ("30s", 30.0)):
+        monkeypatch.setenv("CCRED_WATCH_HEARTBEAT", value)
+        assert OperatorSettings().watch_heartbeat == seconds
+    for value in ("31s", "1m", "0", "-1", "soon"):
+        monkeypatch.setenv("CCRED_WATCH_HEARTBEAT", value)
+        with pytest.raises(ValidationError, match="watch_heartbeat"):
+            OperatorSettings()
 
 
 def test_run_refuses_a_duration_that_is_not_finite_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,8 +12,8 @@ socket. This module is what the controller imports to read them::
 :class:`CredentialClient` is synchronous and thread-safe; :class:`AsyncCredentialClient`
 is its asyncio twin. Both keep connections alive, read answers through the same HTTP code
 (``_http``) and turn them into a :class:`Credential`, a list of :class:`CredentialInfo`,
-or a :class:`CredentialError` subclass through the same parsing (``_api``). Everything
-public is importable from here.
+or a :class:`CredentialError` subclass (``_errors``) through the same parsing (``_api``). ``watch`` follows
+one credential over a stream (``_watch``). Everything public is importable from here.
 
 A :class:`Credential` never shows its value: ``repr``, ``str`` and ``format`` mask it, it
 is not a dataclass, has no ``__dict__`` and refuses to be pickled. The value is only read
@@ -26,7 +26,7 @@ other languages.
 
 May import: the standard library only, here and in ``_api``, ``_http`` and ``protocol``; nothing
 of the operator (``.importlinter``'s client contracts; CI also runs the wheel alone under an
-import hook that refuses anything else). The controller may also vendor these four modules.
+import hook that refuses anything else). The controller may also vendor these six modules.
 """
 
 from __future__ import annotations
@@ -41,30 +41,39 @@ from typing import Final, Self
 
 from . import protocol
 
-# Relative imports: the three client modules can be vendored together under any package name.
+# Relative imports: the client's modules can be vendored together under any package name.
 from ._api import (
     MASK,
     Credential,
-    CredentialError,
     CredentialInfo,
-    CredentialNotFound,
-    CredentialTimeout,
-    CredentialUnavailable,
     Encoding,
-    PermissionDenied,
-    ProtocolError,
-    ServerUnreachable,
     parse_credential,
     parse_credential_list,
     parse_health,
     parse_retry_after,
     parse_rfc3339,
 )
+from ._errors import (
+    CredentialError,
+    CredentialNotFound,
+    CredentialTimeout,
+    CredentialUnavailable,
+    PermissionDenied,
+    ProtocolError,
+    ServerUnreachable,
+    closed_client,
+    dropped,
+    timed_out,
+    unreachable,
+)
 from ._http import AsyncConnection, Connection, Dropped, Malformed, Response
+from ._watch import AsyncCredentialWatch, CredentialWatch
 from .protocol import CREDENTIALS_PATH, DEFAULT_SOCKET_PATH, HEALTHZ_PATH, SOCKET_PATH_ENV
 
 # Defined in _api, but imported from here: tracebacks and pickled errors name this module, as they always have.
 for _public in (
+    AsyncCredentialWatch,
+    CredentialWatch,
     Credential,
     CredentialInfo,
     CredentialError,
@@ -83,6 +92,7 @@ __all__ = [
     "MASK",
     "SOCKET_PATH_ENV",
     "AsyncCredentialClient",
+    "AsyncCredentialWatch",
     "Credential",
     "CredentialClient",
     "CredentialError",
@@ -90,6 +100,7 @@ __all__ = [
     "CredentialNotFound",
     "CredentialTimeout",
     "CredentialUnavailable",
+    "CredentialWatch",
     "Encoding",
     "PermissionDenied",
     "ProtocolError",
@@ -144,50 +155,14 @@ def _check_name(kind: str, text: object) -> None:
         )
 
 
-def credential_path(namespace: str, name: str, *, refresh: bool = False) -> str:
+def credential_path(namespace: str, name: str, *, refresh: bool = False, watch: bool = False) -> str:
     """The request target for one credential, after checking both names."""
     _check_name("namespace", namespace)
     _check_name("name", name)
     target = protocol.credential_path(namespace, name)
+    if watch:
+        return f"{target}?{protocol.WATCH_PARAM}=true"
     return f"{target}?{protocol.REFRESH_PARAM}=true" if refresh else target
-
-
-def _unreachable(socket_path: str, exc: BaseException) -> ServerUnreachable:
-    if isinstance(exc, PermissionError):
-        return ServerUnreachable(
-            f"permission denied on the credentials socket {socket_path}: this process's uid/gid may not "
-            "open it; run the controller with the group the operator's socket mode allows (e.g. a shared "
-            "fsGroup) and a uid in the operator's allowed uids",
-            socket_path=socket_path,
-        )
-    if isinstance(exc, FileNotFoundError):
-        problem = "does not exist"
-    elif isinstance(exc, ConnectionRefusedError):
-        problem = "refuses connections"
-    else:
-        problem = f"cannot be connected to ({exc.__class__.__name__}: {exc})"
-    return ServerUnreachable(
-        f"the credentials socket {socket_path} {problem}: the connector-credentials operator sidecar may not "
-        "be running (or not ready yet), or the socket volume may not be shared with this container "
-        f"(set {SOCKET_PATH_ENV} if the socket lives elsewhere)",
-        socket_path=socket_path,
-    )
-
-
-def _dropped(socket_path: str) -> ServerUnreachable:
-    return ServerUnreachable(
-        f"the connector-credentials operator closed the connection on {socket_path} before answering; "
-        "the sidecar may be restarting",
-        socket_path=socket_path,
-    )
-
-
-def _timed_out(socket_path: str, timeout: float | None) -> CredentialTimeout:
-    return CredentialTimeout(f"no answer from the connector-credentials operator on {socket_path} within {timeout}s")
-
-
-def _closed_client() -> RuntimeError:
-    return RuntimeError("the credential client is closed")
 
 
 # --------------------------------------------------------------------------- clients
@@ -214,6 +189,16 @@ class CredentialClient:
         """The credential's value; ``refresh=True`` makes the operator fetch it from AWS now."""
         target = credential_path(namespace, name, refresh=refresh)
         return parse_credential(self._request(target), namespace, name)
+
+    def watch(self, namespace: str, name: str) -> CredentialWatch:
+        """The credential now, then at each change: an endless iterator of :class:`Credential` or
+        :class:`CredentialError` items that reconnects with backoff (see :class:`CredentialWatch`).
+        It holds a connection of its own, not one of the client's kept-alive ones."""
+        target = credential_path(namespace, name, watch=True)
+        if self._closed:
+            raise closed_client()
+        backlog_wait = DEFAULT_TIMEOUT if self.timeout is None else self.timeout
+        return CredentialWatch(self, target, namespace, name, backlog_wait)
 
     def list(self) -> builtins.list[CredentialInfo]:
         """Every credential the operator serves, with its state (never values)."""
@@ -253,7 +238,7 @@ class CredentialClient:
     def _acquire(self, *, fresh: bool) -> tuple[Connection, bool]:
         with self._lock:
             if self._closed:
-                raise _closed_client()
+                raise closed_client()
             if self._idle and not fresh:
                 return self._idle.pop(), True
         # Without a timeout, waiting for room in a full backlog is still bounded (by the default).
@@ -261,9 +246,9 @@ class CredentialClient:
         try:
             return Connection.open(self.socket_path, self.timeout, backlog_wait), False
         except TimeoutError:
-            raise _timed_out(self.socket_path, self.timeout) from None
+            raise timed_out(self.socket_path, self.timeout) from None
         except OSError as exc:
-            raise _unreachable(self.socket_path, exc) from exc
+            raise unreachable(self.socket_path, exc) from exc
 
     def _release(self, conn: Connection, response: Response) -> None:
         if response.keep_alive:
@@ -284,10 +269,10 @@ class CredentialClient:
                 if reused and attempt == 1:
                     log.debug("keep-alive connection to %s was closed by the server; reconnecting", self.socket_path)
                     continue
-                raise _dropped(self.socket_path) from None
+                raise dropped(self.socket_path) from None
             except TimeoutError:
                 conn.close()
-                raise _timed_out(self.socket_path, self.timeout) from None
+                raise timed_out(self.socket_path, self.timeout) from None
             except Malformed as exc:
                 conn.close()
                 failure = ProtocolError(exc.message, status=exc.status)
@@ -326,6 +311,15 @@ class AsyncCredentialClient:
         """The credential's value; ``refresh=True`` makes the operator fetch it from AWS now."""
         target = credential_path(namespace, name, refresh=refresh)
         return parse_credential(await self._request(target), namespace, name)
+
+    def watch(self, namespace: str, name: str) -> AsyncCredentialWatch:
+        """The credential now, then at each change: an endless async iterator of :class:`Credential`
+        or :class:`CredentialError` items that reconnects with backoff (see :class:`AsyncCredentialWatch`).
+        It holds a connection of its own, not one of the client's kept-alive ones."""
+        target = credential_path(namespace, name, watch=True)
+        if self._closed:
+            raise closed_client()
+        return AsyncCredentialWatch(self, target, namespace, name)
 
     async def list(self) -> builtins.list[CredentialInfo]:
         """Every credential the operator serves, with its state (never values)."""
@@ -373,14 +367,14 @@ class AsyncCredentialClient:
         try:
             return await AsyncConnection.open(self.socket_path)
         except OSError as exc:
-            raise _unreachable(self.socket_path, exc) from exc
+            raise unreachable(self.socket_path, exc) from exc
 
     async def _request(self, target: str) -> Response:
         import asyncio  # here, not at the top: the synchronous client (and the CLI) never pay for it
 
         for attempt in (1, 2):
             if self._closed:
-                raise _closed_client()
+                raise closed_client()
             # A retry always uses a new connection: the other idle ones may be just as stale.
             conn = self._take_idle() if attempt == 1 else None
             reused = conn is not None
@@ -392,14 +386,14 @@ class AsyncCredentialClient:
             except TimeoutError:
                 if conn is not None:
                     conn.abort()
-                raise _timed_out(self.socket_path, self.timeout) from None
+                raise timed_out(self.socket_path, self.timeout) from None
             except Dropped:
                 assert conn is not None
                 conn.abort()
                 if reused and attempt == 1:
                     log.debug("keep-alive connection to %s was closed by the server; reconnecting", self.socket_path)
                     continue
-                raise _dropped(self.socket_path) from None
+                raise dropped(self.socket_path) from None
             except Malformed as exc:
                 assert conn is not None
                 conn.abort()

@@ -2,8 +2,8 @@
 
 Everything public here is re-exported by :mod:`connector_credentials.client`, which is the
 module to import. The parsing turns a complete HTTP answer (:class:`_http.Response`) into a
-:class:`Credential`, a list of :class:`CredentialInfo` or a :class:`CredentialError`, and
-is shared by the sync and asyncio clients. Standard library only, like the client.
+:class:`Credential`, a list of :class:`CredentialInfo` or a :class:`CredentialError` (defined
+in ``_errors``), and is shared by the sync and asyncio clients. Standard library only, like the client.
 """
 
 from __future__ import annotations
@@ -21,6 +21,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, Literal, NoReturn, Self
 
+from ._errors import (
+    CredentialError,
+    CredentialNotFound,
+    CredentialUnavailable,
+    PermissionDenied,
+    ProtocolError,
+)
 from ._http import Response
 
 MASK: Final = "***"
@@ -195,87 +202,6 @@ class CredentialInfo:
     fetched_at: datetime | None = None
 
 
-# --------------------------------------------------------------------------- errors
-
-
-class CredentialError(Exception):
-    """Base class of every error this client raises (apart from ``ValueError`` for bad names).
-
-    ``reason`` is the server's machine-readable reason (``NotFound``, ``AccessDenied``,
-    ``Throttled``, ...) or, for errors found on this side, the class's own reason.
-    ``message`` is the server's human-readable message; ``status`` the HTTP status, or
-    ``None`` when no response arrived. None of them ever contains a secret value.
-    """
-
-    default_reason: str = "Error"
-
-    def __init__(self, message: str, *, reason: str | None = None, status: int | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.reason = reason or self.default_reason
-        self.status = status
-
-    def __str__(self) -> str:
-        if self.status is None:
-            return self.message
-        return f"{self.message} [{self.reason}, HTTP {self.status}]"
-
-
-class CredentialNotFound(CredentialError):
-    """404: no ConnectorCredential of that namespace and name is declared."""
-
-    default_reason = "NotFound"
-
-
-class CredentialUnavailable(CredentialError):
-    """502 (AWS refused: ``transient`` is False) or 503 (not resolved yet / transient failure).
-
-    ``retry_after`` is the server's ``Retry-After`` in seconds, when it sent one.
-    """
-
-    default_reason = "Unavailable"
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        reason: str | None = None,
-        status: int | None = None,
-        retry_after: float | None = None,
-    ) -> None:
-        super().__init__(message, reason=reason, status=status)
-        self.retry_after = retry_after
-        self.transient = status == 503
-
-
-class PermissionDenied(CredentialError):
-    """403: this process's uid may not read credentials from the socket."""
-
-    default_reason = "Forbidden"
-
-
-class ProtocolError(CredentialError):
-    """The server's answer was malformed or not what the socket API promises."""
-
-    default_reason = "ProtocolError"
-
-
-class ServerUnreachable(CredentialError):
-    """The socket is missing, refuses connections, or dropped the connection mid-request."""
-
-    default_reason = "ServerUnreachable"
-
-    def __init__(self, message: str, *, socket_path: str = "", reason: str | None = None) -> None:
-        super().__init__(message, reason=reason)
-        self.socket_path = socket_path
-
-
-class CredentialTimeout(CredentialError, TimeoutError):
-    """No complete answer arrived within the client's timeout."""
-
-    default_reason = "Timeout"
-
-
 # --------------------------------------------------------------------------- answers
 
 
@@ -371,20 +297,24 @@ def raise_for_error(response: Response, what: str) -> None:
     status = response.status
     if 200 <= status < 300:
         return
-    document = _decode_json(response, what)
+    retry_after = parse_retry_after(response.headers.get("retry-after"))
+    raise _error_of(_decode_json(response, what), status, what, retry_after)
+
+
+def _error_of(document: Any, status: int, what: str, retry_after: float | None) -> CredentialError:
+    """The :class:`CredentialError` an error document ``{"error": {"reason", "message"}}`` of ``status`` stands for."""
     error = document.get("error") if isinstance(document, dict) else None
     if not isinstance(error, dict):
         raise ProtocolError(f"the server's HTTP {status} answer to {what} has no 'error' object", status=status)
     reason = _field(error, "reason", str, what, status)
     message = _field(error, "message", str, what, status)
     if status == 404:
-        raise CredentialNotFound(message, reason=reason, status=status)
+        return CredentialNotFound(message, reason=reason, status=status)
     if status == 403:
-        raise PermissionDenied(message, reason=reason, status=status)
+        return PermissionDenied(message, reason=reason, status=status)
     if status in (502, 503):
-        retry_after = parse_retry_after(response.headers.get("retry-after"))
-        raise CredentialUnavailable(message, reason=reason, status=status, retry_after=retry_after)
-    raise CredentialError(message, reason=reason, status=status)
+        return CredentialUnavailable(message, reason=reason, status=status, retry_after=retry_after)
+    return CredentialError(message, reason=reason, status=status)
 
 
 def _ok_document(response: Response, what: str) -> Any:
@@ -397,8 +327,27 @@ def _ok_document(response: Response, what: str) -> Any:
 def parse_credential(response: Response, namespace: str, name: str) -> Credential:
     """Turn the answer to ``GET /v1/credentials/{namespace}/{name}`` into a :class:`Credential`."""
     what = f"GET credential {namespace}/{name}"
-    document = _ok_document(response, what)
-    status = response.status
+    return _credential_of(_ok_document(response, what), response.status, what, namespace, name)
+
+
+def parse_watch_line(line: bytes, namespace: str, name: str) -> Credential | CredentialError:
+    """One line of a watch stream: what a plain GET answered then (returned, not raised: an error is
+    news about the credential, not a failure of the stream). A malformed line raises :class:`ProtocolError`."""
+    what = f"watch of credential {namespace}/{name}"
+    document = _loads(line)
+    status = document.get("status") if isinstance(document, dict) else None
+    if not isinstance(status, int) or isinstance(status, bool) or not 200 <= status <= 599:
+        # Raised without the line or the decoder's exception: a line may hold a value.
+        raise ProtocolError(f"the server sent a line of the {what} without a status")
+    assert isinstance(document, dict)
+    if status == 200:
+        return _credential_of(document.get("credential"), status, what, namespace, name)
+    # A stream line carries no Retry-After: its heartbeat-bounded next line says when it changes.
+    return _error_of({"error": document.get("error")}, status, what, None)
+
+
+def _credential_of(document: Any, status: int, what: str, namespace: str, name: str) -> Credential:
+    """The :class:`Credential` a 200 body ``{"value", "encoding", "versionId", "arn", "fetchedAt"}`` stands for."""
     if not isinstance(document, dict):
         raise ProtocolError(f"the server's answer to {what} is not a JSON object", status=status)
     raw_encoding = document.get("encoding")

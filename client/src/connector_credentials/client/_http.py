@@ -3,9 +3,11 @@
 Both clients in :mod:`connector_credentials.client` go through here, so they frame requests
 and read answers the same way. The operator's server (``adapters/socket/server.py``, bodies from ``api/wire.py``)
 always answers a GET with a Content-Length and a JSON body, so that is the only framing read
-here. A chunked answer, or one that runs to the end of the connection, means something
-other than the operator is answering: it is refused as :class:`Malformed` at once, before
-any body byte is read, rather than guessed at.
+here for a request. A chunked answer, or one that runs to the end of the connection, means
+something other than the operator is answering: it is refused as :class:`Malformed` at once,
+before any body byte is read, rather than guessed at. The one exception is a watch
+(``?watch=true``, :meth:`Connection.open_stream`): its 200 is chunked, read as it arrives
+through :class:`Chunks`; any other answer to it is read as a request's.
 
 Nothing here knows about credentials. The clients turn :class:`Malformed` and
 :class:`Dropped` (and ``OSError``/``TimeoutError``) into their typed errors.
@@ -36,10 +38,12 @@ _TRUNCATED: Final = "the server closed the connection in the middle of an answer
 _REQUEST: Final = (
     "GET {target} HTTP/1.1\r\n"
     "Host: localhost\r\n"
-    "Accept: application/json\r\n"
+    "Accept: {accept}\r\n"
     "User-Agent: connector-credentials-client/0.1\r\n"
     "\r\n"
 )
+#: A chunk-size line is a few hex digits; anything much longer is not the operator's.
+_MAX_CHUNK_SIZE_LINE: Final = 64
 
 
 class Malformed(Exception):
@@ -70,6 +74,14 @@ class Response:
 
 
 @dataclass(frozen=True, slots=True)
+class StreamHead:
+    """The head of a chunked answer whose body is read as it arrives. ``headers`` keys are lowercase."""
+
+    status: int
+    headers: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
 class _Head:
     status: int
     headers: dict[str, str]
@@ -77,12 +89,21 @@ class _Head:
     keep_alive: bool
 
 
-def _request(target: str) -> bytes:
-    return _REQUEST.format(target=target).encode("ascii")
+def _request(target: str, accept: str = "application/json") -> bytes:
+    return _REQUEST.format(target=target, accept=accept).encode("ascii")
 
 
-def _parse_head(head: bytes) -> _Head:
-    """Status line and headers (without the blank line), checked down to a usable Content-Length."""
+def _chunked(head: bytes) -> StreamHead | None:
+    """The head of a chunked answer (only ``chunked``, nothing else), or ``None`` for any other."""
+    version, status, headers = _status_and_headers(head)
+    coding = headers.get("transfer-encoding")
+    if version != "HTTP/1.1" or coding is None or coding.strip().lower() != "chunked" or "content-length" in headers:
+        return None
+    return StreamHead(status, headers)
+
+
+def _status_and_headers(head: bytes) -> tuple[str, int, dict[str, str]]:
+    """The HTTP version, the status and the headers (keys lowercase) of a head without its blank line."""
     status_line, *lines = head.decode("latin-1").split("\r\n")
     version, _, rest = status_line.partition(" ")
     code = rest[:3]
@@ -106,6 +127,12 @@ def _parse_head(head: bytes) -> _Head:
         headers[key] = f"{headers[key]}, {item}" if key in headers and key != "content-length" else item
     if status < 200:
         raise Malformed(f"unexpected informational HTTP {status} answer", status)
+    return version, status, headers
+
+
+def _parse_head(head: bytes) -> _Head:
+    """Status line and headers (without the blank line), checked down to a usable Content-Length."""
+    version, status, headers = _status_and_headers(head)
     # Checked before Content-Length: an answer with both is exactly the ambiguity to refuse.
     if "transfer-encoding" in headers:
         shown = headers["transfer-encoding"][:40]
@@ -127,6 +154,78 @@ def _parse_head(head: bytes) -> _Head:
         raise Malformed(f"the server's answer is too large ({length} bytes)", status)
     connection = [token.strip().lower() for token in headers.get("connection", "").split(",")]
     return _Head(status, headers, int(length), version == "HTTP/1.1" and "close" not in connection)
+
+
+class Chunks:
+    """A chunked body decoded as it arrives into the lines it carries (``b""`` for an empty line).
+
+    :meth:`feed` takes bytes off the socket and returns the lines they completed; ``ended`` is set
+    by the last, zero-length chunk (trailers are not sent by the operator and are refused). A line
+    longer than ``max_line`` bytes, or broken framing, raises :class:`Malformed`, whose message
+    never quotes the body.
+    """
+
+    __slots__ = ("_buffer", "_left", "_line", "_max_line", "ended")
+
+    def __init__(self, max_line: int) -> None:
+        self._max_line = max_line
+        self._buffer = bytearray()
+        self._line = bytearray()
+        #: Bytes of the current chunk still to come; None while a chunk-size line is expected; -1
+        #: while the CRLF that closes a chunk is, -2 while the one after the last chunk is.
+        self._left: int | None = None
+        self.ended = False
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if self.ended:
+            raise Malformed("the server sent bytes after the end of a chunked answer")
+        self._buffer += data
+        lines: list[bytes] = []
+        while self._buffer and not self.ended:
+            if self._left is None:
+                if not self._size_line():
+                    break
+            elif self._left < 0:
+                if len(self._buffer) < 2:
+                    break
+                if self._buffer[:2] != b"\r\n":
+                    # After the last chunk: a trailer, which the operator never sends.
+                    raise Malformed("malformed chunked framing: no CRLF after a chunk")
+                del self._buffer[:2]
+                self.ended, self._left = self._left == -2, None
+            else:
+                taken = self._buffer[: self._left]
+                del self._buffer[: len(taken)]
+                self._left -= len(taken)
+                self._take(taken, lines)
+                if self._left == 0:
+                    self._left = -1
+        return lines
+
+    def _size_line(self) -> bool:
+        end = self._buffer.find(b"\r\n")
+        if end < 0:
+            if len(self._buffer) > _MAX_CHUNK_SIZE_LINE:
+                raise Malformed("malformed chunked framing: an over-long chunk-size line")
+            return False
+        size_text = bytes(self._buffer[:end]).split(b";", 1)[0].strip()
+        if not size_text or len(size_text) > 16 or any(c not in b"0123456789abcdefABCDEF" for c in size_text):
+            raise Malformed("malformed chunked framing: a chunk size that is not hexadecimal")
+        del self._buffer[: end + 2]
+        size = int(size_text, 16)
+        self._left = size if size else -2  # the last chunk: the blank line that ends the answer follows
+        return True
+
+    def _take(self, data: bytearray, lines: list[bytes]) -> None:
+        start = 0
+        while (newline := data.find(b"\n", start)) >= 0:
+            self._line += data[start:newline]
+            lines.append(bytes(self._line))
+            self._line.clear()
+            start = newline + 1
+        self._line += data[start:]
+        if len(self._line) > self._max_line:
+            raise Malformed(f"the server sent a line longer than {self._max_line} bytes")
 
 
 def _connect_once(path: str, timeout: float | None) -> socket.socket | None:
@@ -171,8 +270,33 @@ class Connection:
 
     def exchange(self, target: str) -> Response:
         """Send a GET and read the whole answer."""
+        raw_head, buffer = self._send_and_read_head(target, "application/json")
+        return self._read_body(_parse_head(raw_head), buffer)
+
+    def open_stream(self, target: str, accept: str, timeout: float | None) -> tuple[StreamHead, bytes] | Response:
+        """Send a GET for a chunked answer: its head and the body bytes read with it, or (any other
+        answer) the whole answer. ``timeout`` bounds each socket operation from now on."""
+        self._sock.settimeout(timeout)
+        raw_head, buffer = self._send_and_read_head(target, accept)
+        stream = _chunked(raw_head)
+        if stream is not None:
+            return stream, bytes(buffer)
+        return self._read_body(_parse_head(raw_head), buffer)
+
+    def receive(self) -> bytes:
+        """What arrived next (``b""``: the server closed)."""
+        return self._sock.recv(_RECV_BYTES)
+
+    def interrupt(self) -> None:
+        """From another thread: a read blocked on this connection returns ``b""`` at once."""
         try:
-            self._sock.sendall(_request(target))
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # not connected any more: nothing blocks on it
+
+    def _send_and_read_head(self, target: str, accept: str) -> tuple[bytes, bytearray]:
+        try:
+            self._sock.sendall(_request(target, accept))
             buffer = bytearray(self._sock.recv(_RECV_BYTES))
         except (BrokenPipeError, ConnectionResetError):
             raise Dropped from None
@@ -182,8 +306,11 @@ class Connection:
             if len(buffer) > MAX_HEAD_BYTES:
                 raise Malformed("the server sent an over-long HTTP head")
             buffer += self._recv()
-        head = _parse_head(bytes(buffer[:end]))
+        raw_head = bytes(buffer[:end])
         del buffer[: end + len(_END_OF_HEAD)]
+        return raw_head, buffer
+
+    def _read_body(self, head: _Head, buffer: bytearray) -> Response:
         while len(buffer) < head.length:
             buffer += self._recv()
         # Bytes past the body are framing this client does not know: do not reuse the connection.
@@ -240,9 +367,24 @@ class AsyncConnection:
 
     async def exchange(self, target: str) -> Response:
         """Send a GET and read the whole answer."""
+        raw_head = await self._send_and_read_head(target, "application/json")
+        return await self._read_body(_parse_head(raw_head))
+
+    async def open_stream(self, target: str, accept: str) -> StreamHead | Response:
+        """Send a GET for a chunked answer: its head (the body is read with :meth:`receive`), or
+        (any other answer) the whole answer."""
+        raw_head = await self._send_and_read_head(target, accept)
+        stream = _chunked(raw_head)
+        return stream if stream is not None else await self._read_body(_parse_head(raw_head))
+
+    async def receive(self) -> bytes:
+        """What arrived next (``b""``: the server closed)."""
+        return await self._reader.read(_RECV_BYTES)
+
+    async def _send_and_read_head(self, target: str, accept: str) -> bytes:
         import asyncio  # already loaded: an AsyncConnection exists only on a running loop
 
-        self._writer.write(_request(target))
+        self._writer.write(_request(target, accept))
         try:
             await self._writer.drain()
             raw_head = await self._reader.readuntil(_END_OF_HEAD)
@@ -255,14 +397,19 @@ class AsyncConnection:
         except asyncio.LimitOverrunError:
             failure = "the server sent an over-long HTTP head"
         else:
-            head = _parse_head(raw_head[: -len(_END_OF_HEAD)])
-            try:
-                body = await self._reader.readexactly(head.length)
-            except asyncio.IncompleteReadError:
-                failure = _TRUNCATED
-            except ConnectionResetError:
-                failure = "the connection was reset in the middle of an answer"
-            else:
-                return Response(head.status, head.headers, body, head.keep_alive)
+            return raw_head[: -len(_END_OF_HEAD)]
+        raise Malformed(failure)
+
+    async def _read_body(self, head: _Head) -> Response:
+        import asyncio
+
+        try:
+            body = await self._reader.readexactly(head.length)
+        except asyncio.IncompleteReadError:
+            failure = _TRUNCATED
+        except ConnectionResetError:
+            failure = "the connection was reset in the middle of an answer"
+        else:
+            return Response(head.status, head.headers, body, head.keep_alive)
         # Raised outside the ``except``: a partial read (maybe a value) must not stay reachable as context.
         raise Malformed(failure)

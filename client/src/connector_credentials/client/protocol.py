@@ -22,6 +22,10 @@ __all__ = [
     "REFRESH_VALUES",
     "RESPONSE_HEADERS",
     "SOCKET_PATH_ENV",
+    "WATCH_CONTENT_TYPE",
+    "WATCH_HEARTBEAT",
+    "WATCH_PARAM",
+    "WATCH_VALUES",
     "Encoding",
     "ErrorReason",
     "credential_path",
@@ -45,6 +49,15 @@ NAME_PATTERN: Final = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
 REFRESH_PARAM: Final = "refresh"
 #: What ``refresh`` accepts (case-insensitive), and what each means; empty is ``false``.
 REFRESH_VALUES: Final = {"true": True, "1": True, "false": False, "0": False, "": False}
+#: ``?watch=true``: a stream (``WATCH_CONTENT_TYPE``, chunked) of what a plain GET answers, one JSON
+#: document per line: the current answer first, then one line per change, and an empty line (a
+#: heartbeat) after at most ``WATCH_HEARTBEAT`` seconds without one. Same values as ``refresh``.
+WATCH_PARAM: Final = "watch"
+WATCH_VALUES: Final = REFRESH_VALUES
+WATCH_CONTENT_TYPE: Final = "application/x-ndjson"
+#: The longest a watch stream stays silent (the operator's ``CCRED_WATCH_HEARTBEAT`` is at most this):
+#: a client that hears nothing for much longer may take the stream for dead.
+WATCH_HEARTBEAT: Final = 30.0
 
 #: How a 200 body's ``value`` is encoded: the text itself, or base64 of a binary secret.
 Encoding = Literal["text", "base64"]

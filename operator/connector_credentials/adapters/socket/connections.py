@@ -5,6 +5,8 @@ is accepted; a connection that is not allowed is answered 403 there and then. At
 ``CCRED_MAX_CONNECTIONS`` connections are held: at the limit a new one takes the place of the one
 idle longest (no request in flight), and only when every connection is busy is the new one
 closed at once. A connection must send a complete request head within ``CCRED_HEADER_TIMEOUT``.
+A watch stream is a request in flight for as long as it streams: its connection is busy, counted
+against the limit and never closed to make room.
 What the policy closes is counted and logged at most once per :data:`REPORT_INTERVAL`.
 """
 
@@ -99,6 +101,11 @@ class Report:
             parts.append(
                 f"{counts['header_timeout']} without a complete request head within {self.header_timeout:g}s "
                 "(CCRED_HEADER_TIMEOUT)"
+            )
+        if counts["stalled_watch"]:
+            parts.append(
+                f"{counts['stalled_watch']} watch streams whose client took no line for a heartbeat interval "
+                "(CCRED_WATCH_HEARTBEAT)"
             )
         return "; ".join(parts) + f" (reported every {self.interval:g}s at most)"
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import errno
 import logging
 import os
@@ -18,7 +17,6 @@ import re
 import socket
 import stat
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -33,14 +31,9 @@ from connector_credentials.adapters.socket.connections import (
     peer_of,
     raise_fd_limit,
 )
-from connector_credentials.api.wire import (
-    HEADERS,
-    JSON_HEADERS,
-    closing_error,
-    error_body,
-    json_body,
-    render_credential,
-)
+from connector_credentials.adapters.socket.responses import credential_response, document, error, failure
+from connector_credentials.adapters.socket.watch import WatchResponse, WatchStreams
+from connector_credentials.api.wire import JSON_HEADERS, closing_error
 from connector_credentials.client.protocol import (
     CREDENTIALS_PATH,
     HEALTHZ_PATH,
@@ -48,10 +41,12 @@ from connector_credentials.client.protocol import (
     NAMESPACE_PATTERN,
     REFRESH_PARAM,
     REFRESH_VALUES,
+    WATCH_PARAM,
+    WATCH_VALUES,
     ErrorReason,
 )
 from connector_credentials.config.settings import OperatorSettings
-from connector_credentials.core.engine import Engine, Served
+from connector_credentials.core.engine import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +54,8 @@ _NAMESPACE = re.compile(NAMESPACE_PATTERN)
 _NAME = re.compile(NAME_PATTERN)
 _PREFIX = CREDENTIALS_PATH + "/"
 _BACKLOG = 512
+#: At shutdown, what a connection (or a watch stream writing its last chunk) is given before it is cut.
+_SHUTDOWN_TIMEOUT = 2.0
 #: A refused peer's bytes are read and dropped (never parsed) up to this much, then it is closed.
 _DISCARD_LIMIT = 64 * 1024
 _REFUSAL = closing_error(
@@ -94,6 +91,7 @@ class _Handler(RequestHandler):
         self._refused: asyncio.Transport | None = None
         self._discarded = 0
         self._head_timer: asyncio.TimerHandle | None = None
+        self._lost: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         stream = cast(asyncio.Transport, transport)
@@ -136,6 +134,14 @@ class _Handler(RequestHandler):
         if not self._messages:  # private (see the class): requests parsed, not handled yet
             self._policy.table.idle(self)
 
+    def when_lost(self) -> asyncio.Future[None]:
+        """Resolved when the connection is gone: a watch stream waits on it besides its credential."""
+        if self._lost is None:
+            self._lost = self._event_loop.create_future()
+            if self.transport is None:
+                self._lost.set_result(None)
+        return self._lost
+
     def evict(self) -> None:
         self._cancel_head_timer()
         transport = self._refused or self.transport
@@ -147,6 +153,8 @@ class _Handler(RequestHandler):
         self._policy.table.discard(self)
         self._cancel_head_timer()
         self._refused = None
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result(None)
         super().connection_lost(exc)
 
     def _arm_head_timer(self) -> None:
@@ -174,7 +182,7 @@ class _Handler(RequestHandler):
         text = "Malformed HTTP request." if status < 500 else "The operator failed to answer; see its log."
         if status >= 500:
             logger.warning("Failed to handle a request: %s", type(exc).__name__ if exc else "unknown error")
-        response = _error(status, ErrorReason.BAD_REQUEST if status < 500 else ErrorReason.INTERNAL_ERROR, text)
+        response = error(status, ErrorReason.BAD_REQUEST if status < 500 else ErrorReason.INTERNAL_ERROR, text)
         response.force_close()
         return response
 
@@ -198,26 +206,6 @@ class SocketInUseError(RuntimeError):
     """Another live process serves on the socket path."""
 
 
-def _error(status: int, reason: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(
-        status=status,
-        text=error_body(reason, message),
-        content_type="application/json",
-        headers={**HEADERS, **(headers or {})},
-    )
-
-
-def _json(payload: dict[str, Any], status: int = 200) -> web.Response:
-    return web.Response(status=status, text=json_body(payload), content_type="application/json", headers=HEADERS)
-
-
-def _failure(exc: BaseException) -> str:
-    """An exception for the log without its message (which may quote the request): type and where."""
-    frames = traceback.extract_tb(exc.__traceback__)[-4:]
-    where = " <- ".join(f"{Path(frame.filename).name}:{frame.lineno} {frame.name}" for frame in reversed(frames))
-    return f"{type(exc).__name__} at {where or 'unknown'}"
-
-
 class CredentialServer:
     """Serves :class:`Engine` over a Unix socket; owns the socket file's life."""
 
@@ -231,6 +219,7 @@ class CredentialServer:
         self._runner: web.ServerRunner | None = None
         self._inode: int | None = None
         self._meter = engine.metrics
+        self._watches = WatchStreams(engine, settings.watch_heartbeat, self._policy.report)
 
     @property
     def path(self) -> Path:
@@ -251,7 +240,7 @@ class CredentialServer:
     async def start(self) -> None:
         self._fit_fd_limit()
         sock = self._bind()
-        self._runner = web.ServerRunner(self.make_server(), handle_signals=False, shutdown_timeout=2.0)
+        self._runner = web.ServerRunner(self.make_server(), handle_signals=False, shutdown_timeout=_SHUTDOWN_TIMEOUT)
         await self._runner.setup()
         site = web.SockSite(self._runner, sock, backlog=_BACKLOG)
         await site.start()
@@ -281,12 +270,20 @@ class CredentialServer:
             )
 
     async def close(self) -> None:
+        """Stop listening, end the watch streams cleanly, then close every connection."""
         self._policy.close()
         if self._runner is not None:
             with contextlib.suppress(Exception):
-                await asyncio.shield(self._runner.cleanup())
+                await asyncio.shield(self._close_runner(self._runner))
             self._runner = None
         self._unlink_own()
+
+    async def _close_runner(self, runner: web.ServerRunner) -> None:
+        # Not listening first: a watch client told "the end" must not reconnect to a closing server.
+        for site in list(runner.sites):
+            await site.stop()
+        await self._watches.end(within=_SHUTDOWN_TIMEOUT)
+        await runner.cleanup()
 
     # --- the socket file ---------------------------------------------------------------
 
@@ -345,27 +342,29 @@ class CredentialServer:
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         # Only allowed peers get here: the uid was checked when the connection was accepted.
         started = time.perf_counter()
-        code = 500
+        code: int | None = 500
         try:
             response = await self._route(request)
-            code = response.status
+            # A watch stream counts itself, once, when its first line is out.
+            code = None if isinstance(response, WatchResponse) else response.status
             return response
         except Exception as exc:  # noqa: BLE001 - any failure is a 500, logged without the request's text
-            logger.error("Failed to answer a request: %s.", _failure(exc))  # noqa: TRY400 - no message, no text
-            return _error(500, ErrorReason.INTERNAL_ERROR, "The operator failed to answer; see its log.")
+            logger.error("Failed to answer a request: %s.", failure(exc))  # noqa: TRY400 - no message, no text
+            return error(500, ErrorReason.INTERNAL_ERROR, "The operator failed to answer; see its log.")
         finally:
             if isinstance(request.protocol, _Handler):
                 request.protocol.answered()
-            self._meter.socket_answered(code, time.perf_counter() - started)
+            if code is not None:
+                self._meter.socket_answered(code, time.perf_counter() - started)
 
     async def _route(self, request: web.BaseRequest) -> web.StreamResponse:
         if request.version not in ((1, 0), (1, 1)):
-            return _error(400, ErrorReason.BAD_REQUEST, "Only HTTP/1.0 and HTTP/1.1 are served.")
+            return error(400, ErrorReason.BAD_REQUEST, "Only HTTP/1.0 and HTTP/1.1 are served.")
         if request.method not in ("GET", "HEAD"):
-            return _error(405, ErrorReason.METHOD_NOT_ALLOWED, "Only GET is served.", {"Allow": "GET, HEAD"})
+            return error(405, ErrorReason.METHOD_NOT_ALLOWED, "Only GET is served.", {"Allow": "GET, HEAD"})
         path = request.path
         if path in (CREDENTIALS_PATH, _PREFIX):
-            return _json({"credentials": self._engine.describe()})
+            return document({"credentials": self._engine.describe()})
         if path.startswith(_PREFIX):
             if not request.query_string:
                 # Hot path: a cached credential is a dict lookup and bytes rendered at fetch time.
@@ -375,35 +374,35 @@ class CredentialServer:
                     return web.Response(body=body, headers=JSON_HEADERS)
             parts = path[len(_PREFIX) :].split("/")
             if len(parts) != 2:
-                return _error(400, ErrorReason.BAD_REQUEST, "Use /v1/credentials/{namespace}/{name}.")
+                return error(400, ErrorReason.BAD_REQUEST, "Use /v1/credentials/{namespace}/{name}.")
             namespace, name = parts
             if not _NAMESPACE.match(namespace) or not _NAME.match(name):
-                return _error(400, ErrorReason.BAD_REQUEST, "namespace and name must be valid Kubernetes object names.")
+                return error(400, ErrorReason.BAD_REQUEST, "namespace and name must be valid Kubernetes object names.")
             refresh_arg = request.query.get(REFRESH_PARAM, "false").lower()
             if refresh_arg not in REFRESH_VALUES:
-                return _error(400, ErrorReason.BAD_REQUEST, "refresh must be true or false.")
-            served = await self._engine.serve(namespace, name, refresh=REFRESH_VALUES[refresh_arg])
-            return self._credential(served)
+                return error(400, ErrorReason.BAD_REQUEST, "refresh must be true or false.")
+            watch_arg = request.query.get(WATCH_PARAM, "false").lower()
+            if watch_arg not in WATCH_VALUES:
+                return error(400, ErrorReason.BAD_REQUEST, "watch must be true or false.")
+            refresh = REFRESH_VALUES[refresh_arg]
+            if WATCH_VALUES[watch_arg]:
+                return await self._watch(request, namespace, name, refresh=refresh)
+            return credential_response(await self._engine.serve(namespace, name, refresh=refresh))
         if path == HEALTHZ_PATH:
             if self._healthy():
-                return _json({"status": "ok"})
-            return _error(
+                return document({"status": "ok"})
+            return error(
                 503,
                 ErrorReason.NOT_READY,
                 "The operator is not connected to the Kubernetes API yet.",
                 {"Retry-After": "1"},
             )
-        return _error(404, ErrorReason.NOT_FOUND, "No such endpoint; see /v1/credentials/{namespace}/{name}.")
+        return error(404, ErrorReason.NOT_FOUND, "No such endpoint; see /v1/credentials/{namespace}/{name}.")
 
-    @staticmethod
-    def _credential(served: Served) -> web.Response:
-        if served.status == 200 and served.value is not None:
-            body = served.body or render_credential(
-                served.value,
-                served.version_id or "",
-                served.arn or "",
-                served.fetched_at or datetime.datetime.now(datetime.UTC),
-            )
-            return web.Response(body=body.data, headers=JSON_HEADERS)
-        headers = {"Retry-After": str(served.retry_after)} if served.retry_after is not None else None
-        return _error(served.status, served.reason or "Unknown", served.message or "", headers)
+    async def _watch(self, request: web.BaseRequest, namespace: str, name: str, *, refresh: bool) -> web.StreamResponse:
+        if request.version != (1, 1):
+            return error(400, ErrorReason.BAD_REQUEST, "watch=true needs HTTP/1.1 (the stream is chunked).")
+        connection = request.protocol
+        if not isinstance(connection, _Handler):  # pragma: no cover - every connection of this server is one
+            raise TypeError("a watch needs the server's own connection handler")
+        return await self._watches.serve(request, connection, namespace, name, refresh=refresh)
