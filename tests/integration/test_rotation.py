@@ -10,11 +10,12 @@ import re
 import time
 import uuid
 
-from connector_credentials.client import CredentialError
+from connector_credentials.client import Credential, CredentialError
 from tests.integration.conftest import World
 from tests.integration.test_doctor import doctor
 from tests.support.runner import OperatorProcess, wait_until
 from tests.support.scrape import free_port, samples, scrape, value
+from tests.support.watching import Watcher
 
 HOURLY = {"refreshInterval": "1h"}
 
@@ -68,17 +69,28 @@ def test_a_rotation_event_reaches_both_replicas_in_seconds(world: World) -> None
     for _, socket_path, _ in replicas:
         wait_until(lambda path=socket_path: serves(world, path, "slack") == first, timeout=20, message="v1")
 
-    new_value = world.canary("rotated")
-    version = world.aws.put_value(arn, string=new_value)
-    sent = time.monotonic()
-    world.aws.send(queue, label_moved(arn, version))
-    for _, socket_path, _ in replicas:
-        wait_until(
-            lambda path=socket_path: serves(world, path, "slack") == new_value,
-            timeout=15,
-            message="the rotation did not reach this replica's socket (an hour's refreshInterval)",
-        )
-    took = time.monotonic() - sent
+    # The controller of each replica watches the credential (sync and async clients).
+    watchers = [
+        Watcher(kind, path, world.namespace, "slack")
+        for kind, (_, path, _) in zip(("sync", "async"), replicas, strict=True)
+    ]
+    try:
+        for watcher in watchers:
+            first_line = watcher.next(timeout=10)
+            assert isinstance(first_line, Credential) and first_line.value == first
+        new_value = world.canary("rotated")
+        version = world.aws.put_value(arn, string=new_value)
+        sent = time.monotonic()
+        world.aws.send(queue, label_moved(arn, version))
+        for watcher in watchers:
+            # An hour's refreshInterval: only the event (or the other replica's status) brings it now.
+            line = watcher.next(timeout=15)
+            assert isinstance(line, Credential), line
+            assert (line.value, line.version_id) == (new_value, version)
+        took = time.monotonic() - sent
+    finally:
+        for watcher in watchers:
+            watcher.close()
     wait_until(lambda: world.aws.queue_depth(queue) == 0, timeout=10, message="the event was not deleted")
     wait_until(lambda: world.status("slack").get("versionId") == version, timeout=10, message="status.versionId")
 
@@ -91,7 +103,7 @@ def test_a_rotation_event_reaches_both_replicas_in_seconds(world: World) -> None
     receiver_port = next(port for p, _, port in replicas if p is received[0])
     assert counted(receiver_port, "ccred_rotation_delivery_seconds_count") == 1
     assert counted(receiver_port, "ccred_rotation_queue_receiving") == 1
-    print(f"rotation reached both replicas' sockets {took:.2f}s after the event was sent")
+    print(f"rotation reached both replicas' watch streams {took:.2f}s after the event was sent")
 
 
 def test_what_is_not_an_event_is_counted_deleted_and_logged_once_without_its_body(world: World) -> None:
