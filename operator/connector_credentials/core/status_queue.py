@@ -89,16 +89,12 @@ class StatusQueue:
         for its retry. A credential queued or in flight is looked at again when its worker has it."""
         self._place(entry, asyncio.get_running_loop().time())
 
-    def writing(self, entry: Entry) -> bool:
-        """Whether something is queued, in flight or waiting for a retry for the credential."""
-        return entry.reporting.turn not in (Turn.IDLE, Turn.DROPPED)
-
     def written(self, entry: Entry) -> asyncio.Future[None]:
         """A future done once nothing is left to write for the credential: all accepted, or never
         to be (forgotten, or the writer stopped). Made only for a caller who waits; while nothing
         is pending, one shared future that is already done."""
         state = entry.reporting
-        if not self.writing(entry):
+        if not state.writing:
             return self._done()
         if state.waiter is None:
             state.waiter = asyncio.get_running_loop().create_future()
@@ -106,7 +102,8 @@ class StatusQueue:
 
     def drop(self, entry: Entry) -> None:
         """Nothing more is written for the credential (it is forgotten). A write in flight ends with
-        its one request; the worker then leaves it (the old task was cancelled in the request)."""
+        its one request (already sent: cancelling it would not take it back), and the worker then
+        leaves the credential: none of its requests can reach a successor under the same name."""
         self._settle(entry, Turn.DROPPED)
 
     async def stop(self, entries: Iterable[Entry]) -> None:
