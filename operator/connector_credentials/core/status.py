@@ -15,7 +15,7 @@ import asyncio
 import datetime
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from connector_credentials.api.conditions import (
@@ -33,6 +33,9 @@ if TYPE_CHECKING:
     from connector_credentials.core.entry import Entry, Outcome
 
 logger = logging.getLogger("connector_credentials.core.engine")
+
+#: An Event to post: (warning, reason, message).
+PendingEvent = tuple[bool, str, str]
 
 #: The first retry of a failed write, doubling up to the cap.
 RETRY_BASE = 0.5
@@ -83,9 +86,10 @@ class Reporting:
 
     #: The newest status patch not yet accepted (``None``: nothing to write).
     pending_status: dict[str, Any] | None = None
-    #: Events not yet posted, oldest first: (warning, reason, message).
-    pending_events: list[tuple[bool, str, str]] = field(default_factory=list)
-    #: The last verdict (reason, ready) an Event was queued for.
+    #: Events not yet posted, oldest first. A tuple, replaced on each change: the empty one is
+    #: shared, where an empty list was 72 bytes for every credential.
+    pending_events: tuple[PendingEvent, ...] = ()
+    #: The last verdict (reason, ready) an Event was queued for (one tuple per verdict, shared).
     reported: tuple[str, bool] | None = None
     #: Status writes and Events are paced apart (``None``: the last one was accepted), so that a
     #: refused Event never holds a status write back (#17, defect 6).
@@ -122,6 +126,9 @@ class StatusWriter:
         self._forget = forget
         self._heartbeat = heartbeat
         self._queue = StatusQueue(self._wanted, self._attempt)
+        #: The verdicts (reason, ready) reported, one tuple each, shared by every credential (a few
+        #: reasons, ready or not), where each kept its own (72 bytes).
+        self._verdicts: dict[tuple[str, bool], tuple[str, bool]] = {}
 
     # --- what the status should say -------------------------------------------------------
 
@@ -170,11 +177,11 @@ class StatusWriter:
         if verdict == live_verdict:
             # Back to what the API shows: transitions queued meanwhile (e.g. during an API outage)
             # never became visible and are no longer true. Rotation events stay.
-            state.pending_events = [e for e in state.pending_events if e[1] == EVENT_ROTATED]
+            state.pending_events = _rotations(state.pending_events)
         elif verdict != state.reported:
             # A transition: one Event per change, so `kubectl describe` shows the history.
-            state.pending_events.append((not outcome.ready, outcome.reason, outcome.message))
-        state.reported = verdict
+            state.pending_events += ((not outcome.ready, outcome.reason, outcome.message),)
+        state.reported = self._verdicts.setdefault(verdict, verdict)
         # The newest verdict replaces any write still pending (None: the live status already says it).
         state.pending_status = patch
         if patch is not None or state.pending_events:
@@ -191,12 +198,12 @@ class StatusWriter:
             return
         live = find_condition(entry.api.live_status.get("conditions"))
         if live is not None and (live.get("reason"), live.get("status") == "True") == state.reported:
-            state.pending_events = [e for e in state.pending_events if e[1] == EVENT_ROTATED]
+            state.pending_events = _rotations(state.pending_events)
             state.pending_status = self.desired_status(entry, outcome, self._interval_of(entry))
 
     def event(self, entry: Entry, *, warning: bool, reason: str, message: str) -> None:
         """Queue an Event that is not a transition (e.g. Rotated)."""
-        entry.reporting.pending_events.append((warning, reason, message))
+        entry.reporting.pending_events += ((warning, reason, message),)
         self._queue.wake(entry)
 
     # --- the queue's view -------------------------------------------------------------------
@@ -208,7 +215,7 @@ class StatusWriter:
     def drop(self, entry: Entry) -> None:
         """The credential is forgotten: nothing more is written for it."""
         state = entry.reporting
-        state.pending_status, state.pending_events = None, []
+        state.pending_status, state.pending_events = None, ()
         self._queue.drop(entry)
 
     async def stop(self, entries: Iterable[Entry]) -> None:
@@ -285,11 +292,11 @@ class StatusWriter:
             state.pending_status = None
         if body is None:
             # Gone, though no DELETED event came (e.g. deleted while the watch was down).
-            state.pending_events.clear()
+            state.pending_events = ()
             self._forget(entry)
             return
         if head is not None and not any(queued is head for queued in state.pending_events):
-            state.pending_events.insert(0, head)
+            state.pending_events = (head, *state.pending_events)
         self._accepted(entry, body)
 
     async def _post_event(self, entry: Entry) -> None:
@@ -308,7 +315,7 @@ class StatusWriter:
             return
         state.event_pace = None
         if state.pending_events and state.pending_events[0] is event:
-            state.pending_events.pop(0)
+            state.pending_events = state.pending_events[1:]
 
     def _failed(self, entry: Entry, lane: Lane, exc: Exception) -> None:
         pace = _pace(entry.reporting, lane)
@@ -377,7 +384,7 @@ class StatusWriter:
             str(outcome.reason),
             outcome.ready,
         ):
-            state.pending_events = [e for e in state.pending_events if e[1] == EVENT_ROTATED]
+            state.pending_events = _rotations(state.pending_events)
 
     def _correction(self, entry: Entry, outcome: Outcome) -> dict[str, Any] | None:
         """A patch only if the live status contradicts the latest verdict (not for lastCheckedTime)."""
@@ -389,6 +396,11 @@ class StatusWriter:
 
 def _ignore(result: str) -> None:
     pass
+
+
+def _rotations(events: tuple[PendingEvent, ...]) -> tuple[PendingEvent, ...]:
+    """The Events that stay when the transitions queued are no longer true: the rotations."""
+    return tuple(event for event in events if event[1] == EVENT_ROTATED)
 
 
 def _pace(state: Reporting, lane: Lane) -> Pace:
