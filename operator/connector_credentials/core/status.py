@@ -91,6 +91,9 @@ class Reporting:
     pending_events: tuple[PendingEvent, ...] = ()
     #: The last verdict (reason, ready) an Event was queued for (one tuple per verdict, shared).
     reported: tuple[str, bool] | None = None
+    #: The first Event is due and as good as sent (its status write was accepted): a report of the
+    #: verdict the API now shows does not drop it while it waits for a sender.
+    posting: bool = False
     #: Status writes and Events are paced apart (``None``: the last one was accepted), so that a
     #: refused Event never holds a status write back (#17, defect 6).
     status_pace: Pace | None = None
@@ -177,7 +180,7 @@ class StatusWriter:
         if verdict == live_verdict:
             # Back to what the API shows: transitions queued meanwhile (e.g. during an API outage)
             # never became visible and are no longer true. Rotation events stay.
-            state.pending_events = _rotations(state.pending_events)
+            _drop_transitions(state)
         elif verdict != state.reported:
             # A transition: one Event per change, so `kubectl describe` shows the history.
             state.pending_events += ((not outcome.ready, outcome.reason, outcome.message),)
@@ -198,7 +201,7 @@ class StatusWriter:
             return
         live = find_condition(entry.api.live_status.get("conditions"))
         if live is not None and (live.get("reason"), live.get("status") == "True") == state.reported:
-            state.pending_events = _rotations(state.pending_events)
+            _drop_transitions(state)
             state.pending_status = self.desired_status(entry, outcome, self._interval_of(entry))
 
     def event(self, entry: Entry, *, warning: bool, reason: str, message: str) -> None:
@@ -215,15 +218,15 @@ class StatusWriter:
     def drop(self, entry: Entry) -> None:
         """The credential is forgotten: nothing more is written for it."""
         state = entry.reporting
-        state.pending_status, state.pending_events = None, ()
+        state.pending_status, state.pending_events, state.posting = None, (), False
         self._queue.drop(entry)
 
     async def stop(self, entries: Iterable[Entry]) -> None:
         """Stop writing (the drain): nothing is written after, and no task is left running."""
         await self._queue.stop(entries)
 
-    def _wanted(self, entry: Entry) -> tuple[Lane, float] | None:
-        """What the credential needs written next, and from when.
+    def _wanted(self, entry: Entry, now: float) -> tuple[Lane, float] | None:
+        """What the credential needs written next, and from when (``now``: the loop time).
 
         The status first, at its own retry time: an Event still waits for the status write queued
         before it, since a replica that loses the race to write learns it from the 409 and drops its
@@ -235,7 +238,12 @@ class StatusWriter:
         if state.pending_status is not None:
             return Lane.STATUS, _due(state.status_pace)
         if state.pending_events:
-            return Lane.EVENT, _due(state.event_pace)
+            due = _due(state.event_pace)
+            # Due now, its status written: it counts as sent while it waits for a sender, as the
+            # flush task sent it at once once the status write before it was accepted. A report of
+            # the verdict our write made visible must not drop it (a retry after a failure may be).
+            state.posting = due <= now
+            return Lane.EVENT, due
         state.status_pace, state.event_pace = _rested(state.status_pace), _rested(state.event_pace)
         return None
 
@@ -257,6 +265,9 @@ class StatusWriter:
             delay = capped_doubling(RESTART_BASE, RESTART_CAP, pace.failures)
             pace.due = asyncio.get_running_loop().time() + delay
             log_bug(logger, f"Writing the {lane.value} of {entry.namespace}/{entry.name}", exc, retry_in=delay)
+        finally:
+            if lane is Lane.EVENT:
+                entry.reporting.posting = False  # sent, or to be retried: _wanted says which is next
 
     async def _write_status(self, entry: Entry) -> None:
         """One attempt at the pending status patch."""
@@ -292,7 +303,7 @@ class StatusWriter:
             state.pending_status = None
         if body is None:
             # Gone, though no DELETED event came (e.g. deleted while the watch was down).
-            state.pending_events = ()
+            state.pending_events, state.posting = (), False
             self._forget(entry)
             return
         if head is not None and not any(queued is head for queued in state.pending_events):
@@ -384,7 +395,7 @@ class StatusWriter:
             str(outcome.reason),
             outcome.ready,
         ):
-            state.pending_events = _rotations(state.pending_events)
+            _drop_transitions(state)
 
     def _correction(self, entry: Entry, outcome: Outcome) -> dict[str, Any] | None:
         """A patch only if the live status contradicts the latest verdict (not for lastCheckedTime)."""
@@ -398,9 +409,12 @@ def _ignore(result: str) -> None:
     pass
 
 
-def _rotations(events: tuple[PendingEvent, ...]) -> tuple[PendingEvent, ...]:
-    """The Events that stay when the transitions queued are no longer true: the rotations."""
-    return tuple(event for event in events if event[1] == EVENT_ROTATED)
+def _drop_transitions(state: Reporting) -> None:
+    """The transitions queued never became visible and are no longer true: their Events go. Rotation
+    Events stay, and so does the Event being posted (see ``Reporting.posting``)."""
+    events = state.pending_events
+    kept = events[:1] if state.posting else ()
+    state.pending_events = (*kept, *(event for event in events[len(kept) :] if event[1] == EVENT_ROTATED))
 
 
 def _pace(state: Reporting, lane: Lane) -> Pace:

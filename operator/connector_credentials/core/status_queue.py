@@ -58,8 +58,9 @@ class Turn(enum.Enum):
     DROPPED = "dropped"  # forgotten, or the writer stopped: nothing more is written
 
 
-#: What a credential needs written next and from when (loop time), ``None`` if nothing.
-Wanted = Callable[["Entry"], "tuple[Lane, float] | None"]
+#: What a credential needs written next and from when (loop time), ``None`` if nothing; asked
+#: with the loop time now.
+Wanted = Callable[["Entry", float], "tuple[Lane, float] | None"]
 #: One attempt at ``lane`` for a credential; it handles its own failures (none may escape).
 Attempt = Callable[["Entry", Lane], Awaitable[None]]
 
@@ -128,7 +129,7 @@ class StatusQueue:
         state = entry.reporting
         if self._stopped or state.turn in (Turn.QUEUED, Turn.WRITING, Turn.DROPPED):
             return
-        wanted = self._wanted(entry)
+        wanted = self._wanted(entry, now)
         if wanted is None:
             self._settle(entry, Turn.IDLE)
             return
@@ -225,10 +226,11 @@ class StatusQueue:
             if state.turn is not Turn.QUEUED:
                 continue  # dropped while it waited
             state.turn = Turn.IDLE
-            wanted = self._wanted(entry)
-            if wanted is None or wanted[0] is not lane or wanted[1] > loop.time():
+            now = loop.time()
+            wanted = self._wanted(entry, now)
+            if wanted is None or wanted[0] is not lane or wanted[1] > now:
                 # What it needs changed while it waited (e.g. a newer verdict goes before its Event).
-                self._place(entry, loop.time())
+                self._place(entry, now)
                 continue
             state.turn = Turn.WRITING
             try:

@@ -187,3 +187,50 @@ async def test_an_idle_credential_shares_one_finished_future() -> None:
         assert first.reporting.waiter is None  # let go once told
     finally:
         await writer.stop([first, second])
+
+
+class EventsHeldSink(FakeSink):
+    """Accepts status writes at once; holds every Event until ``events_gate`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events_gate = asyncio.Event()
+        self.held = 0
+
+    async def post_event(
+        self, namespace: str, name: str, uid: str | None, *, warning: bool, reason: str, message: str
+    ) -> None:
+        self.held += 1
+        try:
+            await self.events_gate.wait()
+            await super().post_event(namespace, name, uid, warning=warning, reason=reason, message=message)
+        finally:
+            self.held -= 1
+
+
+async def test_an_event_waiting_for_a_sender_is_not_dropped_by_a_check_of_the_same_verdict() -> None:
+    # The flush task posted a transition's Event as soon as its status write was accepted; in the
+    # queue it may wait for a sender (at start, behind thousands). The next check finds the API
+    # saying that verdict (our write) and drops the transitions queued that never became visible:
+    # not this one, which did.
+    sink = EventsHeldSink()
+    writer = StatusWriter(sink, interval_of=lambda _: 300.0, forget=lambda _: None)
+    ahead, (late,) = credentials(WORKERS[Lane.EVENT]), [Entry(namespace="team-a", name="late")]
+    try:
+        for entry in ahead:
+            report(writer, entry, VERIFIED)
+        await until(lambda: sink.held == len(ahead), 2, "the Event senders did not start")
+        report(writer, late, VERIFIED)
+        await until(lambda: reason_of(sink, late) == "AccessVerified", 2, "the status was not written")
+        report(writer, late, VERIFIED)  # the next check: the API says AccessVerified, by our write
+        sink.events_gate.set()
+        await asyncio.wait_for(writer.written(late), 5)
+        assert [reason for _, reason, _ in sink.events].count("AccessVerified") == len(ahead) + 1
+    finally:
+        await writer.stop([*ahead, late])
+
+
+def reason_of(sink: FakeSink, entry: Entry) -> str | None:
+    obj = sink.objects.get(entry.key)
+    conditions = obj["status"].get("conditions") if obj else None
+    return str(conditions[0]["reason"]) if conditions else None
