@@ -413,6 +413,8 @@ def _drop_transitions(state: Reporting) -> None:
     """The transitions queued never became visible and are no longer true: their Events go. Rotation
     Events stay, and so does the Event being posted (see ``Reporting.posting``)."""
     events = state.pending_events
+    if not events:
+        return  # every check of a settled credential comes here: nothing to make
     kept = events[:1] if state.posting else ()
     state.pending_events = (*kept, *(event for event in events[len(kept) :] if event[1] == EVENT_ROTATED))
 
