@@ -207,7 +207,9 @@ def show_parts(report: dict[str, Any]) -> None:
             total += size
             print(f"| {part} | {size / count:,.0f} |")
         print(f"| **all** | **{total / count:,.0f}** |")
-        for label in ("redaction_index", "timing_cohorts", "reader"):
+        for label in ("redaction_index", "reader"):
+            if label not in engine:
+                continue
             print(f"| ({label.replace('_', ' ')}, per credential) | {engine[label] / count:,.0f} |")
     kopf = report.get("kopf") or {}
     if kopf.get("memories"):

@@ -137,7 +137,7 @@ def _shared(loop: asyncio.AbstractEventLoop | None) -> set[int]:
     for name, prefix in (
         ("Engine", "connector_credentials"),
         ("StatusWriter", "connector_credentials"),
-        ("SecretReader", "connector_credentials"),
+        ("Reads", "connector_credentials"),
         ("Timing", "connector_credentials"),
         ("OperatorSettings", "connector_credentials"),
         ("OperatorSettings", "kopf"),
@@ -191,31 +191,34 @@ def entry_breakdown(loop: asyncio.AbstractEventLoop | None) -> dict[str, Any]:
             add("entry small fields (names, uid, versions, times)", value)
         for value in _fields(held):
             add("entry small fields (names, uid, versions, times)", value)
-        add("schedule.wake (asyncio.Event)", getattr(schedule, "wake", None))
-        add("schedule.worker (task, coroutine, what it awaits)", schedule.worker)
-        add("schedule.inflight", schedule.inflight)
         add("schedule.outcome", schedule.outcome)
         for value in _fields(schedule):
             add("entry small fields (names, uid, versions, times)", value)
-        add("reporting.task (flush task, what it awaits)", reporting.task)
+        # Older forms, for a variant measured against this one: a flush task and its wake event each.
+        add("reporting.task (flush task, what it awaits)", getattr(reporting, "task", None))
+        add("reporting.wake (asyncio.Event)", getattr(reporting, "wake", None))
         add("reporting.pending_status", reporting.pending_status)
         add("reporting.pending_events", reporting.pending_events)
+        add(
+            "reporting.waiter and paces",
+            [getattr(reporting, name, None) for name in ("waiter", "status_pace", "event_pace")],
+        )
         for value in _fields(reporting):
             add("entry small fields (names, uid, versions, times)", value)
     key_dict = sys.getsizeof(engine._entries) + sum(sys.getsizeof(k) for k in engine._entries)
     parts["engine registry dict and keys"] += key_dict
-    if hasattr(engine, "_due"):  # a schedule of (due, token, entry) instead of a task per credential
-        parts["engine schedule heap"] += deep_size(engine._due, seen, stop)
+    queue = getattr(engine._writer, "_queue", None)
+    if queue is not None:  # the credentials waiting for a write: queue entries and retry deadlines
+        parts["status writer's queues and retry heap"] += deep_size([queue._queues, queue._retries], seen, stop)
     redaction = deep_size(engine.redaction, seen, stop)
-    cohorts = deep_size(engine.timing.cohorts, seen, stop)
-    reader = deep_size(
-        engine.reader, seen, (stop - {id(engine.reader)}) | {id(engine.reader._port), id(engine.reader._executor)}
-    )
+    reads = engine.reads
+    # Not its port and thread pools (their threads and queues are not per credential).
+    apart = {id(getattr(reads, name, None)) for name in ("_port", "_executor", "_priority_executor")}
+    reader = deep_size(reads, seen, (stop - {id(reads)}) | apart)
     return {
         "entries": len(entries),
         "parts": dict(parts),
         "redaction_index": redaction,
-        "timing_cohorts": cohorts,
         "reader": reader,
     }
 

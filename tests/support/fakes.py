@@ -226,7 +226,5 @@ async def settle(engine: Engine) -> None:
     for _ in range(100):
         await asyncio.sleep(0.01)
         entries = engine.entries()
-        if not engine.reads.busy(within=0.2) and all(
-            e.reporting.task is None or e.reporting.task.done() for e in entries
-        ):
+        if not engine.reads.busy(within=0.2) and all(not e.reporting.writing for e in entries):
             return

@@ -203,13 +203,12 @@ class Engine:
         self._drop_value(entry)
         if entry.api.reads is not None:
             self._unlink(entry.key, entry.api.reads)
-        if entry.reporting.task is not None:
-            entry.reporting.task.cancel()
+        self._writer.drop(entry)
         self.changes.notify(entry.key)
         logger.info("Forgot %s/%s: %s.", namespace, name, why)
 
     def _forget_gone(self, entry: Entry) -> None:
-        # The status writer found the object gone (404); it is its own task: do not cancel it.
+        # The status writer found the object gone (404).
         if self._entries.get(entry.key) is entry:
             self.remove(*entry.key)
 
@@ -489,10 +488,7 @@ class Engine:
         self._draining = True
         self.reads.pause()
         self.changes.notify_all()  # what is answered from now on may differ
-        tasks = [entry.reporting.task for entry in self._entries.values() if entry.reporting.task is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._writer.stop(self._entries.values())
 
     async def close(self) -> None:
         """Drop every value and stop every task (after the socket has closed)."""

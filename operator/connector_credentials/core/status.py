@@ -5,16 +5,17 @@ both through a :class:`StatusSink` until the API accepts them: conflicts (409) a
 re-reading the object, transient API failures are retried with backoff, and answers that a
 retry cannot fix (403, 404 on Events, 422) are logged once and retried at the refresh interval.
 Status writes and Events are retried at their own pace: a refused Event never delays a status write.
+When and by which worker each attempt is made is :mod:`connector_credentials.core.status_queue`'s:
+no task per credential.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from connector_credentials.api.conditions import (
@@ -24,13 +25,17 @@ from connector_credentials.api.conditions import (
     same_condition,
     set_condition,
 )
-from connector_credentials.core.supervise import supervise
+from connector_credentials.core.status_queue import Lane, StatusQueue, Turn
+from connector_credentials.core.supervise import RESTART_BASE, RESTART_CAP, log_bug
 from connector_credentials.core.timing import capped_doubling
 
 if TYPE_CHECKING:
     from connector_credentials.core.entry import Entry, Outcome
 
 logger = logging.getLogger("connector_credentials.core.engine")
+
+#: An Event to post: (warning, reason, message).
+PendingEvent = tuple[bool, str, str]
 
 #: The first retry of a failed write, doubling up to the cap.
 RETRY_BASE = 0.5
@@ -62,30 +67,47 @@ class StatusSink(Protocol):
 
 
 @dataclass(slots=True)
-class Reporting:
-    """The writer's state for one credential."""
+class Pace:
+    """Writes of one kind (status or Event) that failed: when the next may be tried, how many failed
+    in a row, and the HTTP status of the last refusal logged (logged once, not every retry)."""
 
-    task: asyncio.Task[None] | None = None
-    #: The newest status patch not yet accepted (``None``: nothing to write).
-    pending_status: dict[str, Any] | None = None
-    #: Events not yet posted, oldest first: (warning, reason, message).
-    pending_events: list[tuple[bool, str, str]] = field(default_factory=list)
-    #: The last verdict (reason, ready) an Event was queued for.
-    reported: tuple[str, bool] | None = None
-    #: The HTTP status of the last write refused for good, by what ("status", "Event"): logged once,
-    #: not every retry. Kept per kind: a status write that succeeds says nothing about Events.
-    refused: dict[str, int] = field(default_factory=dict)
-    #: Set when new work is queued, so that a flush waiting out an Event's retry writes it at once.
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-@dataclass
-class _Pace:
-    """When writes of one kind (status or Event) may be tried again, and how many failed in a row."""
-
-    what: str
     due: float = 0.0
     failures: int = 0
+    refused: int | None = None
+
+
+@dataclass(slots=True)
+class Reporting:
+    """The writer's state for one credential: what is still to write, and where it is in the queue.
+
+    No task and no event: a credential waiting for its turn or its retry is an item in a queue or a
+    heap (core/status_queue.py), which is what lets 10,000 of them wait in little memory.
+    """
+
+    #: The newest status patch not yet accepted (``None``: nothing to write).
+    pending_status: dict[str, Any] | None = None
+    #: Events not yet posted, oldest first. A tuple, replaced on each change: the empty one is
+    #: shared, where an empty list was 72 bytes for every credential.
+    pending_events: tuple[PendingEvent, ...] = ()
+    #: The last verdict (reason, ready) an Event was queued for (one tuple per verdict, shared).
+    reported: tuple[str, bool] | None = None
+    #: The first Event is due and as good as sent (its status write was accepted): a report of the
+    #: verdict the API now shows does not drop it while it waits for a sender.
+    posting: bool = False
+    #: Status writes and Events are paced apart (``None``: the last one was accepted), so that a
+    #: refused Event never holds a status write back (#17, defect 6).
+    status_pace: Pace | None = None
+    event_pace: Pace | None = None
+    #: Where it is in the queue, and the due time of its retry while it waits for one.
+    turn: Turn = Turn.IDLE
+    retry_at: float = 0.0
+    #: Made only for someone waiting until nothing is left to write (StatusWriter.written).
+    waiter: asyncio.Future[None] | None = None
+
+    @property
+    def writing(self) -> bool:
+        """Whether something is queued, in flight or waiting for a retry."""
+        return self.turn is not Turn.IDLE and self.turn is not Turn.DROPPED
 
 
 class StatusWriter:
@@ -106,6 +128,10 @@ class StatusWriter:
         self._interval_of = interval_of
         self._forget = forget
         self._heartbeat = heartbeat
+        self._queue = StatusQueue(self._wanted, self._attempt)
+        #: The verdicts (reason, ready) reported, one tuple each, shared by every credential (a few
+        #: reasons, ready or not), where each kept its own (72 bytes).
+        self._verdicts: dict[tuple[str, bool], tuple[str, bool]] = {}
 
     # --- what the status should say -------------------------------------------------------
 
@@ -154,15 +180,15 @@ class StatusWriter:
         if verdict == live_verdict:
             # Back to what the API shows: transitions queued meanwhile (e.g. during an API outage)
             # never became visible and are no longer true. Rotation events stay.
-            state.pending_events = [e for e in state.pending_events if e[1] == EVENT_ROTATED]
+            _drop_transitions(state)
         elif verdict != state.reported:
             # A transition: one Event per change, so `kubectl describe` shows the history.
-            state.pending_events.append((not outcome.ready, outcome.reason, outcome.message))
-        state.reported = verdict
+            state.pending_events += ((not outcome.ready, outcome.reason, outcome.message),)
+        state.reported = self._verdicts.setdefault(verdict, verdict)
         # The newest verdict replaces any write still pending (None: the live status already says it).
         state.pending_status = patch
         if patch is not None or state.pending_events:
-            self._ensure_flushing(entry)
+            self._queue.wake(entry)
 
     def observed(self, entry: Entry) -> None:
         """The watch showed a newer live status. If it already says the verdict this replica has
@@ -175,65 +201,80 @@ class StatusWriter:
             return
         live = find_condition(entry.api.live_status.get("conditions"))
         if live is not None and (live.get("reason"), live.get("status") == "True") == state.reported:
-            state.pending_events = [e for e in state.pending_events if e[1] == EVENT_ROTATED]
+            _drop_transitions(state)
             state.pending_status = self.desired_status(entry, outcome, self._interval_of(entry))
 
     def event(self, entry: Entry, *, warning: bool, reason: str, message: str) -> None:
         """Queue an Event that is not a transition (e.g. Rotated)."""
-        entry.reporting.pending_events.append((warning, reason, message))
-        self._ensure_flushing(entry)
+        entry.reporting.pending_events += ((warning, reason, message),)
+        self._queue.wake(entry)
 
-    def _ensure_flushing(self, entry: Entry) -> None:
-        task = entry.reporting.task
-        if task is None or task.done():
-            # Supervised: a bug in the loop is logged and the flush starts again; the status is not
-            # silently left unwritten for the process's life.
-            what = f"Writing the status of {entry.namespace}/{entry.name}"
-            entry.reporting.task = asyncio.get_running_loop().create_task(
-                supervise(what, lambda: self._flush(entry), log=logger),
-                name=f"ccred-status:{entry.namespace}/{entry.name}",
-            )
-        else:
-            entry.reporting.wake.set()  # the flush may be waiting out an Event's retry: write the status now
+    # --- the queue's view -------------------------------------------------------------------
+
+    def written(self, entry: Entry) -> asyncio.Future[None]:
+        """Done once nothing is left to write for the credential (see StatusQueue.written)."""
+        return self._queue.written(entry)
+
+    def drop(self, entry: Entry) -> None:
+        """The credential is forgotten: nothing more is written for it."""
+        state = entry.reporting
+        state.pending_status, state.pending_events, state.posting = None, (), False
+        self._queue.drop(entry)
+
+    async def stop(self, entries: Iterable[Entry]) -> None:
+        """Stop writing (the drain): nothing is written after, and no task is left running."""
+        await self._queue.stop(entries)
+
+    def _wanted(self, entry: Entry, now: float) -> tuple[Lane, float] | None:
+        """What the credential needs written next, and from when (``now``: the loop time).
+
+        The status first, at its own retry time: an Event still waits for the status write queued
+        before it, since a replica that loses the race to write learns it from the 409 and drops its
+        Event. Events at theirs: a refused Event waits for its own retry and never delays a status
+        write. With nothing left, the retry times start afresh, as a new flush did (only the
+        refusals logged are remembered, so that they are not logged again).
+        """
+        state = entry.reporting
+        if state.pending_status is not None:
+            return Lane.STATUS, _due(state.status_pace)
+        if state.pending_events:
+            due = _due(state.event_pace)
+            # Due now, its status written: it counts as sent while it waits for a sender, as the
+            # flush task sent it at once once the status write before it was accepted. A report of
+            # the verdict our write made visible must not drop it (a retry after a failure may be).
+            state.posting = due <= now
+            return Lane.EVENT, due
+        state.status_pace, state.event_pace = _rested(state.status_pace), _rested(state.event_pace)
+        return None
 
     # --- writing ----------------------------------------------------------------------------
 
-    async def _flush(self, entry: Entry) -> None:
-        """Write the latest desired status, then the Events, until the API accepts them.
-
-        Status writes and Events are paced apart, each with its own retry delay: an Event the API
-        refuses (no ``events/create``, an events quota, a terminating namespace) waits for its own
-        retry and never delays a status write. An Event still waits for the status write queued
-        before it: a replica that loses the race to write learns it from the 409 and drops its Event.
-        """
-        state = entry.reporting
-        loop = asyncio.get_running_loop()
-        status, events = _Pace("status"), _Pace("Event")
-        while state.pending_status is not None or state.pending_events:
-            state.wake.clear()
-            now = loop.time()
-            if state.pending_status is not None:
-                if now >= status.due:
-                    if not await self._write_status(entry, status):
-                        return  # the object is gone: the credential is forgotten
-                    continue
-                due = status.due
-            elif now >= events.due:
-                await self._post_event(entry, events)
-                continue
+    async def _attempt(self, entry: Entry, lane: Lane) -> None:
+        """One attempt at ``lane``, made by a worker of the queue. A bug here is logged, and the
+        attempt retried after the supervisor's backoff: the status is never silently left unwritten."""
+        try:
+            if lane is Lane.STATUS:
+                await self._write_status(entry)
             else:
-                due = events.due
-            # Until the earlier retry is due, or new work is queued (report() sets wake).
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(due - now):
-                    await state.wake.wait()
+                await self._post_event(entry)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the point: no bug may leave a status unwritten
+            pace = _pace(entry.reporting, lane)
+            pace.failures += 1
+            delay = capped_doubling(RESTART_BASE, RESTART_CAP, pace.failures)
+            pace.due = asyncio.get_running_loop().time() + delay
+            log_bug(logger, f"Writing the {lane.value} of {entry.namespace}/{entry.name}", exc, retry_in=delay)
+        finally:
+            if lane is Lane.EVENT:
+                entry.reporting.posting = False  # sent, or to be retried: _wanted says which is next
 
-    async def _write_status(self, entry: Entry, pace: _Pace) -> bool:
-        """One attempt at the pending status patch; ``False`` if the object turned out to be gone."""
+    async def _write_status(self, entry: Entry) -> None:
+        """One attempt at the pending status patch."""
         state = entry.reporting
         patch = state.pending_status
         if patch is None:
-            return True
+            return
         # The Event queued with this write is ours once the write is accepted, even if it leaves the
         # queue meanwhile: the watch may show our own write before its answer comes, and observed()
         # cannot tell it from another replica's (a 409 would: then _reconsider decides).
@@ -249,29 +290,27 @@ class StatusWriter:
                     "The status of %s/%s changed since it was read (HTTP 409 Conflict); re-reading it.", *entry.key
                 )
                 await self._reconsider(entry)
-                return True
+                return
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - any API failure is retried
             self._on_write("failed")
-            self._failed(entry, pace, exc)
-            return True
+            self._failed(entry, Lane.STATUS, exc)
+            return
         self._on_write("ok" if body is not None else "gone")
-        self._succeeded(entry, pace)
+        state.status_pace = None
         if state.pending_status is patch:
             state.pending_status = None
         if body is None:
             # Gone, though no DELETED event came (e.g. deleted while the watch was down).
-            state.pending_events.clear()
-            state.task = None  # this task: do not cancel it from remove()
+            state.pending_events, state.posting = (), False
             self._forget(entry)
-            return False
+            return
         if head is not None and not any(queued is head for queued in state.pending_events):
-            state.pending_events.insert(0, head)
+            state.pending_events = (head, *state.pending_events)
         self._accepted(entry, body)
-        return True
 
-    async def _post_event(self, entry: Entry, pace: _Pace) -> None:
+    async def _post_event(self, entry: Entry) -> None:
         """One attempt at the oldest Event queued."""
         state = entry.reporting
         event = state.pending_events[0]
@@ -283,20 +322,16 @@ class StatusWriter:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - any API failure is retried
-            self._failed(entry, pace, exc)
+            self._failed(entry, Lane.EVENT, exc)
             return
-        self._succeeded(entry, pace)
+        state.event_pace = None
         if state.pending_events and state.pending_events[0] is event:
-            state.pending_events.pop(0)
+            state.pending_events = state.pending_events[1:]
 
-    def _failed(self, entry: Entry, pace: _Pace, exc: Exception) -> None:
+    def _failed(self, entry: Entry, lane: Lane, exc: Exception) -> None:
+        pace = _pace(entry.reporting, lane)
         pace.failures += 1
-        pace.due = asyncio.get_running_loop().time() + self._after_failure(entry, pace.what, exc, pace.failures)
-
-    @staticmethod
-    def _succeeded(entry: Entry, pace: _Pace) -> None:
-        pace.failures, pace.due = 0, 0.0
-        entry.reporting.refused.pop(pace.what, None)
+        pace.due = asyncio.get_running_loop().time() + self._after_failure(entry, lane, exc, pace.failures)
 
     def _accepted(self, entry: Entry, body: dict[str, Any]) -> None:
         status = body.get("status")
@@ -311,13 +346,15 @@ class StatusWriter:
             # this write was in flight: make sure the API ends up saying the newest one.
             entry.reporting.pending_status = self._correction(entry, outcome)
 
-    def _after_failure(self, entry: Entry, what: str, exc: Exception, attempt: int) -> float:
+    def _after_failure(self, entry: Entry, lane: Lane, exc: Exception, attempt: int) -> float:
         """How long to wait before the next write, logging the failure (once, if it is for good)."""
+        what = lane.value
         status = getattr(exc, "status", None)
         if isinstance(status, int) and 400 <= status < 500 and status not in (409, 429):
             # Forbidden (RBAC), NotFound (Events), Invalid (422): retrying in seconds cannot help.
             delay = self._interval_of(entry)
-            if entry.reporting.refused.get(what) != status:
+            pace = _pace(entry.reporting, lane)
+            if pace.refused != status:
                 logger.error(
                     "Writing the %s of %s/%s was refused (%s); retrying every %.0fs. Check the operator's RBAC "
                     "and the object.",
@@ -326,7 +363,7 @@ class StatusWriter:
                     _short_error(exc),
                     delay,
                 )
-                entry.reporting.refused[what] = status
+                pace.refused = status
             return delay
         delay = capped_doubling(RETRY_BASE, RETRY_CAP, attempt)
         logger.warning(
@@ -358,7 +395,7 @@ class StatusWriter:
             str(outcome.reason),
             outcome.ready,
         ):
-            state.pending_events = [e for e in state.pending_events if e[1] == EVENT_ROTATED]
+            _drop_transitions(state)
 
     def _correction(self, entry: Entry, outcome: Outcome) -> dict[str, Any] | None:
         """A patch only if the live status contradicts the latest verdict (not for lastCheckedTime)."""
@@ -370,6 +407,40 @@ class StatusWriter:
 
 def _ignore(result: str) -> None:
     pass
+
+
+def _drop_transitions(state: Reporting) -> None:
+    """The transitions queued never became visible and are no longer true: their Events go. Rotation
+    Events stay, and so does the Event being posted (see ``Reporting.posting``)."""
+    events = state.pending_events
+    if not events:
+        return  # every check of a settled credential comes here: nothing to make
+    kept = events[:1] if state.posting else ()
+    state.pending_events = (*kept, *(event for event in events[len(kept) :] if event[1] == EVENT_ROTATED))
+
+
+def _pace(state: Reporting, lane: Lane) -> Pace:
+    """The pace of ``lane``'s writes, made at their first failure."""
+    if lane is Lane.STATUS:
+        if state.status_pace is None:
+            state.status_pace = Pace()
+        return state.status_pace
+    if state.event_pace is None:
+        state.event_pace = Pace()
+    return state.event_pace
+
+
+def _due(pace: Pace | None) -> float:
+    return 0.0 if pace is None else pace.due
+
+
+def _rested(pace: Pace | None) -> Pace | None:
+    """A pace once nothing of its kind is left to write: no retry time, no failures counted; kept
+    only to remember the refusal logged."""
+    if pace is None or pace.refused is None:
+        return None
+    pace.due, pace.failures = 0.0, 0
+    return pace
 
 
 def stable_identity(arn: str) -> str:

@@ -361,7 +361,7 @@ async def test_the_newest_verdict_wins_over_a_write_in_flight(setup: Any) -> Non
     for _ in range(100):
         await asyncio.sleep(0.01)
         ready = find_condition(sink.objects["team-a", "slack"]["status"]["conditions"])
-        if ready["reason"] == "AccessVerified" and entry.reporting.task.done():  # type: ignore[index,union-attr]
+        if ready["reason"] == "AccessVerified" and not entry.reporting.writing:  # type: ignore[index]
             break
     ready = find_condition(sink.objects["team-a", "slack"]["status"]["conditions"])
     assert (ready["status"], ready["reason"]) == ("True", "AccessVerified")  # type: ignore[index]
@@ -389,9 +389,9 @@ async def test_replicas_starting_together_post_one_event(settings: OperatorSetti
         second.upsert(json.loads(json.dumps(seen)))
         for _ in range(300):
             await asyncio.sleep(0.01)
-            tasks = [e.reporting.task for engine in (first, second) for e in engine.entries()]
-            if all(t is not None and t.done() for t in tasks):
-                break
+            entries = [e for engine in (first, second) for e in engine.entries()]
+            if all(e.reporting.reported is not None and not e.reporting.writing for e in entries):
+                break  # both reported, and have nothing left to write
         else:
             raise AssertionError("a replica is still trying to write its status")
         assert [e[1] for e in sink.events] == ["AccessVerified"]  # the loser re-read and stood down
@@ -431,8 +431,7 @@ async def test_a_replica_whose_write_is_retrying_when_another_reports_the_verdic
         second.upsert({**seen, "status": watched["status"], "metadata": {**seen["metadata"], **watched["metadata"]}})
         for _ in range(300):
             await asyncio.sleep(0.01)
-            tasks = [e.reporting.task for engine in (first, second) for e in engine.entries()]
-            if all(t is None or t.done() for t in tasks):
+            if all(not e.reporting.writing for engine in (first, second) for e in engine.entries()):
                 break
         assert [e[1] for e in sink.events] == ["AccessVerified"]
     finally:

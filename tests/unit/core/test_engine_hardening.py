@@ -26,6 +26,7 @@ from connector_credentials.core.engine import Engine
 from connector_credentials.core.entry import Entry, Held, Served
 from connector_credentials.core.failures import AwsFailure
 from connector_credentials.core.ports import FetchedSecret, SecretsPort
+from connector_credentials.core.status_queue import Lane
 from tests.support.fakes import ARN, VALUE, FakePort, FakeSink, body, settle
 
 CANARY = "CANARY-hardening-5f0c2e9a1b7d4c3e"
@@ -342,10 +343,10 @@ async def test_a_refused_write_is_logged_once_and_retried_at_the_interval(
         assert entry is not None
         writer = engine._writer
         caplog.set_level(logging.WARNING)
-        delays = [writer._after_failure(entry, "status", Refused(status), attempt) for attempt in (1, 2, 3)]
+        delays = [writer._after_failure(entry, Lane.STATUS, Refused(status), attempt) for attempt in (1, 2, 3)]
         assert delays == [120, 120, 120]
         assert sum("was refused (HTTP" in r.getMessage() for r in caplog.records) == 1
-        transient = [writer._after_failure(entry, "status", Refused(code), 1) for code in (409, 429, 500, 503)]
+        transient = [writer._after_failure(entry, Lane.STATUS, Refused(code), 1) for code in (409, 429, 500, 503)]
         assert all(delay < 1 for delay in transient)
     finally:
         await engine.close()

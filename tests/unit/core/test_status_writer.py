@@ -75,11 +75,8 @@ def report(writer: StatusWriter, entry: Entry, outcome: Outcome, interval: float
     writer.report(entry, outcome, interval)
 
 
-async def stop(entry: Entry) -> None:
-    task = entry.reporting.task
-    if task is not None:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+async def stop(writer: StatusWriter, entry: Entry) -> None:
+    await writer.stop([entry])
 
 
 async def test_a_refused_event_does_not_hold_back_the_next_status_write(caplog: pytest.LogCaptureFixture) -> None:
@@ -108,7 +105,7 @@ async def test_a_refused_event_does_not_hold_back_the_next_status_write(caplog: 
             "SecretNotFound",
         ]
     finally:
-        await stop(entry)
+        await stop(writer, entry)
 
 
 async def test_refused_events_are_retried_at_their_own_pace_and_logged_once(caplog: pytest.LogCaptureFixture) -> None:
@@ -132,10 +129,10 @@ async def test_refused_events_are_retried_at_their_own_pace_and_logged_once(capl
             (False, "AccessVerified"),
             (True, "AccessDenied"),
         ]
-        await until(lambda: entry.reporting.task is None or entry.reporting.task.done(), 2, "the flush did not end")
-        assert not entry.reporting.refused  # cleared by the Event's success
+        await asyncio.wait_for(writer.written(entry), 2)  # nothing left to write
+        assert entry.reporting.event_pace is None  # its refusal forgotten with the Event's success
     finally:
-        await stop(entry)
+        await stop(writer, entry)
 
 
 class StatusRefusedSink(FakeSink):
@@ -165,7 +162,7 @@ async def test_an_event_still_waits_for_the_status_write_before_it() -> None:
         assert sink.events == []
         assert [event[1] for event in entry.reporting.pending_events] == ["AccessVerified"]
     finally:
-        await stop(entry)
+        await stop(writer, entry)
 
 
 class GatedSink(FakeSink):
@@ -201,4 +198,4 @@ async def test_the_event_of_an_accepted_write_is_posted_though_the_watch_showed_
         await until(lambda: bool(sink.events), 2, "the Event of the accepted write was never posted")
         assert [event[1] for event in sink.events] == ["AccessVerified"]
     finally:
-        await stop(entry)
+        await stop(writer, entry)
