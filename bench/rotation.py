@@ -13,7 +13,8 @@ AWS fault proxy, all on 127.0.0.1, and runs the operator's console script as the
    ``connector-credentials`` client watching it on each replica's socket (``CredentialClient.watch``).
    Each rotation puts a new version in moto and sends the ``Secret Label Updated`` event an
    EventBridge rule would; the time is from the event's sending until each replica's watch delivers
-   the new value. The rotations run one after the other.
+   the new value. The rotations run one after the other, 2 s apart (more than
+   ``CCRED_MIN_REFRESH_GAP``, as real rotations are).
 2. **Polling** (the baseline): two more replicas, no queue, one credential per rotation with
    ``refreshInterval`` ``--poll-interval``, each rotated at its own moment spread over one interval
    (so that the rotations meet the refresh cycle at every phase, as real rotations do); the time is
@@ -53,6 +54,8 @@ from connector_credentials.api.models import parse_duration  # noqa: E402
 from connector_credentials.client import Credential, CredentialClient  # noqa: E402
 
 REPLICAS = 2
+#: Seconds between one rotation's delivery and the next rotation (more than CCRED_MIN_REFRESH_GAP).
+SPACING = 2.0
 
 
 class Watcher(threading.Thread):
@@ -133,6 +136,10 @@ def events(place: World, rotations: int) -> list[list[float]]:
         watchers = watching(stack, paths, place.namespace, "slack")
         wait_until(lambda: all(first in w.arrived for w in watchers), timeout=60, message="the first value")
         for _ in range(rotations):
+            # Real rotations are minutes apart: each comes after CCRED_MIN_REFRESH_GAP (1 s) since
+            # the last read, which would otherwise hold the event's read back until the gap ends.
+            settled = time.monotonic() + SPACING
+            wait_until(lambda at=settled: time.monotonic() >= at, timeout=SPACING + 1, message="the spacing")
             value = place.canary("rotated")
             version = place.aws.put_value(arn, string=value)
             sent = time.monotonic()
