@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from typing import Any
 
 from connector_credentials.api.conditions import EVENT_ROTATED
 from connector_credentials.api.models import (
-    ConnectorCredentialSpec,
     format_duration,
 )
 from connector_credentials.api.values import JsonKeyError, NeedleIndex, SecretValue, extract
@@ -122,15 +120,13 @@ class Engine:
         else:
             self._writer.observed(entry)
         raw_spec = body.get("spec")
-        if created or _canonical(raw_spec) != _canonical(entry.api.raw_spec):
+        if created or entry.api.spec_differs(raw_spec):
             self._new_spec(entry, raw_spec, created=created)
         else:
             self._noticed_elsewhere(entry)
 
     def _new_spec(self, entry: Entry, raw_spec: Any, *, created: bool) -> None:
-        api, before = entry.api, entry.api.spec
-        api.take_spec(raw_spec, self.settings.default_refresh_interval)
-        if not created and before is not None and api.spec is not None and _reads(before) == _reads(api.spec):
+        if entry.api.take_spec(raw_spec, self.settings.default_refresh_interval) and not created:
             # Only how often it is checked changed: what is read, and so the value and verdict, stay.
             logger.info(
                 "Spec of %s/%s changed (not what is read); re-checked every %s now.",
@@ -500,12 +496,3 @@ class Engine:
         self._readers.clear()
         self._awaited.clear()
         self.reads.close()
-
-
-def _reads(spec: ConnectorCredentialSpec) -> tuple[Any, ...]:
-    """What a spec makes the operator read: a change here invalidates the value held."""
-    return (spec.secret_arn, spec.version_id, spec.effective_stage, spec.json_key, spec.role)
-
-
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, default=str)

@@ -8,6 +8,7 @@ masked in ``repr``), the schedule (:class:`Schedule`) and the status writer's st
 from __future__ import annotations
 
 import datetime
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,14 +60,30 @@ class ApiView:
         self.live_status = dict(status) if isinstance(status, dict) else {}
         return True
 
-    def take_spec(self, raw_spec: Any, default_interval: float) -> None:
-        """Parse a new spec (an invalid one leaves ``spec`` None and says why in ``spec_error``)."""
+    def spec_differs(self, raw_spec: Any) -> bool:
+        """Whether a watched body's spec is not the one taken (compared as canonical JSON)."""
+        return _canonical(raw_spec) != _canonical(self.raw_spec)
+
+    def take_spec(self, raw_spec: Any, default_interval: float) -> bool:
+        """Parse a new spec (an invalid one leaves ``spec`` None and says why in ``spec_error``).
+        ``True`` when it reads what the valid spec before it read: the value held stays valid."""
+        before = self.spec
         self.raw_spec = raw_spec
         try:
             self.spec, self.spec_error = parse_spec(raw_spec), None
             self.interval = self.spec.refresh_seconds(default_interval)
         except InvalidSpecError as exc:
             self.spec, self.spec_error, self.interval = None, str(exc), None
+        return before is not None and self.spec is not None and _reads(before) == _reads(self.spec)
+
+
+def _reads(spec: ConnectorCredentialSpec) -> tuple[Any, ...]:
+    """What a spec makes the operator read: a change here invalidates the value held."""
+    return (spec.secret_arn, spec.version_id, spec.effective_stage, spec.json_key, spec.role)
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 @dataclass(repr=False, slots=True)
