@@ -197,6 +197,13 @@ def test_restart_resumes_without_new_transitions(world: World) -> None:
     world.apply("slack", {"secretArn": arn})
     first = world.start_operator()
     before = world.wait_reason("slack", "AccessVerified")
+    # The transition's Event follows its status write (its own sender): stopped before it is
+    # posted, it would never be (the next process finds the status saying it already).
+    wait_until(
+        lambda: [e["reason"] for e in world.events("slack")] == ["AccessVerified"],
+        timeout=10,
+        message="the first process never posted its Event",
+    )
     first.stop()
     second = world.start_operator()
     second.wait_for_log("slack: AccessVerified", timeout=20)
