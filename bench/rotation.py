@@ -27,14 +27,12 @@ is stopped whatever happens. See bench/README.md (Rotation).
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -43,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python bench/x.py` puts bench/ on sys.path, not the repository root
 
 from tests.integration.conftest import World  # noqa: E402
-from tests.support.awsemu import AwsEmulator  # noqa: E402
+from tests.support.awsemu import AwsEmulator, label_moved  # noqa: E402
 from tests.support.awsproxy import FaultProxy  # noqa: E402
 from tests.support.controlplane import ControlPlane  # noqa: E402
 from tests.support.kube import Cluster  # noqa: E402
@@ -75,24 +73,6 @@ class Watcher(threading.Thread):
     def stop(self) -> None:
         self.stream.close()
         self.client.close()
-
-
-def label_moved(arn: str, version_id: str) -> str:
-    """The event as AWS documents it ("Secret event notifications"), as SQS delivers it."""
-    parts = arn.split(":")
-    return json.dumps(
-        {
-            "version": "0",
-            "id": str(uuid.uuid4()),
-            "detail-type": "Secret Label Updated",
-            "source": "aws.secretsmanager",
-            "account": parts[4],
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "region": parts[3],
-            "resources": [arn],
-            "detail": {"name": parts[6][:-7], "labelUpdated": "AWSCURRENT", "versionId": version_id},
-        }
-    )
 
 
 @contextmanager

@@ -8,34 +8,16 @@ from __future__ import annotations
 import json
 import re
 import time
-import uuid
 
 from connector_credentials.client import Credential, CredentialError
 from tests.integration.conftest import World
 from tests.integration.test_doctor import doctor
+from tests.support.awsemu import label_moved
 from tests.support.runner import OperatorProcess, wait_until
 from tests.support.scrape import free_port, samples, scrape, value
 from tests.support.watching import Watcher
 
 HOURLY = {"refreshInterval": "1h"}
-
-
-def label_moved(arn: str, version_id: str, *, label: str = "AWSCURRENT") -> str:
-    """The event as AWS documents it, as an EventBridge rule's SQS target delivers it."""
-    region, account, name = arn.split(":")[3], arn.split(":")[4], arn.split(":")[6][:-7]
-    return json.dumps(
-        {
-            "version": "0",
-            "id": str(uuid.uuid4()),
-            "detail-type": "Secret Label Updated",
-            "source": "aws.secretsmanager",
-            "account": account,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "region": region,
-            "resources": [arn],
-            "detail": {"name": name, "labelUpdated": label, "versionId": version_id},
-        }
-    )
 
 
 def serves(world: World, socket_path: str, name: str) -> str | None:

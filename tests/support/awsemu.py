@@ -6,8 +6,11 @@ shares the same secrets (``reset()`` wipes them).
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
+import time
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
@@ -33,6 +36,25 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def label_moved(arn: str, version_id: str, *, label: str = "AWSCURRENT") -> str:
+    """Secrets Manager's ``Secret Label Updated`` event as AWS documents it ("Secret event
+    notifications"), as an EventBridge rule's SQS target delivers it: the message body."""
+    region, account, name = arn.split(":")[3], arn.split(":")[4], arn.split(":")[6][:-7]
+    return json.dumps(
+        {
+            "version": "0",
+            "id": str(uuid.uuid4()),
+            "detail-type": "Secret Label Updated",
+            "source": "aws.secretsmanager",
+            "account": account,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "region": region,
+            "resources": [arn],
+            "detail": {"name": name, "labelUpdated": label, "versionId": version_id},
+        }
+    )
 
 
 def irsa_env(tmp_path: str | Path, endpoint: str, role_arn: str = DEFAULT_ROLE_ARN) -> dict[str, str]:

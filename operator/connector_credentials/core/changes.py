@@ -23,7 +23,7 @@ class Changes:
 
     def ticket(self, key: Key) -> asyncio.Future[None]:
         """Resolved at the next change of ``key``. Shared: await it through :func:`asyncio.shield`
-        (or :meth:`wait`) so that one watcher giving up does not cancel it for the others."""
+        so that one watcher giving up does not cancel it for the others."""
         ticket = self._tickets.get(key)
         if ticket is None or ticket.done():
             ticket = self._tickets[key] = asyncio.get_running_loop().create_future()
@@ -37,15 +37,6 @@ class Changes:
     def notify_all(self) -> None:
         for key in list(self._tickets):
             self.notify(key)
-
-    @staticmethod
-    async def wait(ticket: asyncio.Future[None], within: float) -> bool:
-        """``True`` if the ticket resolved within ``within`` seconds (``False``: time for a heartbeat)."""
-        try:
-            await asyncio.wait_for(asyncio.shield(ticket), within)
-        except TimeoutError:
-            return False
-        return True
 
     def __len__(self) -> int:
         return len(self._tickets)
