@@ -213,7 +213,7 @@ class _Stream:
         while True:
             quiet_for = sent_at + self._heartbeat - loop.time()
             if quiet_for > 0 and not ticket.done():
-                # Not Changes.wait: the stream also wakes when it is stopped or its client hangs up.
+                # The ticket, and also the stream being stopped or its client hanging up.
                 wakes = (ticket, self._stopped, lost)
                 await asyncio.wait(wakes, timeout=quiet_for, return_when=asyncio.FIRST_COMPLETED)
             if lost.done():
