@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 
 import pytest
@@ -212,6 +213,22 @@ def test_restart_resumes_without_new_transitions(world: World) -> None:
     after = world.ready("slack")
     assert after is not None
     assert after["lastTransitionTime"] == before["lastTransitionTime"]
+    assert [e["reason"] for e in world.events("slack")] == ["AccessVerified"]
+
+
+def test_an_event_still_queued_at_sigterm_is_posted_before_the_exit(world: World) -> None:
+    # The Event follows its status write on a sender of its own; the API refuses Events until the
+    # signal is sent, so that it can only be posted after SIGTERM, during the shutdown.
+    refused = world.kube.fail_requests(
+        "POST", rf"^/api/v1/namespaces/{world.namespace}/events$", status=500, times=None
+    )
+    world.apply("slack", {"secretArn": world.secret("slack")})
+    operator = world.start_operator(extra_env={"CCRED_SHUTDOWN_DRAIN": "1"})
+    world.wait_reason("slack", "AccessVerified")
+    wait_until(lambda: refused.hits > 0, timeout=10, message="the Event was never tried")
+    operator.send_signal(signal.SIGTERM)
+    world.kube.remove_fault(refused)
+    assert operator.wait(20) == 0
     assert [e["reason"] for e in world.events("slack")] == ["AccessVerified"]
 
 

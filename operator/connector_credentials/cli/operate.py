@@ -339,6 +339,7 @@ class _Shutdown:
                 )
                 await asyncio.sleep(self._seconds)
             await self._server.close()
+            await self._engine.finish_writing()  # before kopf stops: it would wait for our writers, then cancel them
         finally:
             self._then()
 

@@ -19,9 +19,7 @@ import time
 from typing import Any
 
 from connector_credentials.api.conditions import EVENT_ROTATED
-from connector_credentials.api.models import (
-    format_duration,
-)
+from connector_credentials.api.models import format_duration
 from connector_credentials.api.values import JsonKeyError, NeedleIndex, SecretValue, extract
 from connector_credentials.config.settings import OperatorSettings
 from connector_credentials.core.allowlist import RoleAllowlist
@@ -33,7 +31,7 @@ from connector_credentials.core.ports import Meter, NoMeter, SecretsPort
 from connector_credentials.core.reads import Done, ReadKey, Reads
 from connector_credentials.core.relists import unlisted
 from connector_credentials.core.rotation import CURRENT, DEFERRED, REFRESHED, UNDECLARED, LabelMoved
-from connector_credentials.core.status import StatusSink, StatusWriter
+from connector_credentials.core.status import FINAL_WRITES, StatusSink, StatusWriter
 from connector_credentials.core.supervise import log_bug
 from connector_credentials.core.timing import Plan, Timing
 from connector_credentials.core.verdicts import (
@@ -477,18 +475,22 @@ class Engine:
         return self._draining
 
     async def drain(self) -> None:
-        """Stop reading and writing; keep serving what is held (the socket is still open). A socket
-        read waiting for AWS is answered now, from what is held or with 503 ShuttingDown."""
+        """Stop reading; keep serving what is held and writing what is decided. A socket read waiting
+        for AWS is answered now, from what is held or with 503 ShuttingDown."""
         if self._draining:
             return
         self._draining = True
         self.reads.pause()
         self.changes.notify_all()  # what is answered from now on may differ
-        await self._writer.stop(self._entries.values())
+
+    async def finish_writing(self) -> None:
+        """Once the socket has closed: what is decided gets FINAL_WRITES seconds, then no task writes."""
+        await self._writer.stop(self._entries.values(), within=FINAL_WRITES)
 
     async def close(self) -> None:
         """Drop every value and stop every task (after the socket has closed)."""
         await self.drain()
+        await self.finish_writing()
         self._closed = True
         for entry in self._entries.values():
             self._drop_value(entry)

@@ -66,6 +66,12 @@ class StatusSink(Protocol):
     ) -> None: ...
 
 
+#: At shutdown, once the socket has closed, how long what is already decided may still take to be
+#: written: a transition's Event queued just before SIGTERM is otherwise lost from `kubectl
+#: describe`. Bounded, so that an API outage does not hold the exit back.
+FINAL_WRITES = 2.0
+
+
 @dataclass(slots=True)
 class Pace:
     """Writes of one kind (status or Event) that failed: when the next may be tried, how many failed
@@ -221,8 +227,14 @@ class StatusWriter:
         state.pending_status, state.pending_events, state.posting = None, (), False
         self._queue.drop(entry)
 
-    async def stop(self, entries: Iterable[Entry]) -> None:
-        """Stop writing (the drain): nothing is written after, and no task is left running."""
+    async def stop(self, entries: Iterable[Entry], *, within: float = 0.0) -> None:
+        """Stop writing: what is already decided (a verdict's status, its Event) is written for at
+        most ``within`` seconds more; then nothing is written, and no task is left running."""
+        entries = list(entries)
+        if within > 0:
+            pending = [future for future in map(self._queue.written, entries) if not future.done()]
+            if pending:
+                await asyncio.wait(pending, timeout=within)
         await self._queue.stop(entries)
 
     def _wanted(self, entry: Entry, now: float) -> tuple[Lane, float] | None:

@@ -234,3 +234,32 @@ def reason_of(sink: FakeSink, entry: Entry) -> str | None:
     obj = sink.objects.get(entry.key)
     conditions = obj["status"].get("conditions") if obj else None
     return str(conditions[0]["reason"]) if conditions else None
+
+
+async def test_the_stop_lets_what_is_decided_be_written_within_its_bound() -> None:
+    # SIGTERM just after a verdict: its status is written and its Event waits for a sender. The
+    # stop at shutdown gives it a little time, so that `kubectl describe` shows the transition.
+    baseline = asyncio.all_tasks()
+    sink = EventsHeldSink()
+    writer = StatusWriter(sink, interval_of=lambda _: 300.0, forget=lambda _: None)
+    (entry,) = credentials(1)
+    report(writer, entry, VERIFIED)
+    await until(lambda: sink.held == 1, 2, "the Event sender did not start")
+    asyncio.get_running_loop().call_later(0.2, sink.events_gate.set)  # the API answers a moment later
+    await writer.stop([entry], within=5.0)
+    assert [reason for _, reason, _ in sink.events] == ["AccessVerified"]
+    assert tasks_beyond(baseline) == []
+
+
+async def test_the_stop_does_not_wait_beyond_its_bound_for_an_api_that_never_answers() -> None:
+    baseline = asyncio.all_tasks()
+    sink = EventsHeldSink()  # the gate is never opened
+    writer = StatusWriter(sink, interval_of=lambda _: 300.0, forget=lambda _: None)
+    (entry,) = credentials(1)
+    report(writer, entry, VERIFIED)
+    await until(lambda: sink.held == 1, 2, "the Event sender did not start")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await writer.stop([entry], within=0.3)
+    assert 0.3 <= loop.time() - started < 2.0
+    assert sink.events == [] and sink.held == 0 and tasks_beyond(baseline) == []
