@@ -73,6 +73,7 @@ class Timeline:
         self.changes: dict[str, list[tuple[float, State]]] = {name: [] for name in self.names}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ready-timeline", daemon=True)
+        self.polls = 0  # snapshots taken so far
 
     def snapshot(self) -> dict[str, State]:
         found: dict[str, State] = {}
@@ -91,7 +92,13 @@ class Timeline:
                 state = snapshot.get(name)
                 if not series or series[-1][1] != state:
                     series.append((now, state))
+            self.polls += 1
             self._stop.wait(self.period)
+
+    def catch_up(self, polls: int = 2) -> None:
+        """Wait until snapshots begun after this call are recorded: what the API says now is in."""
+        target = self.polls + polls
+        wait_until(lambda: self.polls >= target, timeout=10, message="the timeline stopped recording")
 
     def __enter__(self) -> Self:
         self._thread.start()
@@ -316,7 +323,7 @@ def test_aws_faults_served_within_staleness_then_reported_then_recovered(world: 
         world.wait_reason("revoked", "AccessVerified", timeout=INTERVAL * 1.1 + 3)
         recovered = read_all(client, ns, names)
         assert recovered == values
-        time.sleep(timeline.period * 3)
+        timeline.catch_up()
 
     for name in names:
         states = timeline.states(name)
@@ -476,7 +483,7 @@ def test_kubernetes_api_faults_and_restart_lose_no_update_and_nothing_flaps(worl
             with pytest.raises(CredentialUnavailable) as still_denied:
                 client.get(ns, "beta")
             assert still_denied.value.status == 502
-            time.sleep(timeline.period * 3)
+            timeline.catch_up()
     finally:
         kube.clear_faults()
 
@@ -614,7 +621,8 @@ def test_two_replicas_serve_and_converge_without_flapping(world: World) -> None:
                     timeout=INTERVAL * 1.1 + 3,
                     message="the second replica never served the credential again",
                 )
-                time.sleep(1.0)  # the second replica's recovery write, if any, lands and is recorded
+                time.sleep(1.0)  # the second replica's recovery write, if any, lands
+                timeline.catch_up()
         finally:
             for client in clients:
                 client.close()
