@@ -163,7 +163,7 @@ async def _run(settings: OperatorSettings, why: str) -> None:
         sink = KubeStatusSink()
     except (kopf.LoginError, OSError) as exc:  # OSError: e.g. the CA file of the kubeconfig
         raise click.ClickException(f"cannot log in to the Kubernetes API: {exc}") from None
-    metrics = Metrics()
+    metrics = Metrics(rotation_queue=bool(settings.rotation_queue_url))
     port = Boto3SecretsPort(settings, instrument=metrics.instrument_client)
     engine = Engine(settings, port, sink, metrics=metrics)
     redacting.index = engine.redaction  # before the engine holds anything: no value is ever logged unmasked

@@ -95,6 +95,18 @@ def test_its_own_registry_starts_at_zero_and_leaves_the_global_one_alone() -> No
     assert ({"result": "conflict"}, 0.0) in found["ccred_status_writes_total"]
 
 
+def test_the_rotation_queue_gauge_is_exported_only_with_a_queue() -> None:
+    # An alert on it being 0 must not fire on every pod that has no queue.
+    assert "ccred_rotation_queue_receiving" not in scraped(Metrics())
+    with_queue = Metrics(rotation_queue=True)
+    assert scraped(with_queue)["ccred_rotation_queue_receiving"] == [({}, 0.0)]  # not read yet
+    with_queue.rotation_queue(None)
+    assert scraped(with_queue)["ccred_rotation_queue_receiving"] == [({}, 1.0)]
+    with_queue.rotation_queue("denied")
+    assert scraped(with_queue)["ccred_rotation_queue_receiving"] == [({}, 0.0)]
+    assert total(scraped(with_queue), "ccred_rotation_queue_errors_total", reason="denied") == 1
+
+
 @pytest.mark.parametrize(
     ("status", "code", "outcome"),
     [

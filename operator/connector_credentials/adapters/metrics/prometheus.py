@@ -86,7 +86,9 @@ def aws_outcome(status: int | None, code: str) -> str:
 class Metrics:
     """The operator's metrics, in a registry of their own."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, rotation_queue: bool = False) -> None:
+        """``rotation_queue``: CCRED_ROTATION_QUEUE_URL is set (without it, its gauge is not exported,
+        so that an alert on it being 0 does not fire on every pod that has no queue)."""
         self.registry = CollectorRegistry(auto_describe=True)
         self.aws_requests = Counter(
             "ccred_aws_requests",
@@ -139,8 +141,8 @@ class Metrics:
         )
         self.rotation_queue_receiving = Gauge(
             "ccred_rotation_queue_receiving",
-            "1 while the last read of the rotation queue succeeded; 0 while it fails; absent when off.",
-            registry=self.registry,
+            "1 while the last read of the rotation queue succeeded; 0 before it and while it fails; absent when off.",
+            registry=self.registry if rotation_queue else None,
         )
         # Known label values start at 0, so rate() and absent-series alerts work from the first scrape.
         for outcome in ROTATION_OUTCOMES:
