@@ -80,7 +80,7 @@ def test_a_rotation_event_reaches_both_replicas_in_seconds(world: World) -> None
     received = [p for p, _, port in replicas if counted(port, "ccred_rotation_events_total", outcome="refreshed")]
     assert len(received) == 1, [p.output[-2000:] for p, _, _ in replicas]
     other = next(p for p, _, _ in replicas if p is not received[0])
-    assert "Rotation event: AWSCURRENT of" in received[0].output
+    assert "Rotation event: 'AWSCURRENT' of" in received[0].output
     assert f"names version {version}" in other.output
     receiver_port = next(port for p, _, port in replicas if p is received[0])
     assert counted(receiver_port, "ccred_rotation_delivery_seconds_count") == 1

@@ -105,8 +105,9 @@ class Meter(Protocol):
         """The version a rotation event named is served, ``seconds`` after the event was published."""
         ...
 
-    def rotation_queue(self, problem: str | None) -> None:
-        """The rotation queue was read (``None``) or could not be (``denied``, ``missing``, ...)."""
+    def rotation_queue(self, problem: str | None, *, receive: bool = True) -> None:
+        """A call to the rotation queue succeeded (``None``) or failed (``denied``, ``missing``, ...);
+        only a receive says whether events arrive (``receive=False``: a delete)."""
         ...
 
 
@@ -125,5 +126,5 @@ class NoMeter:
     def rotation_delivered(self, seconds: float) -> None:
         pass
 
-    def rotation_queue(self, problem: str | None) -> None:
+    def rotation_queue(self, problem: str | None, *, receive: bool = True) -> None:
         pass

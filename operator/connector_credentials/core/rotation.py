@@ -69,7 +69,7 @@ def parse_event(body: str | bytes) -> LabelMoved:
         raise Refused("oversized")
     try:
         event = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: "[" * 16384 nests too deep
         raise Refused("not-json") from None
     if not isinstance(event, dict):
         raise Refused("not-an-object")

@@ -42,15 +42,20 @@ def log_bug(log: logging.Logger, what: str, exc: BaseException, *, retry_in: flo
 
 async def supervise(what: str, run: Callable[[], Awaitable[None]], *, log: logging.Logger = logger) -> None:
     """Run ``run()`` until it returns; when it raises, log it and run it again after a backoff
-    (1 s, doubling up to a minute). Cancellation stops it, as it stops any task."""
+    (1 s, doubling up to a minute; a run that lasted a minute starts the backoff afresh).
+    Cancellation stops it, as it stops any task."""
     attempt = 0
+    loop = asyncio.get_running_loop()
     while True:
+        started = loop.time()
         try:
             await run()
             return
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - the point: nothing in the background may die silently
+            if loop.time() - started >= RESTART_CAP:
+                attempt = 0  # a rare bug in a long-lived loop is not a crash loop
             attempt += 1
             delay = capped_doubling(RESTART_BASE, RESTART_CAP, attempt)
             log_bug(log, what, exc, retry_in=delay)

@@ -38,6 +38,7 @@ class Sqs:
 
     def __init__(self, batches: list[list[str]], *, failure: Exception | None = None) -> None:
         self.batches, self.failure = batches, failure
+        self.delete_failure: Exception | None = None
         self.calls: list[str] = []
         self.deleted: list[str] = []
 
@@ -51,6 +52,8 @@ class Sqs:
 
     def delete_message_batch(self, **request: Any) -> dict[str, Any]:
         self.calls.append("DeleteMessageBatch")
+        if self.delete_failure is not None:
+            raise self.delete_failure
         self.deleted += [entry["ReceiptHandle"] for entry in request["Entries"]]
         return {"Successful": [{"Id": entry["Id"]} for entry in request["Entries"]]}
 
@@ -63,8 +66,8 @@ class Counted(NoMeter):
     def rotation_event(self, outcome: str) -> None:
         self.events.append(outcome)
 
-    def rotation_queue(self, problem: str | None) -> None:
-        self.queue.append(problem)
+    def rotation_queue(self, problem: str | None, *, receive: bool = True) -> None:
+        self.queue.append(problem if receive else f"delete: {problem}")
 
 
 async def run_until(queue: RotationQueue, done: Any) -> None:
@@ -140,6 +143,52 @@ async def test_a_queue_that_fails_is_retried_and_said_once_per_kind(caplog: pyte
     with caplog.at_level(logging.INFO):
         await run_until(queue, lambda: meter.queue[-1:] == [None])
     assert any("Receiving rotation events from" in r.getMessage() and "again" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_bug_in_handling_one_event_does_not_stall_the_others(caplog: pytest.LogCaptureFixture) -> None:
+    sqs, meter = Sqs([[event("v2"), event("v3")]]), Counted()
+    seen: list[str] = []
+
+    def rotated(moved: LabelMoved) -> str:
+        seen.append(moved.version_id)
+        if moved.version_id == "v2":
+            raise KeyError("CANARY-in-a-bug")
+        return "refreshed"
+
+    queue = RotationQueue(URL, lambda: sqs, rotated=rotated, meter=meter)
+    with caplog.at_level(logging.DEBUG):
+        await run_until(queue, lambda: len(sqs.deleted) == 2)
+    assert seen == ["v2", "v3"] and meter.events == ["refreshed"]
+    said = [r.getMessage() for r in caplog.records]
+    assert any("Handling a rotation event failed unexpectedly (KeyError" in line for line in said)
+    assert not [line for line in said if "CANARY" in line]
+
+
+async def test_failed_deletes_are_counted_but_do_not_say_the_queue_is_unread(caplog: pytest.LogCaptureFixture) -> None:
+    # sqs:DeleteMessage missing from the policy: every batch is received, handled, and not deleted.
+    sqs, meter = Sqs([[event("v2")], [event("v3")], [event("v4")]]), Counted()
+    sqs.delete_failure = client_error("AccessDenied", 403, "DeleteMessageBatch")
+    queue = RotationQueue(URL, lambda: sqs, rotated=lambda _: "refreshed", meter=meter)
+    with caplog.at_level(logging.INFO):
+        await run_until(queue, lambda: sqs.calls.count("DeleteMessageBatch") == 3)
+    assert "delete: denied" in meter.queue and "denied" not in meter.queue  # the gauge stays 1
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("IAM denies sqs:DeleteMessageBatch" in line for line in said) == 1  # not once per batch
+    assert not [line for line in said if "again" in line]  # a receive does not clear a delete's problem
+    sqs.delete_failure = None
+    sqs.batches.append([event("v5")])
+    with caplog.at_level(logging.INFO):
+        await run_until(queue, lambda: sqs.deleted)
+    assert any("Deleting the handled rotation events of" in r.getMessage() for r in caplog.records)
+
+
+async def test_what_a_message_says_cannot_forge_a_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    sqs = Sqs([[event("v2\n[2026-01-01 00:00:00,000] kopf [ERROR   ] forged")]])
+    queue = RotationQueue(URL, lambda: sqs, rotated=lambda _: "refreshed", meter=Counted())
+    with caplog.at_level(logging.DEBUG):
+        await run_until(queue, lambda: sqs.deleted)
+    lines = [r.getMessage() for r in caplog.records if "Rotation event" in r.getMessage()]
+    assert lines and all("\n" not in line for line in lines), lines
 
 
 @pytest.mark.parametrize(

@@ -113,6 +113,7 @@ def _canned() -> dict[str, Handler]:
         "bad-request": _error(400, "BadRequest", "refresh must be true or false"),
         "garbage": _text(200, '{"value": "' + VALUE + '", "versionId": '),
         "not-an-object": _json(200, ["nope"]),
+        "nested-too-deep": _text(200, "[" * 100_000),
         "no-value": _json(200, {"versionId": VERSION, "arn": ARN, "fetchedAt": FETCHED}),
         "number-value": _json(200, {"value": 3, "versionId": VERSION, "arn": ARN, "fetchedAt": FETCHED}),
         "hex": _ok(encoding="hex"),
@@ -444,6 +445,7 @@ def test_retry_after_forms() -> None:
     "name",
     [
         "garbage",
+        "nested-too-deep",
         "not-an-object",
         "no-value",
         "number-value",

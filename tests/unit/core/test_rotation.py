@@ -60,6 +60,7 @@ def test_the_documented_event_is_parsed() -> None:
     [
         ("{" * 20_000, "oversized", rotation.MALFORMED),
         ("not json", "not-json", rotation.MALFORMED),
+        ("[" * rotation.MAX_EVENT_BYTES, "not-json", rotation.MALFORMED),  # nests past the decoder's recursion
         (b"\xff\xfe", "not-json", rotation.MALFORMED),
         ("[1, 2]", "not-an-object", rotation.MALFORMED),
         (json.dumps(event(**{"detail-type": "Secret Value Updated"})), "another-event", rotation.IGNORED),

@@ -252,7 +252,7 @@ def _loads(body: bytes) -> Any:
     """``json.loads``, or ``_INVALID``; the decoder's exception (which keeps the body) never escapes."""
     try:
         return json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deep
         return _INVALID
 
 

@@ -28,6 +28,7 @@ import botocore.exceptions
 from connector_credentials.core.failures import THROTTLE_CODES, AwsFailure, scrub
 from connector_credentials.core.ports import Meter
 from connector_credentials.core.rotation import MALFORMED, REFRESHED, LabelMoved, Refused, parse_event
+from connector_credentials.core.supervise import log_bug
 from connector_credentials.core.timing import capped_doubling
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ STATEMENT = "ReceiveRotationEvents statement of deploy/iam/policy.json"
 #: What that statement must allow: the calls made here and by doctor (DeleteMessageBatch is
 #: authorized as sqs:DeleteMessage).
 IAM_ACTIONS = ("sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes")
+#: The two calls whose failures are told apart: only receiving says whether events arrive.
+RECEIVE, DELETE = "receive", "delete"
 _MISSING_CODES = frozenset({"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist", "NonExistentQueue"})
 _HOST_REGION = re.compile(r"^(?:sqs\.([a-z0-9-]+)\.amazonaws\.com(?:\.cn)?|([a-z0-9-]+)\.queue\.amazonaws\.com)$")
 
@@ -107,7 +110,8 @@ class RotationQueue:
         self._retry_base, self._retry_cap = retry_base, min(retry_cap, RETRY_CAP)
         #: Kinds of refused messages logged already (once per kind: a flood must not flood the log).
         self._said: set[str] = set()
-        self._problem: tuple[str, float] | None = None
+        #: The problem logged last (kind, when), per call: a failed delete says nothing of receiving.
+        self._problems: dict[str, tuple[str, float]] = {}
 
     async def run(self, *, stopping: Callable[[], bool] = lambda: False) -> None:
         """Poll until cancelled (or until ``stopping()``: the operator drains; messages received then
@@ -119,11 +123,11 @@ class RotationQueue:
                 messages = await _off_loop(self._receive)
             except Exception as exc:  # noqa: BLE001 - every failure is reported and retried: polling covers meanwhile
                 failures += 1
-                self._failed(exc)
+                self._failed(RECEIVE, exc)
                 await asyncio.sleep(capped_doubling(self._retry_base, self._retry_cap, failures))
                 continue
             failures = 0
-            self._received()
+            self._succeeded(RECEIVE)
             if stopping():
                 return
             handled = [(str(i), m["ReceiptHandle"]) for i, m in enumerate(messages) if self._handle(m)]
@@ -131,7 +135,9 @@ class RotationQueue:
                 try:
                     await _off_loop(functools.partial(self._delete, handled))
                 except Exception as exc:  # noqa: BLE001 - handled again when it reappears: reads are idempotent
-                    self._failed(exc)
+                    self._failed(DELETE, exc)
+                else:
+                    self._succeeded(DELETE)
 
     def _receive(self) -> list[dict[str, Any]]:
         answer = self._client().receive_message(
@@ -164,24 +170,31 @@ class RotationQueue:
                     refused.kind,
                 )
             return True
-        outcome = self._rotated(event)
+        try:
+            outcome = self._rotated(event)
+        except Exception as exc:  # noqa: BLE001 - the next messages must not wait on it; polling reads this one
+            log_bug(logger, "Handling a rotation event", exc)
+            return True
         self._meter.rotation_event(outcome)
         log = logger.info if outcome == REFRESHED else logger.debug
-        log("Rotation event: %s of %s moved to version %s: %s.", event.label, event.arn.arn, event.version_id, outcome)
+        # %r: the label and version come from the message, and must not forge log lines.
+        log("Rotation event: %r of %s moved to version %r: %s.", event.label, event.arn.arn, event.version_id, outcome)
         return True
 
-    def _received(self) -> None:
-        self._meter.rotation_queue(None)
-        if self._problem is not None:
-            self._problem = None
-            logger.info("Receiving rotation events from %s again.", self._url)
+    def _succeeded(self, call: str) -> None:
+        if call == RECEIVE:
+            self._meter.rotation_queue(None)
+        if self._problems.pop(call, None) is not None:
+            what = "Receiving rotation events from" if call == RECEIVE else "Deleting the handled rotation events of"
+            logger.info("%s %s again.", what, self._url)
 
-    def _failed(self, exc: BaseException) -> None:
+    def _failed(self, call: str, exc: BaseException) -> None:
         kind, message = queue_problem(exc, self._url, self._role)
-        self._meter.rotation_queue(kind)
+        self._meter.rotation_queue(kind, receive=call == RECEIVE)
         now = time.monotonic()
-        if self._problem is None or self._problem[0] != kind or now - self._problem[1] >= SAY_AGAIN_AFTER:
-            self._problem = (kind, now)
+        said = self._problems.get(call)
+        if said is None or said[0] != kind or now - said[1] >= SAY_AGAIN_AFTER:
+            self._problems[call] = (kind, now)
             logger.warning("Rotation queue: %s; polling keeps every credential fresh meanwhile.", message)
 
 

@@ -135,7 +135,7 @@ class Metrics:
         )
         self.rotation_queue_errors = Counter(
             "ccred_rotation_queue_errors",
-            "Failed reads of the rotation queue, by why (polling keeps the credentials fresh meanwhile).",
+            "Failed calls to the rotation queue (receives and deletes), by why (polling keeps the credentials fresh).",
             ["reason"],
             registry=self.registry,
         )
@@ -178,10 +178,11 @@ class Metrics:
     def rotation_delivered(self, seconds: float) -> None:
         self.rotation_delivery.observe(seconds)
 
-    def rotation_queue(self, problem: str | None) -> None:
+    def rotation_queue(self, problem: str | None, *, receive: bool = True) -> None:
         if problem is not None:
             self.rotation_queue_errors.labels(problem).inc()
-        self.rotation_queue_receiving.set(0 if problem is not None else 1)
+        if receive:
+            self.rotation_queue_receiving.set(0 if problem is not None else 1)
 
     # --- AWS ------------------------------------------------------------------------------
 

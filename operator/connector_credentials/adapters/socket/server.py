@@ -47,6 +47,7 @@ from connector_credentials.client.protocol import (
 )
 from connector_credentials.config.settings import OperatorSettings
 from connector_credentials.core.engine import Engine
+from connector_credentials.core.supervise import log_bug
 
 logger = logging.getLogger(__name__)
 
@@ -273,8 +274,10 @@ class CredentialServer:
         """Stop listening, end the watch streams cleanly, then close every connection."""
         self._policy.close()
         if self._runner is not None:
-            with contextlib.suppress(Exception):
+            try:
                 await asyncio.shield(self._close_runner(self._runner))
+            except Exception as exc:  # noqa: BLE001 - closing goes on: the socket file is removed below
+                log_bug(logger, "Closing the socket server", exc)
             self._runner = None
         self._unlink_own()
 
@@ -282,8 +285,10 @@ class CredentialServer:
         # Not listening first: a watch client told "the end" must not reconnect to a closing server.
         for site in list(runner.sites):
             await site.stop()
-        await self._watches.end(within=_SHUTDOWN_TIMEOUT)
-        await runner.cleanup()
+        try:
+            await self._watches.end(within=_SHUTDOWN_TIMEOUT)
+        finally:
+            await runner.cleanup()
 
     # --- the socket file ---------------------------------------------------------------
 
