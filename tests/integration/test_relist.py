@@ -47,6 +47,25 @@ def _delete_behind_the_apis_back(plane: ControlPlane, objects: list[tuple[str, s
     plane.etcd("kv/compaction", {"revision": bumped["header"]["revision"], "physical": True})
 
 
+def _delete_while_the_api_is_down(world: World, plane: ControlPlane, objects: list[tuple[str, str]]) -> None:
+    """Stop the API server, delete ``objects`` behind its back, start it again, and return once it
+    authorizes the operator again. Until then (its RBAC cache fills after /readyz) the proxy
+    answers 503, as a load balancer in front of it would."""
+    outage = world.kube.fail_requests(None, r"^/api", status=503, times=None)
+    plane.stop_apiserver()
+    try:
+        _delete_behind_the_apis_back(plane, objects)
+    finally:
+        plane.start_apiserver()
+    namespaces = {namespace for namespace, _ in objects}
+    wait_until(
+        lambda: all(_may_watch(world, namespace) for namespace in namespaces),
+        timeout=30,
+        message="the restarted API server never authorized the operator",
+    )
+    outage.times = 0
+
+
 def _may_watch(world: World, namespace: str) -> bool:
     """Whether the API server's authorizer lets the operator's ServiceAccount watch in ``namespace``."""
     review = {
@@ -102,20 +121,7 @@ def test_credentials_deleted_while_the_watch_was_down_are_forgotten_after_the_re
 
         collection = re.compile(rf"^/apis/{GROUP}/v1alpha1/namespaces/{ns}/{PLURAL}$")
         before = len(world.kube.requests("GET", collection))
-        # Until the restarted API server authorizes the operator again (its RBAC cache fills after
-        # /readyz), the proxy answers 503, as a load balancer in front of it would.
-        outage = world.kube.fail_requests(None, r"^/api", status=503, times=None)
-        plane.stop_apiserver()
-        try:
-            _delete_behind_the_apis_back(plane, [(ns, "gone"), (other, "alone")])
-        finally:
-            plane.start_apiserver()
-        wait_until(
-            lambda: all(_may_watch(world, namespace) for namespace in (ns, other)),
-            timeout=30,
-            message="the restarted API server never authorized the operator",
-        )
-        outage.times = 0
+        _delete_while_the_api_is_down(world, plane, [(ns, "gone"), (other, "alone")])
         assert world.get("gone") is None
         # Created once the API is back, while the operator's watch may still be re-listing: kept.
         world.apply("fresh", {"secretArn": arns["fresh"]})
@@ -163,14 +169,7 @@ def test_every_credential_deleted_while_the_watch_was_down_is_forgotten_by_the_p
         world.wait_reason(name, "AccessVerified")
     with world.client() as client:
         wait_until(client.healthy, timeout=20, message="the operator never became healthy")
-        outage = world.kube.fail_requests(None, r"^/api", status=503, times=None)
-        plane.stop_apiserver()
-        try:
-            _delete_behind_the_apis_back(plane, [(ns, "one"), (ns, "two")])
-        finally:
-            plane.start_apiserver()
-        wait_until(lambda: _may_watch(world, ns), timeout=30, message="the API server never authorized the operator")
-        outage.times = 0
+        _delete_while_the_api_is_down(world, plane, [(ns, "one"), (ns, "two")])
         wait_until(
             lambda: (_answer(client, ns, "one"), _answer(client, ns, "two")) == (404, 404),
             timeout=30,

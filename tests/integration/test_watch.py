@@ -314,23 +314,14 @@ def test_get_watch_prints_each_change_until_interrupted(world: World) -> None:
 
 def test_get_watch_exits_as_get_when_the_stream_cannot_start(world: World) -> None:
     env = hermetic_env(world.workdir / "cli-home")
-    gone = subprocess.run(
-        [console_script(), "get", "--watch", "ns/x", "--socket-path", str(world.workdir / "none.sock")],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=env,
-        check=False,
-    )
+
+    def get_watch(target: str, socket_path: str) -> subprocess.CompletedProcess[str]:
+        command = [console_script(), "get", "--watch", target, "--socket-path", socket_path]
+        return subprocess.run(command, capture_output=True, text=True, timeout=30, env=env, check=False)
+
+    gone = get_watch("ns/x", str(world.workdir / "none.sock"))
     assert gone.returncode == 1 and gone.stderr.startswith("error: ServerUnreachable: "), gone.stderr
     # An operator that does not let this uid read: refused when it connects, exit 2 like get's 403.
     world.start_operator(extra_env={"CCRED_ALLOWED_UIDS": str(os.getuid() + 4242)})
-    refused = subprocess.run(
-        [console_script(), "get", "--watch", f"{world.namespace}/x", "--socket-path", world.socket_path],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=env,
-        check=False,
-    )
+    refused = get_watch(f"{world.namespace}/x", world.socket_path)
     assert refused.returncode == 2 and refused.stderr.startswith("error: PermissionDenied: "), refused.stderr
